@@ -1,0 +1,79 @@
+"""One typed settings object, read from the environment once per process."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from pydantic import BaseModel, Field
+
+
+class Settings(BaseModel, frozen=True):
+    """Names of every bucket, topic and collection fedpipe uses, for one project.
+
+    The same names are used locally (emulators) and in production (Terraform reads
+    them through `fedpipe infra render`), so code never builds a name by hand.
+    """
+
+    project: str = "fedpipe-local"
+    region: str = "us-central1"
+    nodes: tuple[str, ...] = ("us", "eu")
+    bucket_prefix: str = Field(default="", description="defaults to the project id")
+    max_upload_bytes: int = 64 * 1024 * 1024
+
+    @cached_property
+    def _prefix(self) -> str:
+        return self.bucket_prefix or self.project
+
+    def raw_bucket(self, node: str) -> str:
+        return f"{self._prefix}-{node}-raw"
+
+    def processed_bucket(self, node: str) -> str:
+        return f"{self._prefix}-{node}-processed"
+
+    def quarantine_bucket(self, node: str) -> str:
+        return f"{self._prefix}-{node}-quarantine"
+
+    @property
+    def hub_bucket(self) -> str:
+        return f"{self._prefix}-hub"
+
+    def node_of_bucket(self, bucket: str) -> str | None:
+        """The node owning a raw bucket, or None for any other bucket."""
+        for node in self.nodes:
+            if bucket == self.raw_bucket(node):
+                return node
+        return None
+
+    def all_buckets(self) -> list[str]:
+        per_node = [
+            f(node)
+            for node in self.nodes
+            for f in (self.raw_bucket, self.processed_bucket, self.quarantine_bucket)
+        ]
+        return [*per_node, self.hub_bucket]
+
+    # Pub/Sub topics.
+    shard_ready_topic: str = "shard-ready"
+    dead_letter_topic: str = "fedpipe-dead-letter"
+
+    # Firestore collections.
+    jobs_collection: str = "jobs"
+    datasets_collection: str = "datasets"
+    quarantine_collection: str = "quarantine"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        if project := env.get("FEDPIPE_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT"):
+            values["project"] = project
+        if nodes := env.get("FEDPIPE_NODES"):
+            values["nodes"] = tuple(n.strip() for n in nodes.split(",") if n.strip())
+        if prefix := env.get("FEDPIPE_BUCKET_PREFIX"):
+            values["bucket_prefix"] = prefix
+        if region := env.get("FEDPIPE_REGION"):
+            values["region"] = region
+        if max_bytes := env.get("FEDPIPE_MAX_UPLOAD_BYTES"):
+            values["max_upload_bytes"] = int(max_bytes)
+        return cls(**values)

@@ -1,0 +1,166 @@
+"""The job document and its state machine, as data plus pure functions.
+
+A job is a declarative training request (no code travels with it), so a job
+document can never make a worker run arbitrary code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+S = JobStatus
+# Every allowed (from, to). Back to PENDING is a retry of a new attempt after a
+# worker was lost (no heartbeat within its lease); anything else is refused.
+TRANSITIONS: frozenset[tuple[JobStatus, JobStatus]] = frozenset(
+    {
+        (S.PENDING, S.SCHEDULED),
+        (S.PENDING, S.CANCELLED),
+        (S.SCHEDULED, S.RUNNING),
+        (S.SCHEDULED, S.PENDING),
+        (S.SCHEDULED, S.FAILED),
+        (S.SCHEDULED, S.CANCELLED),
+        (S.RUNNING, S.COMPLETED),
+        (S.RUNNING, S.FAILED),
+        (S.RUNNING, S.PENDING),
+        (S.RUNNING, S.CANCELLED),
+    }
+)
+TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+
+
+class InvalidTransition(ValueError):
+    def __init__(self, job_id: str, current: JobStatus, target: JobStatus) -> None:
+        super().__init__(f"job {job_id}: cannot go from {current} to {target}")
+        self.current, self.target = current, target
+
+
+def is_valid_transition(current: JobStatus, target: JobStatus) -> bool:
+    return (current, target) in TRANSITIONS
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DatasetRef(BaseModel, frozen=True):
+    node: str
+    dataset: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.node}~{self.dataset}"
+
+
+class TrainSpec(BaseModel, frozen=True):
+    """What to train. Validated on submit, so a bad job never reaches a worker."""
+
+    model: Literal["logreg", "mlp"] = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=1 << 16)
+    learning_rate: float = Field(default=3e-3, gt=0, le=10)
+    seed: int = 0
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class JobSpec(BaseModel, frozen=True):
+    dataset: DatasetRef
+    train: TrainSpec = TrainSpec()
+    accelerator: Literal["cpu", "gpu", "tpu"] = "cpu"
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    lease_seconds: float = Field(default=60.0, gt=0, description="heartbeat patience")
+
+
+class Transition(BaseModel, frozen=True):
+    status: JobStatus
+    at: datetime
+    attempt: int
+    reason: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    spec: JobSpec
+    status: JobStatus = JobStatus.PENDING
+    attempt: int = 1
+    created_at: datetime
+    updated_at: datetime
+    heartbeat_at: datetime | None = None
+    execution: str | None = None  # the launcher's handle for the current attempt
+    progress: dict[str, float] = {}
+    error: str | None = None
+    results: dict = {}
+    history: list[Transition] = []
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_document_id(cls, value: str) -> str:
+        if not value or "/" in value or len(value) > 200:
+            raise ValueError(f"job id {value!r} is not a valid document id")
+        return value
+
+    @classmethod
+    def new(cls, job_id: str, spec: JobSpec, now: datetime) -> Job:
+        return cls(
+            id=job_id,
+            spec=spec,
+            created_at=now,
+            updated_at=now,
+            history=[Transition(status=JobStatus.PENDING, at=now, attempt=1)],
+        )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_doc(self) -> dict:
+        return self.model_dump(mode="python", exclude={"id"})
+
+    @classmethod
+    def from_doc(cls, job_id: str, doc: dict) -> Job:
+        return cls.model_validate({**doc, "id": job_id})
+
+
+def transition(job: Job, target: JobStatus, now: datetime, reason: str | None = None, **changes) -> Job:
+    """The job after moving to `target`; raises InvalidTransition if the table forbids it.
+
+    Going back to PENDING starts the next attempt; the caller decides whether
+    attempts are left (see `retry_or_fail`).
+    """
+    if not is_valid_transition(job.status, target):
+        raise InvalidTransition(job.id, job.status, target)
+    attempt = job.attempt + 1 if target is JobStatus.PENDING else job.attempt
+    entry = Transition(status=target, at=now, attempt=attempt, reason=reason)
+    update = {"status": target, "attempt": attempt, "updated_at": now, "history": [*job.history, entry], **changes}
+    if target is JobStatus.PENDING:
+        update.update(execution=None, heartbeat_at=None, progress={})
+    return job.model_copy(update=update)
+
+
+def retry_or_fail(job: Job, now: datetime, reason: str) -> Job:
+    """A lost attempt: a new attempt if the spec allows one, else failed."""
+    if job.attempt < job.spec.max_attempts:
+        return transition(job, JobStatus.PENDING, now, reason=reason)
+    return transition(job, JobStatus.FAILED, now, reason=reason, error=f"{reason} (attempt {job.attempt} of {job.spec.max_attempts})")
+
+
+def is_lease_expired(job: Job, now: datetime) -> bool:
+    """A scheduled or running job whose worker has been silent longer than its lease."""
+    if job.status not in (JobStatus.SCHEDULED, JobStatus.RUNNING):
+        return False
+    last_sign = job.heartbeat_at or job.updated_at
+    return (now - last_sign).total_seconds() > job.spec.lease_seconds
