@@ -1,0 +1,68 @@
+"""Where the local cloud listens, saved to the state directory so every CLI command finds it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GCS_NOTIFICATIONS_TOPIC = "gcs-notifications"  # fake-gcs-server publishes every object event here
+FIRESTORE_EVENTS_TOPIC = "eventarc-firestore"  # the router parks Firestore events here before acking them
+REPLAY_TOPIC = "eventarc-replay"  # `fedpipe events replay` puts a stored CloudEvent back here
+DELIVERIES_COLLECTION = "eventarc_deliveries"  # the router's delivery log (local Eventarc only)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("FEDPIPE_STATE_DIR", ".fedpipe")).resolve()
+
+
+@dataclass
+class Endpoints:
+    project: str
+    state_dir: str
+    pubsub_port: int
+    firestore_port: int
+    gcs_port: int
+    router_port: int
+    function_ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (ours, gcloud, a user's script) needs to talk to the local cloud."""
+        return {
+            "GOOGLE_CLOUD_PROJECT": self.project,
+            "FEDPIPE_PROJECT": self.project,
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{self.pubsub_port}",
+            "FIRESTORE_EMULATOR_HOST": f"127.0.0.1:{self.firestore_port}",
+            "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.gcs_port}",
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE": f"http://127.0.0.1:{self.gcs_port}/",
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://127.0.0.1:{self.pubsub_port}/",
+            "CLOUDSDK_AUTH_ACCESS_TOKEN": "dummy",
+            "CLOUDSDK_CORE_PROJECT": self.project,
+        }
+
+    def function_url(self, function: str) -> str:
+        return f"http://127.0.0.1:{self.function_ports[function]}/"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.state_dir) / "stack.json"
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(self.path)
+
+    @classmethod
+    def load(cls, state_dir: Path | None = None) -> Endpoints:
+        path = (state_dir or default_state_dir()) / "stack.json"
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no local cloud is running (no {path}); start one with `fedpipe up`") from None
+
+    def activate(self) -> None:
+        """Point this process's Google clients at the local cloud."""
+        os.environ.update(self.client_env())

@@ -1,0 +1,126 @@
+"""Pure conversions from what the emulators emit to production's binary-mode CloudEvents.
+
+Each function returns the HTTP headers and body Eventarc would POST to a Cloud Run
+service, so functions see the same events locally as in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from shared.triggers import FIRESTORE_WRITTEN, PUBSUB_PUBLISHED
+
+STORAGE_EVENT_TYPES = {
+    "OBJECT_FINALIZE": "google.cloud.storage.object.v1.finalized",
+    "OBJECT_DELETE": "google.cloud.storage.object.v1.deleted",
+    "OBJECT_METADATA_UPDATE": "google.cloud.storage.object.v1.metadataUpdated",
+    "OBJECT_ARCHIVE": "google.cloud.storage.object.v1.archived",
+}
+
+
+@dataclass(frozen=True)
+class OutgoingEvent:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def id(self) -> str:
+        return self.headers["ce-id"]
+
+    @property
+    def type(self) -> str:
+        return self.headers["ce-type"]
+
+    @property
+    def subject(self) -> str:
+        return self.headers.get("ce-subject", "")
+
+    def to_json(self) -> dict:
+        return {"headers": self.headers, "body": base64.b64encode(self.body).decode()}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> OutgoingEvent:
+        return cls(headers=dict(doc["headers"]), body=base64.b64decode(doc["body"]))
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def storage_event(data: bytes, attributes: dict[str, str], message_id: str, publish_time: datetime) -> OutgoingEvent | None:
+    """A GCS Pub/Sub notification as Eventarc's storage CloudEvent; None for unknown event kinds."""
+    event_type = STORAGE_EVENT_TYPES.get(attributes.get("eventType", ""))
+    if event_type is None:
+        return None
+    obj = json.loads(data)
+    bucket = attributes.get("bucketId") or obj["bucket"]
+    name = attributes.get("objectId") or obj["name"]
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": message_id,
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-type": event_type,
+        "ce-subject": f"objects/{name}",
+        "ce-time": obj.get("updated") or rfc3339(publish_time),
+        "ce-bucket": bucket,
+        "content-type": "application/json",
+    }
+    return OutgoingEvent(headers, json.dumps(obj).encode())
+
+
+def pubsub_event(
+    project: str, topic: str, subscription: str, data: bytes, attributes: dict[str, str], message_id: str, publish_time: datetime
+) -> OutgoingEvent:
+    """A Pub/Sub message as Eventarc's messagePublished CloudEvent (both field spellings, as production)."""
+    published = rfc3339(publish_time)
+    message = {
+        "data": base64.b64encode(data).decode(),
+        "attributes": attributes,
+        "messageId": message_id,
+        "message_id": message_id,
+        "publishTime": published,
+        "publish_time": published,
+    }
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": message_id,
+        "ce-source": f"//pubsub.googleapis.com/projects/{project}/topics/{topic}",
+        "ce-type": PUBSUB_PUBLISHED,
+        "ce-time": published,
+        "content-type": "application/json",
+    }
+    body = {"message": message, "subscription": f"projects/{project}/subscriptions/{subscription}"}
+    return OutgoingEvent(headers, json.dumps(body).encode())
+
+
+def firestore_event(project: str, headers: dict[str, str], body: bytes, location: str) -> OutgoingEvent:
+    """The Firestore emulator's own CloudEvent, mended to production's shape.
+
+    The emulator sends the DocumentEventData protobuf as base64 text and a source
+    with a doubled `projects/` segment; production sends raw protobuf bytes, a
+    clean source, and the location/project/database/namespace extensions.
+    """
+    # ce-datacontenttype is not a binary-mode header: the content type travels as Content-Type.
+    ce = {k.lower(): v for k, v in headers.items() if k.lower().startswith("ce-") and k.lower() != "ce-datacontenttype"}
+    database = ce.get("ce-database", "(default)")
+    out = {
+        **ce,
+        "ce-specversion": "1.0",
+        "ce-type": ce.get("ce-type", FIRESTORE_WRITTEN),
+        "ce-source": f"//firestore.googleapis.com/projects/{project}/databases/{database}",
+        "ce-project": project,
+        "ce-database": database,
+        "ce-namespace": ce.get("ce-namespace", "(default)"),
+        "ce-location": location,
+        "content-type": "application/protobuf",
+    }
+    if "ce-document" not in out and out.get("ce-subject", "").startswith("documents/"):
+        out["ce-document"] = out["ce-subject"].removeprefix("documents/")
+    try:
+        payload = base64.b64decode(body, validate=True)
+    except ValueError:
+        payload = body  # already raw protobuf
+    return OutgoingEvent(out, payload)

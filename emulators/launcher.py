@@ -1,0 +1,50 @@
+"""The local launcher: runs a job's worker as a process on this machine, logs kept.
+
+It stands in for Cloud Run Jobs / Vertex AI / GKE with the same contract: start the
+worker for one attempt and return a handle, without waiting for it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from shared.jobs import Job
+from shared.launchers import LaunchError
+
+
+def worker_pid_file(state_dir: Path, job_id: str, attempt: int) -> Path:
+    return state_dir / "workers" / f"{job_id}.{attempt}.pid"
+
+
+def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:
+    return state_dir / "logs" / "jobs" / f"{job_id}.{attempt}.log"
+
+
+class LocalProcessLauncher:
+    def __init__(self, state_dir: Path, python: str = sys.executable) -> None:
+        self.state_dir = state_dir
+        self.python = python
+
+    def launch(self, job: Job) -> str:
+        log_path = worker_log_file(self.state_dir, job.id, job.attempt)
+        pid_path = worker_pid_file(self.state_dir, job.id, job.attempt)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        pid_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FEDPIPE_JOB_ID": job.id, "FEDPIPE_JOB_ATTEMPT": str(job.attempt)}
+        env.pop("K_SERVICE", None)
+        try:
+            with open(log_path, "ab") as log:
+                # Its own session: the worker outlives the function's request, and `fedpipe down` stops its group.
+                proc = subprocess.Popen(
+                    [self.python, "-m", "workers.trainer"],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                )
+        except OSError as exc:
+            raise LaunchError(f"could not start the worker process: {exc}") from exc
+        pid_path.write_text(str(proc.pid))
+        threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it exits: no zombies
+        return f"local:pid={proc.pid}:log={log_path}"

@@ -1,0 +1,31 @@
+"""The local stack's reaper: retries or fails jobs whose worker stopped heartbeating."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from google.cloud import firestore
+
+from emulators.launcher import worker_pid_file
+from emulators.processes import kill_group
+from shared.config import Settings
+from shared.jobs import utcnow
+from shared.jobstore import JobStore
+
+log = logging.getLogger("fedpipe.reaper")
+
+
+def run_reaper(settings: Settings, interval_s: float, state_dir: Path, stop: threading.Event) -> None:
+    store = JobStore(firestore.Client(project=settings.project), settings)
+    while not stop.wait(interval_s):
+        try:
+            for job, lost_attempt in store.reap(utcnow()):
+                log.warning("job %s attempt %d lost its lease: now %s", job.id, lost_attempt, job.status)
+                # A hung worker may still be alive: make sure it cannot write results late.
+                pid_file = worker_pid_file(state_dir, job.id, lost_attempt)
+                if pid_file.exists():
+                    kill_group(int(pid_file.read_text()), grace_s=2)
+        except Exception:
+            log.exception("reaper pass failed; trying again in %.1fs", interval_s)

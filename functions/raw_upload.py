@@ -1,0 +1,28 @@
+"""A file landed in a node's raw bucket: validate, shard, publish shard-ready.
+
+The logic is `shared.ingest.handle_raw_object`; this handler only decodes the event.
+A bad file is quarantined and acknowledged; only infrastructure errors raise (and
+are retried by Eventarc).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from shared import clients
+from shared.events import storage_object
+from shared.ingest import Services, handle_raw_object
+from shared.jobs import utcnow
+
+log = logging.getLogger("fedpipe.functions.raw_upload")
+
+
+@functions_framework.cloud_event
+def on_raw_upload(cloud_event: CloudEvent) -> None:
+    obj = storage_object(cloud_event.data)
+    services = Services(clients.settings(), clients.db(), clients.gcs(), clients.publisher())
+    outcome = handle_raw_object(services, obj, utcnow())
+    log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, outcome)

@@ -1,0 +1,134 @@
+"""The job queue in Firestore: every status change is one transaction through `transition`.
+
+Callers pass `now`, so leases and heartbeats are tested without touching the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from google.api_core.exceptions import AlreadyExists
+from google.cloud import firestore
+
+from shared.config import Settings
+from shared.jobs import Job, JobStatus, is_lease_expired, retry_or_fail, transition
+
+ACTIVE = [JobStatus.SCHEDULED.value, JobStatus.RUNNING.value]
+
+
+class JobStore:
+    def __init__(self, db: firestore.Client, settings: Settings) -> None:
+        self.db = db
+        self.collection = db.collection(settings.jobs_collection)
+
+    def create(self, job: Job, transaction: firestore.Transaction | None = None) -> bool:
+        """Create the job document; False if a job with this id exists (a duplicate submit)."""
+        ref = self.collection.document(job.id)
+        if transaction is not None:
+            transaction.create(ref, job.to_doc())
+            return True
+        try:
+            ref.create(job.to_doc())
+        except AlreadyExists:
+            return False
+        return True
+
+    def get(self, job_id: str) -> Job | None:
+        snap = self.collection.document(job_id).get()
+        return Job.from_doc(snap.id, snap.to_dict()) if snap.exists else None
+
+    def list(self, limit: int = 50, status: JobStatus | None = None) -> list[Job]:
+        query = self.collection
+        if status is not None:
+            query = query.where(filter=firestore.FieldFilter("status", "==", status.value))
+        query = query.order_by("created_at", direction=firestore.Query.DESCENDING).limit(limit)
+        return [Job.from_doc(s.id, s.to_dict()) for s in query.stream()]
+
+    def update(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+        """Read-modify-write in a transaction. `change` returns None to leave the job as it is.
+
+        Returns the job as written, or None when nothing was written.
+        """
+
+        @firestore.transactional
+        def run(transaction: firestore.Transaction) -> Job | None:
+            ref = self.collection.document(job_id)
+            snap = ref.get(transaction=transaction)
+            if not snap.exists:
+                return None
+            new = change(Job.from_doc(job_id, snap.to_dict()))
+            if new is not None:
+                transaction.set(ref, new.to_doc())
+            return new
+
+        return run(self.db.transaction())
+
+    # -- the steps of a job's life, each safe to repeat ------------------------
+
+    def claim(self, job_id: str, now: datetime) -> Job | None:
+        """pending -> scheduled. Only one caller wins an attempt; a duplicate event gets None."""
+        return self.update(
+            job_id, lambda j: transition(j, JobStatus.SCHEDULED, now) if j.status is JobStatus.PENDING else None
+        )
+
+    def set_execution(self, job_id: str, attempt: int, execution: str) -> Job | None:
+        return self.update(
+            job_id,
+            lambda j: j.model_copy(update={"execution": execution}) if j.attempt == attempt and not j.is_terminal else None,
+        )
+
+    def start(self, job_id: str, attempt: int, now: datetime) -> Job | None:
+        """scheduled -> running for the worker of `attempt`; None if that attempt is no longer current."""
+        return self.update(
+            job_id,
+            lambda j: transition(j, JobStatus.RUNNING, now, heartbeat_at=now)
+            if j.attempt == attempt and j.status is JobStatus.SCHEDULED
+            else None,
+        )
+
+    def heartbeat(self, job_id: str, attempt: int, now: datetime, progress: dict[str, float]) -> bool:
+        """Renew the lease; False tells the worker its attempt was reaped or cancelled and it must stop."""
+        written = self.update(
+            job_id,
+            lambda j: j.model_copy(update={"heartbeat_at": now, "progress": progress})
+            if j.attempt == attempt and j.status is JobStatus.RUNNING
+            else None,
+        )
+        return written is not None
+
+    def finish(self, job_id: str, attempt: int, now: datetime, status: JobStatus, **changes) -> Job | None:
+        return self.update(
+            job_id,
+            lambda j: transition(j, status, now, **changes)
+            if j.attempt == attempt and j.status in (JobStatus.RUNNING, JobStatus.SCHEDULED)
+            else None,
+        )
+
+    def fail_launch(self, job_id: str, attempt: int, now: datetime, reason: str) -> Job | None:
+        return self.update(
+            job_id, lambda j: retry_or_fail(j, now, reason) if j.attempt == attempt and j.status is JobStatus.SCHEDULED else None
+        )
+
+    def cancel(self, job_id: str, now: datetime) -> Job | None:
+        return self.update(job_id, lambda j: None if j.is_terminal else transition(j, JobStatus.CANCELLED, now, reason="cancelled by user"))
+
+    def reap(self, now: datetime) -> list[tuple[Job, int]]:
+        """Retry or fail every job whose worker went silent past its lease.
+
+        Returns (job as written, the attempt that was lost) for each reaped job.
+        """
+        reaped = []
+        active = self.collection.where(filter=firestore.FieldFilter("status", "in", ACTIVE)).stream()
+        for snap in active:
+            job = Job.from_doc(snap.id, snap.to_dict())
+            if not is_lease_expired(job, now):
+                continue
+            reason = f"no heartbeat for {job.spec.lease_seconds:g}s while {job.status}"
+            written = self.update(
+                job.id,
+                lambda j, a=job.attempt: retry_or_fail(j, now, reason) if j.attempt == a and is_lease_expired(j, now) else None,
+            )
+            if written is not None:
+                reaped.append((written, job.attempt))
+        return reaped

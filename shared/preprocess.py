@@ -1,0 +1,246 @@
+"""Turn one uploaded data file into training shards plus its sufficient statistics.
+
+Pure logic (bytes in, bytes out) so the raw-upload Cloud Function stays thin and this
+can be tested without a cloud. Imports only pyarrow and numpy: it runs on cold starts.
+
+Every bad input becomes `RejectedFile` (quarantined, never retried), so a parser
+exception can never turn into an endless retry loop. Row numbers in messages count
+data rows from 1 (the CSV header is not a row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from shared.datasets import DatasetSpec, FeatureStats
+
+_CSV_NULLS = [""]  # only empty cells are missing; "NA"/"NaN" text is judged as a value
+
+
+class RejectedFile(Exception):
+    """The file cannot be used; it goes to quarantine with this reason. Never retried."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = " ".join(detail.split())[:300]  # one line, bounded: it lands in logs/metadata
+        super().__init__(f"{reason}: {self.detail}")
+
+
+@dataclass(frozen=True)
+class ProcessedFile:
+    shards: list[bytes]
+    rows: int
+    stats: FeatureStats
+
+
+def preprocess_file(data: bytes, file_name: str, spec: DatasetSpec, max_bytes: int) -> ProcessedFile:
+    """Validate one CSV/Parquet file and cut it into deterministic Parquet shards."""
+    if len(data) > max_bytes:
+        raise RejectedFile("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    if not data:
+        raise RejectedFile("empty", f"{file_name} has zero bytes")
+    name = file_name.lower()
+    if name.endswith(".csv"):
+        table = _read_csv(data, spec)
+    elif name.endswith(".csv.gz"):
+        table = _read_csv(_gunzip(data, max_bytes), spec)
+    elif name.endswith((".parquet", ".pq")):
+        table = _read_parquet(data, spec)
+    else:
+        raise RejectedFile("unsupported_format", f"{file_name}: use .csv, .csv.gz, .parquet or .pq")
+    if table.num_rows == 0:
+        raise RejectedFile("no_rows", f"{file_name} has no data rows")
+    for column_name in [*spec.features, spec.label]:
+        _check_no_nulls(table.column(column_name), column_name)
+    columns = [_feature_values(table.column(f), f) for f in spec.features]
+    labels = _label_values(table.column(spec.label), spec)
+    stats = FeatureStats(
+        count=table.num_rows,
+        sum=[float(c.sum()) for c in columns],
+        sumsq=[float(np.square(c).sum()) for c in columns],  # pairwise sum, like sum
+        label_counts=np.bincount(labels, minlength=spec.num_classes).tolist(),
+    )
+    out = pa.table(
+        [pa.array(c.astype(np.float32)) for c in columns] + [pa.array(labels)],
+        names=[*spec.features, spec.label],
+    )
+    shards = [_write_parquet(out.slice(i, spec.shard_rows)) for i in range(0, out.num_rows, spec.shard_rows)]
+    return ProcessedFile(shards=shards, rows=out.num_rows, stats=stats)
+
+
+def read_shard(data: bytes, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A shard as (x float32 [n, f] in spec.features order, y int32 [n]) for the worker."""
+    table = pq.read_table(pa.BufferReader(data), columns=[*spec.features, spec.label])
+    x = np.empty((table.num_rows, len(spec.features)), dtype=np.float32)
+    for j, name in enumerate(spec.features):
+        x[:, j] = table.column(name).to_numpy()
+    y = table.column(spec.label).to_numpy().astype(np.int32, copy=False)
+    return x, y
+
+
+def _write_parquet(table: pa.Table) -> bytes:
+    """Fixed writer options, so a retried upload rewrites byte-identical objects."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False, row_group_size=table.num_rows or 1)
+    return sink.getvalue().to_pybytes()
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    """Decompress, applying max_bytes to the inflated size too (a small .gz can be a bomb)."""
+    try:
+        raw = pa.input_stream(pa.BufferReader(data), compression="gzip").read(max_bytes + 1)
+    except Exception as exc:  # noqa: BLE001 - any codec failure means a bad upload
+        _reraise_memory(exc)
+        raise RejectedFile("unparseable", f"gzip: {exc}") from None
+    if len(raw) > max_bytes:
+        raise RejectedFile("too_large", f"decompressed size exceeds the limit of {max_bytes} bytes")
+    if not raw:
+        raise RejectedFile("empty", "decompressed file has zero bytes")
+    return raw
+
+
+def _read_csv(data: bytes, spec: DatasetSpec) -> pa.Table:
+    """Fast path: parse only the used columns straight to float64; diagnose on failure."""
+    used = [*spec.features, spec.label]
+    if b"\n" not in data and b"\r" not in data:
+        data += b"\n"  # pyarrow calls a lone header without a newline "empty"; it is a header
+    try:
+        return pcsv.read_csv(
+            pa.BufferReader(data),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.float64() for c in used}, include_columns=used, null_values=_CSV_NULLS
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, KeyError, UnicodeError...
+        _reraise_memory(exc)
+        _diagnose_csv(data, used)
+        raise RejectedFile("unparseable", f"csv: {exc}") from None
+
+
+def _diagnose_csv(data: bytes, used: list[str]) -> None:
+    """Slow path for a failed CSV: re-read used columns as text to name what is wrong.
+
+    Checks in the same order as the fast path (columns, then nulls, then numbers) so a
+    file gets the same reason whichever path saw it. Returns if nothing specific is
+    found; the caller then reports pyarrow's own message.
+    """
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(data),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in used}, null_values=_CSV_NULLS, strings_can_be_null=True
+            ),
+        )
+        names = table.column_names  # decoding a non-UTF-8 header raises here
+        columns = {n: table.column(names.index(n)) for n in used if n in names}  # first wins, as in read_csv
+    except Exception as exc:  # noqa: BLE001
+        _reraise_memory(exc)
+        raise RejectedFile("unparseable", f"csv: {exc}") from None
+    _check_columns(names, used)
+    for name in used:
+        _check_no_nulls(columns[name], name)
+    for name in used:
+        column = columns[name]
+        if pa.types.is_string(column.type) and (row := _first_unparsable(column)) is not None:
+            value = column[row - 1].as_py()
+            raise RejectedFile("non_numeric", f"column {name!r} row {row}: {value[:40]!r} is not a number")
+
+
+def _first_unparsable(column: pa.ChunkedArray) -> int | None:
+    """1-based row of the first value that does not cast to float64 (bisection over prefixes)."""
+    values = pc.utf8_trim_whitespace(column.combine_chunks())
+
+    def casts(n: int) -> bool:
+        try:
+            pc.cast(values.slice(0, n), pa.float64())
+            return True
+        except pa.ArrowInvalid:
+            return False
+
+    if casts(len(values)):
+        return None
+    lo, hi = 0, len(values)  # casts(lo) is True, casts(hi) is False
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if casts(mid) else (lo, mid)
+    return hi
+
+
+def _read_parquet(data: bytes, spec: DatasetSpec) -> pa.Table:
+    used = [*spec.features, spec.label]
+    try:
+        file = pq.ParquetFile(pa.BufferReader(data))
+        _check_columns(file.schema_arrow.names, used)
+        if len(set(file.schema_arrow.names)) != len(file.schema_arrow.names):
+            raise RejectedFile("unparseable", "parquet: duplicate column names")
+        return file.read(columns=used)
+    except RejectedFile:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError (thrift), NotImplemented...
+        _reraise_memory(exc)
+        raise RejectedFile("unparseable", f"parquet: {exc}") from None
+
+
+def _check_columns(present: list[str], used: list[str]) -> None:
+    missing = [c for c in used if c not in set(present)]
+    if missing:
+        raise RejectedFile("missing_columns", f"missing {', '.join(map(repr, missing))}")
+
+
+def _check_no_nulls(column: pa.ChunkedArray, name: str) -> None:
+    if column.null_count:
+        row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False))) + 1
+        raise RejectedFile("null_values", f"column {name!r} has {column.null_count} empty cells, first at row {row}")
+
+
+def _numeric(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """One conversion to a float64 numpy array; only integer/float/decimal columns qualify."""
+    t = column.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+        raise RejectedFile("non_numeric", f"column {name!r} has type {t}, not a number")
+    try:
+        return column.cast(pa.float64()).to_numpy()
+    except pa.ArrowException as exc:
+        raise RejectedFile("non_numeric", f"column {name!r}: {exc}") from None
+
+
+def _feature_values(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """Finite in float32 too: the shard stores float32, so 1e300 would become inf."""
+    values = _numeric(column, name)
+    bad = ~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max)
+    if bad.any():
+        row = int(np.argmax(bad))
+        shown = _show(values[row])
+        raise RejectedFile("non_numeric", f"column {name!r} row {row + 1}: {shown} is not a finite float32")
+    return values
+
+
+def _label_values(column: pa.ChunkedArray, spec: DatasetSpec) -> np.ndarray:
+    values = _numeric(column, spec.label)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(values) | (values != np.floor(values)) | (values < 0) | (values >= spec.num_classes)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise RejectedFile(
+            "bad_label",
+            f"column {spec.label!r} row {row + 1}: {_show(values[row])} is not an integer in [0, {spec.num_classes})",
+        )
+    return values.astype(np.int32)
+
+
+def _show(value: float) -> str:
+    """A number as the user wrote it: 3 not 3.0, and 2.0000001 not a rounded 2."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _reraise_memory(exc: Exception) -> None:
+    """Running out of memory is our problem, not the file's: let the platform retry."""
+    if isinstance(exc, MemoryError):  # pyarrow.ArrowMemoryError is one too
+        raise exc

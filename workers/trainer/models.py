@@ -1,0 +1,130 @@
+"""Model definitions as pure functions over a flat ``{name: array}`` params dict.
+
+Params are flat (``"dense_0.kernel"``, ``"conv_1.bias"``...) rather than nested
+so they serialize directly to safetensors and a federated hub can average
+them by name without knowing anything about the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, jax.Array]
+
+MODELS = ("logreg", "mlp", "cnn")
+
+# The FedAvg CNN (McMahan et al. 2017, "Communication-Efficient Learning of
+# Deep Networks from Decentralized Data"): 5x5 conv 32 -> pool -> 5x5 conv 64
+# -> pool -> dense 512 relu -> dense n_classes (softmax in the loss).
+CNN_CHANNELS = (32, 64)
+CNN_KERNEL = 5
+CNN_DENSE = 512
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+def image_side(n_features: int) -> int:
+    """Side of the square single-channel image the cnn expects; ValueError if not square."""
+    side = math.isqrt(n_features) if n_features > 0 else 0
+    if side * side != n_features or side == 0:
+        raise ValueError(f"cnn needs a square single-channel image, but n_features={n_features} is not a perfect square")
+    return side
+
+
+def _dense(key: jax.Array, name: str, fan_in: int, fan_out: int) -> Params:
+    """He-normal kernel (suits relu; harmless for the linear output layer), zero bias."""
+    kernel = jax.random.normal(key, (fan_in, fan_out), jnp.float32) * jnp.sqrt(2.0 / fan_in)
+    return {f"{name}.kernel": kernel, f"{name}.bias": jnp.zeros((fan_out,), jnp.float32)}
+
+
+def _conv(key: jax.Array, name: str, size: int, c_in: int, c_out: int) -> Params:
+    """HWIO kernel, He-normal over the receptive field."""
+    fan_in = size * size * c_in
+    kernel = jax.random.normal(key, (size, size, c_in, c_out), jnp.float32) * jnp.sqrt(2.0 / fan_in)
+    return {f"{name}.kernel": kernel, f"{name}.bias": jnp.zeros((c_out,), jnp.float32)}
+
+
+def _pooled_side(side: int) -> int:
+    """Side after one 2x2/stride-2 'SAME' max pool (ceil, as with 'SAME')."""
+    return -(-side // 2)
+
+
+def _init_cnn(key: jax.Array, n_features: int, n_classes: int) -> Params:
+    side = image_side(n_features)
+    keys = jax.random.split(key, len(CNN_CHANNELS) + 2)
+    params: Params = {}
+    c_in = 1
+    for i, c_out in enumerate(CNN_CHANNELS):
+        params |= _conv(keys[i], f"conv_{i}", CNN_KERNEL, c_in, c_out)
+        c_in, side = c_out, _pooled_side(side)
+    flat = side * side * c_in
+    params |= _dense(keys[-2], "dense_0", flat, CNN_DENSE)
+    params |= _dense(keys[-1], "dense_1", CNN_DENSE, n_classes)
+    return params
+
+
+def init_params(model: str, n_features: int, n_classes: int, hidden: tuple[int, ...], seed: int) -> Params:
+    """Fresh params for `model`; deterministic in `seed` so every site can start identically.
+
+    `hidden` is used by "mlp" only (logreg has no hidden layer, the cnn's shape is fixed).
+    """
+    _check_model(model)
+    key = jax.random.key(seed)
+    if model == "cnn":
+        return _init_cnn(key, n_features, n_classes)
+    sizes = [n_features, *(hidden if model == "mlp" else ()), n_classes]
+    keys = jax.random.split(key, len(sizes) - 1)
+    params: Params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params |= _dense(keys[i], f"dense_{i}", fan_in, fan_out)
+    return params
+
+
+def _n_layers(params: Mapping[str, jax.Array], prefix: str) -> int:
+    return sum(1 for name in params if name.startswith(prefix) and name.endswith(".kernel"))
+
+
+def _apply_dense_stack(params: Mapping[str, jax.Array], h: jax.Array) -> jax.Array:
+    """dense_0 .. dense_{n-1}, relu between layers, raw logits out."""
+    n = _n_layers(params, "dense_")
+    for i in range(n):
+        h = h @ params[f"dense_{i}.kernel"] + params[f"dense_{i}.bias"]
+        if i < n - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+def _max_pool_2x2(h: jax.Array) -> jax.Array:
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+
+
+def _apply_cnn(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    side = image_side(x.shape[-1])
+    h = x.reshape(x.shape[0], side, side, 1)
+    for i in range(_n_layers(params, "conv_")):
+        h = jax.lax.conv_general_dilated(
+            h, params[f"conv_{i}.kernel"], window_strides=(1, 1), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        h = _max_pool_2x2(jax.nn.relu(h + params[f"conv_{i}.bias"]))
+    return _apply_dense_stack(params, h.reshape(h.shape[0], -1))
+
+
+def apply(model: str, params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    """Logits [batch, n_classes] for x [batch, n_features] (float32 for every model)."""
+    _check_model(model)
+    if model == "cnn":
+        return _apply_cnn(params, x)
+    return _apply_dense_stack(params, x)
+
+
+def param_count(params: Mapping[str, jax.Array]) -> int:
+    """Total number of scalars, e.g. for logging and for sanity-checking a received model."""
+    return sum(math.prod(p.shape) for p in params.values())

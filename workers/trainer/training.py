@@ -1,0 +1,252 @@
+"""The training core: arrays in, arrays out, no cloud I/O.
+
+A `Trainer` is built once per (config, n_features, n_classes) and keeps its
+jitted epoch/eval functions, so each federated round (a new `fit` from new
+global params) reuses the compiled code instead of recompiling. One epoch is
+one jitted `lax.scan` over masked batches: no Python loop per step and every
+example is used every epoch (the ragged last batch is padded and masked, not
+dropped). With several devices each batch is sharded over a 1-D 'data' mesh
+and params are replicated; XLA inserts the gradient all-reduce, so the same
+code runs on one CPU, a GPU, or a TPU slice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from workers.trainer import models
+
+Params = dict[str, jax.Array]
+Metrics = dict[str, float]
+EVAL_CHUNK = 1024  # examples per eval step; bounds memory for big eval sets
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; hashable so a worker can cache one Trainer per config."""
+
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    seed: int = 0
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(models.MODELS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
+        if not self.learning_rate > 0 or self.prox_mu < 0:
+            raise ValueError(f"need learning_rate > 0 and prox_mu >= 0, got {self.learning_rate}, {self.prox_mu}")
+
+    @classmethod
+    def from_spec(cls, spec: Any, prox_mu: float | None = None) -> TrainConfig:
+        """From a `shared.jobs.TrainSpec`; prox_mu comes from the spec if it has one, else 0."""
+        mu = prox_mu if prox_mu is not None else float(getattr(spec, "prox_mu", 0.0) or 0.0)
+        return cls(
+            model=spec.model,
+            hidden=tuple(spec.hidden),
+            epochs=spec.epochs,
+            batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate,
+            seed=spec.seed,
+            prox_mu=mu,
+        )
+
+
+def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the training split (apply the same to the test split)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x.mean(axis=0), x.std(axis=0)
+
+
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(x - mean) / std as float32; constant features (std 0) are only centred, not blown up."""
+    x = np.asarray(x, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    return ((x - np.asarray(mean, dtype=np.float32)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _masked_batches(order: jax.Array, batch: int, n_devices: int) -> tuple[jax.Array, jax.Array]:
+    """Example indices [n_batches, padded_batch] and a validity mask of the same shape.
+
+    The last batch is padded (index 0, mask False) instead of dropped, and each
+    batch is padded up to a multiple of the device count so it shards evenly;
+    masked rows contribute nothing, so results match across device counts.
+    """
+    n = order.shape[0]
+    n_batches = -(-n // batch)
+    flat = jnp.pad(order, (0, n_batches * batch - n))
+    valid = jnp.arange(n_batches * batch) < n
+    width = _round_up(batch, n_devices) - batch
+    idx = jnp.pad(flat.reshape(n_batches, batch), ((0, 0), (0, width)))
+    mask = jnp.pad(valid.reshape(n_batches, batch), ((0, 0), (0, width)))
+    return idx, mask
+
+
+class Trainer:
+    """Jitted training/eval for one (config, n_features, n_classes); reuse it across rounds."""
+
+    def __init__(self, config: TrainConfig, n_features: int, n_classes: int, devices: Sequence[jax.Device] | None = None) -> None:
+        self.config = config
+        self.n_features, self.n_classes = int(n_features), int(n_classes)
+        if config.model == "cnn":
+            models.image_side(self.n_features)  # fail now, not at the first trace
+        self.devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = Mesh(np.array(self.devices), ("data",)) if len(self.devices) > 1 else None
+        self.optimizer = optax.adam(config.learning_rate)
+        self.traces: Counter[str] = Counter()  # how often each function was traced (= compiled)
+        self._train_epoch = jax.jit(self._train_epoch_impl)
+        self._eval = jax.jit(self._eval_impl)
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.devices)
+
+    def init_params(self) -> Params:
+        """Fresh params for this trainer's shapes (the hub's round-0 model)."""
+        c = self.config
+        return models.init_params(c.model, self.n_features, self.n_classes, c.hidden, c.seed)
+
+    # ---- placement -------------------------------------------------------
+    def _replicated(self) -> jax.sharding.Sharding | jax.Device:
+        return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else self.devices[0]
+
+    def _put(self, tree: Any) -> Any:
+        """On the trainer's devices, replicated (params, and the data it gathers batches from)."""
+        return jax.device_put(tree, self._replicated())
+
+    def _put_params(self, params: Mapping[str, Any]) -> Params:
+        return self._put({k: jnp.asarray(v, dtype=jnp.float32) for k, v in params.items()})
+
+    def _put_data(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array, int]:
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y).astype(np.int32)
+        if x.ndim != 2 or x.shape[1] != self.n_features or y.shape != (x.shape[0],) or x.shape[0] == 0:
+            raise ValueError(f"need x [n>0, {self.n_features}] and y [n]; got x {x.shape}, y {y.shape}")
+        if y.min() < 0 or y.max() >= self.n_classes:
+            raise ValueError(f"labels must be in [0, {self.n_classes}); got range [{y.min()}, {y.max()}]")
+        return self._put(x), self._put(y), x.shape[0]
+
+    def _shard_batches(self, a: jax.Array) -> jax.Array:
+        """Split axis 1 (examples within a batch) over the mesh; no-op on one device."""
+        if self.mesh is None:
+            return a
+        spec = PartitionSpec(None, "data", *([None] * (a.ndim - 2)))
+        return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
+
+    # ---- traced functions ------------------------------------------------
+    def _batch_stats(self, params: Params, xb: jax.Array, yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Summed cross-entropy and number correct over the valid rows of a batch."""
+        logits = models.apply(self.config.model, params, xb)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        correct = (jnp.argmax(logits, axis=-1) == yb) & mb
+        return jnp.sum(jnp.where(mb, ce, 0.0)), jnp.sum(correct)
+
+    def _objective(self, params: Params, global_params: Params, xb: jax.Array, yb: jax.Array, mb: jax.Array):
+        """Mean CE over valid rows, plus FedProx's (mu/2)||w - w_global||^2 when mu > 0."""
+        loss_sum, correct = self._batch_stats(params, xb, yb, mb)
+        loss = loss_sum / jnp.maximum(jnp.sum(mb), 1)
+        mu = self.config.prox_mu
+        if mu > 0:  # static: mu == 0 traces exactly the plain objective
+            sq = sum(jnp.sum((params[k] - global_params[k]) ** 2) for k in params)
+            loss = loss + 0.5 * mu * sq
+        return loss, (loss_sum, correct)
+
+    def _train_epoch_impl(self, params: Params, opt_state: Any, global_params: Params, x: jax.Array, y: jax.Array, key: jax.Array):
+        self.traces["train_epoch"] += 1
+        n = x.shape[0]
+        idx, mask = _masked_batches(jax.random.permutation(key, n), min(self.config.batch_size, n), self.n_devices)
+        xb, yb, mb = (self._shard_batches(a) for a in (x[idx], y[idx], mask))
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            (_, (loss_sum, correct)), grads = grad_fn(params, global_params, *batch)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (loss_sum, correct)
+
+        (params, opt_state), (loss_sums, corrects) = jax.lax.scan(step, (params, opt_state), (xb, yb, mb))
+        return params, opt_state, jnp.sum(loss_sums), jnp.sum(corrects)
+
+    def _eval_impl(self, params: Params, x: jax.Array, y: jax.Array):
+        self.traces["eval"] += 1
+        n = x.shape[0]
+        idx, mask = _masked_batches(jnp.arange(n), min(_round_up(EVAL_CHUNK, self.n_devices), n), self.n_devices)
+        xb, yb, mb = (self._shard_batches(a) for a in (x[idx], y[idx], mask))
+
+        def step(carry, batch):
+            loss_sum, correct = self._batch_stats(params, *batch)
+            return (carry[0] + loss_sum, carry[1] + correct), None
+
+        (loss_sum, correct), _ = jax.lax.scan(step, (jnp.float32(0), jnp.int32(0)), (xb, yb, mb))
+        return loss_sum, correct
+
+    # ---- public API ------------------------------------------------------
+    def fit(
+        self,
+        params: Mapping[str, Any],
+        x: Any,
+        y: Any,
+        epochs: int | None = None,
+        on_epoch: Callable[[int, Metrics], None] | None = None,
+        global_params: Mapping[str, Any] | None = None,
+    ) -> tuple[Params, list[Metrics]]:
+        """Train from `params`; returns the new params and per-epoch train metrics.
+
+        Adam starts fresh each call (one call = one local round). Epoch metrics
+        are the mean CE / accuracy seen while training that epoch. `global_params`
+        anchors the FedProx term and defaults to the starting params.
+        """
+        epochs = self.config.epochs if epochs is None else int(epochs)
+        x, y, n = self._put_data(x, y)
+        params = self._put_params(params)
+        anchor = params if global_params is None else self._put_params(global_params)
+        opt_state = self._put(self.optimizer.init(params))  # committed like later epochs: one cache entry
+        base = jax.random.key(self.config.seed)
+        pending: list[tuple[jax.Array, jax.Array]] = []
+        history: list[Metrics] = []
+        for epoch in range(epochs):
+            key = jax.random.fold_in(base, epoch)
+            params, opt_state, loss_sum, correct = self._train_epoch(params, opt_state, anchor, x, y, key)
+            if on_epoch is None:  # no one is waiting: don't block the device every epoch
+                pending.append((loss_sum, correct))
+                continue
+            history.append(self._metrics(loss_sum, correct, n))
+            on_epoch(epoch, history[-1])
+        history.extend(self._metrics(l, c, n) for l, c in pending)
+        return params, history
+
+    @staticmethod
+    def _metrics(loss_sum: jax.Array, correct: jax.Array, n: int) -> Metrics:
+        return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+
+    def evaluate(self, params: Mapping[str, Any], x: Any, y: Any) -> dict[str, float | int]:
+        """Mean CE, accuracy and example count (the count lets a hub weight site metrics)."""
+        x, y, n = self._put_data(x, y)
+        loss_sum, correct = self._eval(self._put_params(params), x, y)
+        return {**self._metrics(loss_sum, correct, n), "examples": n}
+
+
+def param_count(params: Mapping[str, Any]) -> int:
+    """Re-exported so callers of the training core need only this module."""
+    return models.param_count(params)
+
+
+__all__ = ["TrainConfig", "Trainer", "feature_stats", "standardize", "param_count"]
