@@ -59,13 +59,22 @@ class ManagedProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the group, wait for the child, then SIGKILL whatever of the group is left."""
         if self.popen is None:
             return
-        kill_group(self.popen.pid, grace_s)
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
         try:
             self.popen.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # e.g. the JVM an emulator script started
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -75,7 +84,7 @@ class ManagedProcess:
 
 
 def kill_group(pid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group led by `pid`, then SIGKILL whatever is left."""
+    """SIGTERM the process group led by `pid` (not our child), then SIGKILL whatever is left."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):

@@ -5,7 +5,11 @@ from __future__ import annotations
 from google.api_core.exceptions import AlreadyExists, Conflict
 from google.cloud import pubsub_v1, storage
 
-from emulators.endpoints import FIRESTORE_EVENTS_TOPIC, GCS_NOTIFICATIONS_TOPIC, REPLAY_TOPIC
+from emulators.endpoints import (
+    FIRESTORE_EVENTS_TOPIC,
+    GCS_NOTIFICATIONS_TOPIC,
+    REPLAY_TOPIC,
+)
 from shared.config import Settings
 
 

@@ -23,8 +23,18 @@ from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore, pubsub_v1
 
 from emulators.deliveries import DeliveryLog
-from emulators.endpoints import FIRESTORE_EVENTS_TOPIC, GCS_NOTIFICATIONS_TOPIC, REPLAY_TOPIC, default_state_dir
-from emulators.eventarc import OutgoingEvent, firestore_event, pubsub_event, storage_event
+from emulators.endpoints import (
+    FIRESTORE_EVENTS_TOPIC,
+    GCS_NOTIFICATIONS_TOPIC,
+    REPLAY_TOPIC,
+    default_state_dir,
+)
+from emulators.eventarc import (
+    OutgoingEvent,
+    firestore_event,
+    pubsub_event,
+    storage_event,
+)
 from emulators.reaper import run_reaper
 from emulators.router_config import RouterConfig
 from shared.config import Settings

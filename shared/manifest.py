@@ -1,8 +1,8 @@
 """The data set manifest: which files are in, their shards and merged statistics.
 
-`record_shards` runs on every shard-ready message, inside one Firestore transaction:
-it adds the file (ignoring duplicates and stale generations), and when every
-expected file is in, marks the data set complete and creates its training job.
+`record_shards` runs on every shard-ready message: it adds the file's manifest entry
+(ignoring duplicates and stale generations), and when every expected file is in,
+marks the data set complete and creates its training job.
 The job id is derived from the files' generations, so the same content never makes
 two jobs, and a re-upload of a file makes a new one.
 """
@@ -52,53 +52,61 @@ def merged_stats(files: dict[str, dict]) -> FeatureStats:
     return total
 
 
-def apply_shard_ready(dataset: dict, ready: ShardReady, now: datetime) -> tuple[dict, Job | None] | None:
-    """Pure: the data set document after `ready`, and the job to create if it just completed.
-
-    None when the message changes nothing (a duplicate, or older than what is held).
-    """
-    files = dict(dataset.get("files", {}))
-    held = files.get(ready.file)
-    if held is not None and held["generation"] >= ready.generation:
-        return None
-    files[ready.file] = {
+def entry_of(ready: ShardReady) -> dict:
+    return {
         "generation": ready.generation, "rows": ready.rows, "shards": ready.shards,
         "stats": ready.stats.model_dump(), "source": ready.source,
     }
+
+
+def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[dict, Job] | None:
+    """Pure: if every expected file is in and this content has no job yet, the data set's
+    new summary and its training job; else None."""
     spec = DatasetSpec.model_validate(dataset["spec"])
-    updated = {**dataset, "files": files, "updated_at": now}
-    if not set(spec.expected_files) <= files.keys():
-        return updated, None
-    version = version_of({k: files[k] for k in spec.expected_files})
+    if not set(spec.expected_files) <= entries.keys():
+        return None
+    files = {name: entries[name] for name in spec.expected_files}
+    version = version_of(files)
     if dataset.get("version") == version:
-        return updated, None
-    stats = merged_stats({k: files[k] for k in spec.expected_files})
-    job = Job.new(
-        f"train-{ready.node}-{ready.dataset}-{version}",
-        JobSpec(dataset=DatasetRef(node=ready.node, dataset=ready.dataset), train=spec.train),
-        now,
-    )
-    updated.update(status="complete", version=version, stats=stats.model_dump(), rows=stats.count, job_id=job.id, completed_at=now)
-    return updated, job
+        return None
+    stats = merged_stats(files)
+    node, name = dataset["node"], dataset["dataset"]
+    job = Job.new(f"train-{node}-{name}-{version}", JobSpec(dataset=DatasetRef(node=node, dataset=name), train=spec.train), now)
+    summary = {
+        "status": "complete", "version": version, "files": files, "stats": stats.model_dump(),
+        "rows": stats.count, "job_id": job.id, "completed_at": now, "updated_at": now,
+    }
+    return summary, job
 
 
 def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, now: datetime) -> tuple[bool, Job | None]:
-    """Apply one shard-ready message in a transaction; returns (changed, job created)."""
-    ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
-    jobs = JobStore(db, settings)
+    """Record one file's shards, then create the job if the data set just became complete.
+
+    Each file has its own manifest entry, so files arriving together do not contend
+    for one document; the job's id is derived from the content, so concurrent or
+    repeated completions create it once.
+    """
+    ds_ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
+    entry_ref = ds_ref.collection("manifest").document(ready.file)
 
     @firestore.transactional
-    def run(transaction: firestore.Transaction) -> tuple[bool, Job | None]:
-        snap = ref.get(transaction=transaction)
-        if not snap.exists:
-            raise LookupError(f"data set {ready.node}/{ready.dataset} has no declaration")
-        outcome = apply_shard_ready(snap.to_dict(), ready, now)
-        if outcome is None:
-            return False, None
-        updated, job = outcome
-        transaction.set(ref, updated)
-        if job is not None:
-            jobs.create(job, transaction)
-        return True, job
+    def put(transaction: firestore.Transaction) -> bool:
+        held = entry_ref.get(transaction=transaction)
+        if held.exists and held.get("generation") >= ready.generation:
+            return False  # a duplicate, or older than what is held
+        transaction.set(entry_ref, entry_of(ready))
+        return True
 
-    return run(db.transaction())
+    changed = put(db.transaction())
+    # Checked even for a duplicate: the delivery that recorded it may have crashed right after.
+    dataset = ds_ref.get()
+    if not dataset.exists:
+        raise LookupError(f"data set {ready.node}/{ready.dataset} has no declaration")
+    entries = {snap.id: snap.to_dict() for snap in ds_ref.collection("manifest").stream()}
+    outcome = completion(dataset.to_dict(), entries, now)
+    if outcome is None:
+        return changed, None
+    summary, job = outcome
+    created = JobStore(db, settings).create(job)
+    ds_ref.set(summary, merge=True)
+    return changed, job if created else None

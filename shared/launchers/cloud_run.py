@@ -41,9 +41,9 @@ CONTAINER_NAME = "trainer"  # the container's name in infra/main.tf's job templa
 GPU_SUFFIX = "-gpu"
 DEFAULT_JOB_NAME = "fedpipe-worker"
 
-# Environment the launcher reads in `from_env` (set on the functions by infra/main.tf).
-ENV_JOB_NAME = "FEDPIPE_RUN_JOB"
-ENV_REGION = "FEDPIPE_RUN_REGION"
+# Environment the launcher reads in `from_env` (set on the functions by infra/main.tf);
+# the hub region and project come from Settings (FEDPIPE_REGION, FEDPIPE_PROJECT).
+ENV_JOB_NAME = "FEDPIPE_WORKER_JOB"
 ENV_NODE_REGIONS = "FEDPIPE_NODE_REGIONS"  # "us=us-central1,eu=europe-west4"
 
 # Environment every execution gets (read by the worker).
@@ -141,12 +141,13 @@ class CloudRunJobsLauncher:
     def from_env(
         cls, env: Mapping[str, str] | None = None, settings: Settings | None = None
     ) -> CloudRunJobsLauncher:
+        """The launcher infra/main.tf configures: FEDPIPE_WORKER_JOB, FEDPIPE_NODE_REGIONS + Settings."""
         env = os.environ if env is None else env
         settings = settings or Settings.from_env(dict(env))
         node_regions = env.get(ENV_NODE_REGIONS)
         return cls(
             project=settings.project,
-            region=env.get(ENV_REGION) or settings.region,
+            region=settings.region,
             job_name=env.get(ENV_JOB_NAME) or DEFAULT_JOB_NAME,
             node_regions=parse_node_regions(node_regions) if node_regions else None,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from shared.launchers.cloud_run import (
 
 pytestmark = pytest.mark.unit
 
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 PROJECT, REGION = "acme-fl", "us-central1"
 EXECUTION = f"projects/{PROJECT}/locations/{REGION}/jobs/fedpipe-worker/executions/fedpipe-worker-x7k2p"
 
@@ -225,7 +225,7 @@ def test_from_env_reads_the_variables_infra_sets():
         {
             "FEDPIPE_PROJECT": "acme-fl",
             "FEDPIPE_REGION": "us-central1",
-            "FEDPIPE_RUN_JOB": "fl-worker",
+            "FEDPIPE_WORKER_JOB": "fl-worker",
             "FEDPIPE_NODE_REGIONS": "us=us-central1, eu=europe-west4",
         }
     )

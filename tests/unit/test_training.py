@@ -19,7 +19,13 @@ from sklearn.model_selection import train_test_split
 
 from shared.jobs import TrainSpec
 from workers.trainer import models
-from workers.trainer.training import TrainConfig, Trainer, _masked_batches, feature_stats, standardize
+from workers.trainer.training import (
+    TrainConfig,
+    Trainer,
+    _masked_batches,
+    feature_stats,
+    standardize,
+)
 from workers.trainer.weights import WeightsMismatch, from_bytes, spec_of, to_bytes
 
 pytestmark = pytest.mark.unit

@@ -21,7 +21,7 @@ from shared.jobs import Job, JobStatus, utcnow
 from shared.jobstore import JobStore
 from workers.trainer import weights
 from workers.trainer.data import load_dataset
-from workers.trainer.training import Trainer, TrainConfig
+from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.worker")
 

@@ -1,0 +1,292 @@
+"""Aggregation throughput: fedpipe's StreamingMean vs NumPy tensordot vs Flower's aggregate.
+
+    .venv/bin/python bench/aggregate.py            # re-executes under .venv-bench if flwr is there
+    .venv-bench/bin/python bench/aggregate.py      # same thing, directly
+
+Flower (PyPI ``flwr``) pins protobuf/grpcio versions that can clash with the
+google-cloud libraries in .venv, so it lives in its own venv (one-time setup)::
+
+    python3.11 -m venv .venv-bench && .venv-bench/bin/pip install flwr numpy
+
+Nothing else is needed there: this script puts the repo root on sys.path and
+shared/aggregation.py only needs NumPy. Without flwr anywhere, the Flower columns are null.
+
+Cases: N updates of P float32 params split over a few tensors like a real model
+(N=10, P~1.7M and N=100, P~11.1M). On the same arrays, in the same process:
+
+* ours    StreamingMean, fed one update at a time; result() included. Default backend
+          (fused saxpy from NumPy's bundled OpenBLAS when available), plus the pure-NumPy
+          backend reported separately.
+* numpy   ``np.tensordot(w / w.sum(), stacked, axes=1)`` on a [N, P] float32 array. Building
+          the stacked array is NOT timed (reported separately as numpy_stack_s); weights are
+          float32 (float64 weights make NumPy upcast the whole stack, ~8x slower).
+* flower  ``flwr.server.strategy.aggregate.aggregate([(ndarrays, num_examples), ...])``.
+
+Throughput is bytes of updates read per aggregation (N * P * 4) / median wall time of
+>= 3 runs. Peak extra memory is measured with tracemalloc (NumPy reports its buffers to
+it) on a separate, untimed run, relative to the already-loaded updates; for numpy it
+includes the stacked copy, which is what that approach needs.
+
+The LAST line printed is one JSON object (fields for the largest case, plus all cases).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+
+
+def _maybe_reexec() -> None:
+    """Run under .venv-bench when flwr is missing here but installed there."""
+    if importlib.util.find_spec("flwr") is not None or os.environ.get("FEDPIPE_BENCH_REEXEC"):
+        return
+    if BENCH_PYTHON.exists() and Path(sys.executable).absolute() != BENCH_PYTHON.absolute():
+        print(f"flwr not importable here; re-executing under {BENCH_PYTHON.relative_to(ROOT)}", flush=True)
+        os.environ["FEDPIPE_BENCH_REEXEC"] = "1"
+        os.execv(str(BENCH_PYTHON), [str(BENCH_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+_maybe_reexec()
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from shared.aggregation import StreamingMean, blas_axpy_available  # noqa: E402
+
+try:
+    from flwr.server.strategy.aggregate import aggregate as flower_aggregate
+except ImportError:  # pragma: no cover - depends on the venv
+    flower_aggregate = None
+
+GB = 1e9
+
+
+def shapes_small() -> dict[str, tuple[int, ...]]:
+    """~1.70M params: a small CNN (8 3x3x128x128 convs, a stem, a dense head)."""
+    s: dict[str, tuple[int, ...]] = {"stem/kernel": (3, 3, 64, 128), "stem/bias": (128,)}
+    for i in range(8):
+        s[f"block{i}/conv/kernel"] = (3, 3, 128, 128)
+        s[f"block{i}/conv/bias"] = (128,)
+    s["dense/kernel"] = (2048, 200)
+    s["dense/bias"] = (200,)
+    s["head/kernel"] = (200, 180)
+    s["head/bias"] = (180,)
+    return s
+
+
+def shapes_large() -> dict[str, tuple[int, ...]]:
+    """~11.1M params: ResNet-18-like tail (4 3x3x512x512 convs, a 256->512 conv, a 1000-way head)."""
+    s: dict[str, tuple[int, ...]] = {"layer4.0/conv1/kernel": (3, 3, 256, 512), "layer4.0/conv1/bias": (512,)}
+    for i in range(4):
+        s[f"layer4.{i}/conv2/kernel"] = (3, 3, 512, 512)
+        s[f"layer4.{i}/conv2/bias"] = (512,)
+    s["fc/kernel"] = (512, 1000)
+    s["fc/bias"] = (1000,)
+    return s
+
+
+def make_updates(n: int, shapes: dict[str, tuple[int, ...]], seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()} for _ in range(n)]
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        out = None
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def peak_extra_bytes(fn) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        del out
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+def flat(arrays) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays])
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int) -> dict:
+    p = sum(int(np.prod(s)) for s in shapes.values())
+    nbytes = n * p * 4
+    print(f"\n== {name}: N={n} updates x P={p:,} float32 params in {len(shapes)} tensors "
+          f"({nbytes / GB:.2f} GB read per aggregation, median of {repeats})", flush=True)
+    t0 = time.perf_counter()
+    updates = make_updates(n, shapes, seed=n)
+    weights = np.random.default_rng(1).integers(100, 10_000, size=n)
+    print(f"   generated updates in {time.perf_counter() - t0:.1f}s", flush=True)
+    row: dict = {"case": name, "n": n, "p": p, "tensors": len(shapes), "bytes_read": nbytes, "repeats": repeats}
+
+    def ours(backend: str):
+        def run():
+            mean = StreamingMean(backend=backend)
+            for u, w in zip(updates, weights, strict=True):
+                mean.add(u, int(w))
+            return mean.result()
+
+        return run
+
+    backends = ["numpy"] + (["blas"] if blas_axpy_available() else [])
+    ours_default = "blas" if blas_axpy_available() else "numpy"
+    results = {}
+    for backend in backends:
+        t, out = median_time(ours(backend), repeats)
+        results[backend] = flat(out[k] for k in shapes)
+        row[f"ours_{backend}_s"] = t
+        row[f"ours_{backend}_gbps"] = nbytes / t / GB
+        print(f"   ours[{backend:5s}] {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
+    row["ours_backend"] = ours_default
+    row["ours_s"] = row[f"ours_{ours_default}_s"]
+    row["ours_gbps"] = row[f"ours_{ours_default}_gbps"]
+    ref = results[ours_default]
+    row["ours_peak_extra_bytes"] = peak_extra_bytes(ours(ours_default))
+    row["ours_numpy_backend_peak_extra_bytes"] = peak_extra_bytes(ours("numpy"))
+    if "blas" in results:
+        row["ours_backends_rel_diff"] = rel_diff(results["numpy"], results["blas"])
+
+    # ---- numpy: tensordot on the stacked [N, P] array (stacking not timed) ----
+    t0 = time.perf_counter()
+    stacked = np.empty((n, p), dtype=np.float32)
+    for i, u in enumerate(updates):
+        off = 0
+        for k in shapes:
+            size = u[k].size
+            stacked[i, off:off + size] = u[k].reshape(-1)
+            off += size
+    row["numpy_stack_s"] = time.perf_counter() - t0
+    w32 = (weights / weights.sum()).astype(np.float32)
+    t, out = median_time(lambda: np.tensordot(w32, stacked, axes=1), repeats)
+    row["numpy_s"], row["numpy_gbps"] = t, nbytes / t / GB
+    row["numpy_incl_stack_gbps"] = nbytes / (t + row["numpy_stack_s"]) / GB
+    row["numpy_rel_diff_vs_ours"] = rel_diff(out, ref)
+    print(f"   numpy        {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s  "
+          f"(+{row['numpy_stack_s'] * 1e3:.0f} ms to stack, not timed)", flush=True)
+    del out
+
+    def numpy_with_stack():
+        s = np.stack([np.concatenate([u[k].reshape(-1) for k in shapes]) for u in updates])
+        return np.tensordot(w32, s, axes=1)
+
+    del stacked
+    gc.collect()
+    # Stacking one update at a time into a preallocated [N, P] buffer has the same peak: N*P*4.
+    row["numpy_peak_extra_bytes"] = peak_extra_bytes(numpy_with_stack)
+
+    # ---- flower ----
+    if flower_aggregate is not None:
+        fl_in = [([u[k] for k in shapes], int(w)) for u, w in zip(updates, weights, strict=True)]
+        t, out = median_time(lambda: flower_aggregate(fl_in), repeats)
+        row["flower_s"], row["flower_gbps"] = t, nbytes / t / GB
+        row["flower_rel_diff_vs_ours"] = rel_diff(flat(out), ref)
+        print(f"   flower       {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
+        del out
+        row["flower_peak_extra_bytes"] = peak_extra_bytes(lambda: flower_aggregate(fl_in))
+        del fl_in
+    else:
+        row["flower_s"] = row["flower_gbps"] = row["flower_peak_extra_bytes"] = None
+        print("   flower       (flwr not installed: see the module docstring)", flush=True)
+
+    row["ours_vs_numpy"] = row["ours_gbps"] / row["numpy_gbps"]
+    row["ours_vs_flower"] = row["ours_gbps"] / row["flower_gbps"] if row["flower_gbps"] else None
+    print(f"   ours/numpy = {row['ours_vs_numpy']:.2f}x, ours/flower = "
+          + (f"{row['ours_vs_flower']:.1f}x" if row["ours_vs_flower"] else "n/a"), flush=True)
+    mib = 1 << 20
+    print(f"   peak extra memory: ours {row['ours_peak_extra_bytes'] / mib:,.0f} MiB, "
+          f"numpy (stacked) {row['numpy_peak_extra_bytes'] / mib:,.0f} MiB"
+          + (f", flower {row['flower_peak_extra_bytes'] / mib:,.0f} MiB" if row["flower_peak_extra_bytes"] else "")
+          + f"  (one model = {p * 4 / mib:,.0f} MiB)", flush=True)
+    del updates
+    gc.collect()
+    return row
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    flwr_version = None
+    if flower_aggregate is not None:
+        from importlib.metadata import version
+
+        flwr_version = version("flwr")
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": model or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "numpy": np.__version__,
+        "flwr": flwr_version,
+        "blas_axpy": blas_axpy_available(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "executable": sys.executable,
+    }
+
+
+def main() -> None:
+    mach = machine()
+    print(f"machine: {mach['cpu_model']}, {mach['usable_cpus']} usable CPUs, {mach['platform']}, "
+          f"numpy {mach['numpy']}, flwr {mach['flwr']}")
+    if mach["openblas_coretype"]:
+        print(f"note: OPENBLAS_CORETYPE={mach['openblas_coretype']} is set: OpenBLAS (tensordot, and our "
+              "saxpy) uses that kernel set instead of auto-detecting one; left as is.")
+    cases = [run_case("small", 10, shapes_small(), repeats=5), run_case("large", 100, shapes_large(), repeats=3)]
+    big = cases[-1]
+    summary = {
+        "ours_gbps": round(big["ours_gbps"], 3),
+        "numpy_gbps": round(big["numpy_gbps"], 3),
+        "flower_gbps": round(big["flower_gbps"], 3) if big["flower_gbps"] else None,
+        "ours_vs_numpy": round(big["ours_vs_numpy"], 3),
+        "ours_vs_flower": round(big["ours_vs_flower"], 2) if big["ours_vs_flower"] else None,
+        "n": big["n"],
+        "p": big["p"],
+        "ours_backend": big["ours_backend"],
+        "ours_numpy_backend_gbps": round(big["ours_numpy_gbps"], 3),
+        "ours_peak_extra_bytes": big["ours_peak_extra_bytes"],
+        "numpy_peak_extra_bytes": big["numpy_peak_extra_bytes"],
+        "machine": mach,
+        "cases": cases,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""`fedpipe`: run the local cloud, drop data, submit and watch jobs, inspect events."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from emulators.endpoints import REPLAY_TOPIC, Endpoints, default_state_dir
+from fedpipe import context, views
+from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
+from shared.jobstore import JobStore
+
+app = typer.Typer(help="fedpipe: event-driven federated training on Google Cloud, locally and for real.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and follow jobs.", no_args_is_help=True)
+events_app = typer.Typer(help="What the trigger router delivered, and replays.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(events_app, name="events")
+console = Console()
+err = Console(stderr=True)
+
+StateDir = Annotated[Optional[Path], typer.Option(help="where the local cloud keeps logs and its endpoints [env FEDPIPE_STATE_DIR, default ./.fedpipe]")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _options(state_dir: Path | None, reload: bool, ports: dict[str, int]):
+    from emulators.stack import StackOptions
+
+    return StackOptions(state_dir=state_dir or default_state_dir(), reload=reload, ports={k: v for k, v in ports.items() if v})
+
+
+def _print_endpoints(ep: Endpoints) -> None:
+    from shared.config import Settings
+
+    settings = Settings.from_env()
+    console.print("\n[bold]Point your tools at the local cloud[/] (paste into a shell, or `eval $(fedpipe env)`):")
+    for key, value in ep.client_env().items():
+        console.print(f"  export {key}={value}", highlight=False, soft_wrap=True)
+    console.print("\n[bold]Buckets[/]")
+    for node in settings.nodes:
+        console.print(f"  {node}: gs://{settings.raw_bucket(node)} (drop data here)  gs://{settings.processed_bucket(node)}  gs://{settings.quarantine_bucket(node)}")
+    console.print(f"  hub: gs://{settings.hub_bucket}")
+    console.print(f"[bold]Topics[/]  {settings.shard_ready_topic}, {settings.dead_letter_topic}")
+    console.print("[bold]Functions[/]  " + ", ".join(f"{n} :{p}" for n, p in ep.function_ports.items()))
+    console.print(f"[bold]Logs[/]  {ep.state_dir}/logs/")
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    reload: Annotated[bool, typer.Option(help="reload functions when their code changes")] = True,
+    pubsub_port: int = 0, firestore_port: int = 0, gcs_port: int = 0, router_port: int = 0,
+) -> None:
+    """Run the local cloud in the foreground until Ctrl-C (or `fedpipe down`)."""
+    from emulators.processes import StartupError
+    from emulators.stack import LocalCloud
+
+    options = _options(state_dir, reload, {"pubsub": pubsub_port, "firestore": firestore_port, "gcs": gcs_port, "router": router_port})
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    started = time.monotonic()
+    try:
+        with LocalCloud(options, on_step=lambda s: console.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {s}")) as cloud:
+            console.print(f"[green]local cloud ready[/] in {time.monotonic() - started:.1f}s")
+            _print_endpoints(cloud.endpoints)
+            console.print("\nCtrl-C or `fedpipe down` stops everything.")
+            try:
+                done.wait()
+            except KeyboardInterrupt:
+                pass
+            console.print("stopping...")
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def down(state_dir: StateDir = None) -> None:
+    """Stop a local cloud started by `fedpipe up` in another terminal."""
+    from emulators.stack import stop_recorded
+
+    try:
+        stopped = stop_recorded(state_dir or default_state_dir())
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"stopped {', '.join(stopped)}")
+
+
+@app.command()
+def env(state_dir: StateDir = None) -> None:
+    """Print export lines for the running local cloud: `eval $(fedpipe env)`."""
+    try:
+        ep = Endpoints.load(state_dir or default_state_dir())
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    for key, value in ep.client_env().items():
+        print(f"export {key}={value}")
+
+
+@app.command()
+def demo(
+    state_dir: StateDir = None,
+    dataset: Annotated[str, typer.Option(help="scikit-learn data set: digits, breast_cancer, wine, iris")] = "digits",
+    node: str = "us",
+    parts: Annotated[int, typer.Option(help="CSV files to split the data set into")] = 3,
+    model: str = "mlp",
+    epochs: int = 40,
+    timeout: float = 300.0,
+    json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary as the last line")] = False,
+) -> None:
+    """Start the local cloud, drop a real data set into a raw bucket and follow the chain to a trained model."""
+    from emulators.processes import StartupError
+    from emulators.stack import LocalCloud
+    from fedpipe.demo import run_chain
+
+    try:
+        train = TrainSpec(model=model, epochs=epochs)
+    except ValidationError as exc:
+        raise _fail(str(exc)) from None
+    started = time.monotonic()
+    try:
+        with LocalCloud(_options(state_dir, False, {}), on_step=lambda s: console.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {s}")) as cloud:
+            console.print(f"[green]local cloud ready[/] in {time.monotonic() - started:.1f}s (logs in {cloud.endpoints.state_dir}/logs)")
+            context.local_endpoints.cache_clear()
+            report = run_chain(context.db(), context.gcs(), context.settings(), console, node=node, dataset=dataset,
+                               source=dataset, parts=parts, train=train, timeout_s=timeout)
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
+    summary = report.to_json()
+    if report.status == JobStatus.COMPLETED:
+        console.print(f"[green]completed[/]: held-out accuracy [bold]{summary['accuracy']:.4f}[/] on {report.results['test_examples']} examples; "
+                      f"upload -> running {report.timings_s.get('running:1', float('nan')):.2f}s, -> completed {report.timings_s.get('completed:1', float('nan')):.2f}s")
+        console.print(f"model: {report.results['model_uri']}")
+    else:
+        err.print(f"[red]chain did not complete[/]: {report.status} {report.error or ''}")
+    if json_out:
+        print(json.dumps(summary, default=str))
+    raise typer.Exit(0 if report.status == JobStatus.COMPLETED else 1)
+
+
+@app.command()
+def submit(
+    node: Annotated[str, typer.Option(help="the node whose data set to train on")],
+    dataset: Annotated[str, typer.Option(help="data set name (its prefix in the raw bucket)")],
+    model: str = "mlp",
+    epochs: int = 30,
+    batch_size: int = 64,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+    max_attempts: int = 3,
+    lease_seconds: float = 60.0,
+    job_id: Annotated[Optional[str], typer.Option(help="default: a new unique id")] = None,
+    watch: bool = False,
+) -> None:
+    """Submit a training job by hand (validated; the data set must be complete)."""
+    try:
+        spec = JobSpec(
+            dataset=DatasetRef(node=node, dataset=dataset),
+            train=TrainSpec(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
+            max_attempts=max_attempts, lease_seconds=lease_seconds,
+        )
+        job = Job.new(job_id or f"manual-{node}-{dataset}-{uuid.uuid4().hex[:8]}", spec, utcnow())
+    except ValidationError as exc:
+        raise _fail(f"invalid job:\n{exc}") from None
+    settings = context.settings()
+    ds = context.db().collection(settings.datasets_collection).document(spec.dataset.id).get()
+    if not ds.exists or ds.get("status") != "complete":
+        raise _fail(f"data set {node}/{dataset} is not complete (declare it and upload its files first)")
+    if not JobStore(context.db(), settings).create(job):
+        raise _fail(f"job {job.id} already exists")
+    console.print(f"submitted [bold]{job.id}[/]")
+    if watch:
+        jobs_watch(job.id)
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = 20, status: Optional[JobStatus] = None) -> None:
+    """The newest jobs."""
+    console.print(views.jobs_table(JobStore(context.db(), context.settings()).list(limit, status)))
+
+
+def _job(job_id: str) -> Job:
+    job = JobStore(context.db(), context.settings()).get(job_id)
+    if job is None:
+        raise _fail(f"no job {job_id!r}")
+    return job
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One job: status, attempts, progress, results, history."""
+    job = _job(job_id)
+    if json_out:
+        print(job.model_dump_json(indent=2))
+    else:
+        console.print(views.job_detail(job))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, interval: float = 0.5) -> None:
+    """Follow a job until it ends; exit 0 only if it completed."""
+    last = None
+    while True:
+        job = _job(job_id)
+        line = f"{views.status_text(job.status)} attempt {job.attempt}/{job.spec.max_attempts} {views.progress_text(job)}"
+        if line != last:
+            console.print(f"[dim]{views.when(job.updated_at)}[/] {line}")
+            last = line
+        if job.is_terminal:
+            if job.results:
+                console.print_json(json.dumps(job.results))
+            if job.error:
+                err.print(f"[red]{job.error}[/]")
+            raise typer.Exit(0 if job.status is JobStatus.COMPLETED else 1)
+        time.sleep(interval)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a job that has not ended; its worker stops at its next heartbeat."""
+    job = JobStore(context.db(), context.settings()).cancel(job_id, utcnow())
+    if job is None:
+        raise _fail(f"job {job_id!r} does not exist or has already ended")
+    console.print(f"cancelled {job_id}")
+
+
+@app.command("quarantine")
+def quarantine(limit: int = 50) -> None:
+    """Files that were rejected, why, and where the copy is kept."""
+    from google.cloud import firestore
+
+    settings = context.settings()
+    docs = context.db().collection(settings.quarantine_collection).order_by("at", direction=firestore.Query.DESCENDING).limit(limit).stream()
+    console.print(views.quarantine_table([d.to_dict() for d in docs]))
+
+
+def _deliveries():
+    from emulators.deliveries import DeliveryLog
+
+    if context.local_endpoints() is None:
+        raise _fail("no local cloud is running; events are the local router's (start one with `fedpipe up`)")
+    return DeliveryLog(context.db())
+
+
+@events_app.command("tail")
+def events_tail(
+    limit: int = 20,
+    status: Annotated[Optional[str], typer.Option(help="delivered, retrying or dead_lettered")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    """Recent deliveries: event, trigger, function, status, attempts."""
+    log = _deliveries()
+    records = log.recent(limit, status)
+    console.print(views.deliveries_table(list(reversed(records))))
+    seen = {(r["id"], r["status"], r["attempts"]) for r in records}
+    while follow:
+        time.sleep(1)
+        fresh = [r for r in reversed(log.recent(limit, status)) if (r["id"], r["status"], r["attempts"]) not in seen]
+        if fresh:
+            console.print(views.deliveries_table(fresh))
+            seen.update((r["id"], r["status"], r["attempts"]) for r in fresh)
+
+
+@events_app.command("replay")
+def events_replay(delivery_id: Annotated[str, typer.Argument(help="a delivery id from `events tail`, or an event id")]) -> None:
+    """Deliver a recorded event (delivered or dead-lettered) to its function again, with the same id."""
+    record = _deliveries().find(delivery_id)
+    if record is None:
+        raise _fail(f"no delivery {delivery_id!r}")
+    pub = context.publisher()
+    data = json.dumps({"trigger": record["trigger"], "event": record["event"]}).encode()
+    pub.publish(pub.topic_path(context.settings().project, REPLAY_TOPIC), data).result(timeout=30)
+    console.print(f"replaying {record['event_id']} to {record['function']} (trigger {record['trigger']})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Rich renderings of jobs, deliveries and quarantined files, shared by the CLI and the demo."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from rich.table import Table
+
+from shared.jobs import Job, JobStatus
+
+STATUS_STYLE = {
+    JobStatus.PENDING: "yellow",
+    JobStatus.SCHEDULED: "cyan",
+    JobStatus.RUNNING: "blue",
+    JobStatus.COMPLETED: "green",
+    JobStatus.FAILED: "red",
+    JobStatus.CANCELLED: "dim",
+}
+
+
+def when(ts: datetime | None) -> str:
+    return ts.strftime("%H:%M:%S") if ts else "-"
+
+
+def status_text(status: JobStatus) -> str:
+    return f"[{STATUS_STYLE[status]}]{status.value}[/]"
+
+
+def progress_text(job: Job) -> str:
+    p = job.progress
+    if not p:
+        return ""
+    return f"epoch {int(p.get('epoch', 0))}/{int(p.get('epochs', 0))} loss {p.get('loss', 0):.4f} acc {p.get('accuracy', 0):.3f}"
+
+
+def jobs_table(jobs: list[Job]) -> Table:
+    table = Table("job", "status", "attempt", "data set", "model", "created", "updated", "result / progress")
+    for job in jobs:
+        result = (
+            f"accuracy {job.results['accuracy']:.4f}" if "accuracy" in job.results else job.error or progress_text(job)
+        )
+        table.add_row(
+            job.id, status_text(job.status), f"{job.attempt}/{job.spec.max_attempts}",
+            f"{job.spec.dataset.node}/{job.spec.dataset.dataset}", job.spec.train.model,
+            when(job.created_at), when(job.updated_at), result,
+        )
+    return table
+
+
+def job_detail(job: Job) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("id", job.id),
+        ("status", status_text(job.status)),
+        ("attempt", f"{job.attempt} of {job.spec.max_attempts}"),
+        ("data set", f"{job.spec.dataset.node}/{job.spec.dataset.dataset}"),
+        ("train", job.spec.train.model_dump_json()),
+        ("accelerator", job.spec.accelerator),
+        ("execution", job.execution or "-"),
+        ("heartbeat", when(job.heartbeat_at)),
+        ("progress", progress_text(job) or "-"),
+        ("error", job.error or "-"),
+    ]
+    rows += [(f"result.{k}", str(v)) for k, v in job.results.items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    history = Table("at", "status", "attempt", "reason", title="history")
+    for t in job.history:
+        history.add_row(when(t.at), status_text(t.status), str(t.attempt), t.reason or "")
+    table.add_row("", history)
+    return table
+
+
+def deliveries_table(records: list[dict]) -> Table:
+    table = Table("at", "trigger", "function", "subject", "status", "attempts", "last error", "id")
+    style = {"delivered": "green", "retrying": "yellow", "dead_lettered": "red"}
+    for r in records:
+        table.add_row(
+            when(r.get("updated_at")), r["trigger"], r["function"], r.get("subject", ""),
+            f"[{style.get(r['status'], 'white')}]{r['status']}[/]", str(r["attempts"]),
+            (r.get("last_error") or "")[:60], r["id"],
+        )
+    return table
+
+
+def quarantine_table(records: list[dict]) -> Table:
+    table = Table("at", "node", "source", "reason", "detail", "kept at")
+    for r in records:
+        table.add_row(when(r.get("at")), r["node"], r["source"], f"[red]{r['reason']}[/]", r["detail"], r.get("copy") or "-")
+    return table

@@ -1,0 +1,53 @@
+output "functions" {
+  description = "Deployed function per trigger: name, region, entry point."
+  value = {
+    for name, fn in google_cloudfunctions2_function.fn : name => {
+      name        = fn.name
+      location    = fn.location
+      entry_point = local.triggers[name].function
+    }
+  }
+}
+
+output "buckets" {
+  description = "Bucket names and regions."
+  value = merge(
+    { for k, b in google_storage_bucket.node : k => { name = b.name, location = b.location } },
+    { hub = { name = google_storage_bucket.hub.name, location = google_storage_bucket.hub.location } },
+  )
+}
+
+output "worker_jobs" {
+  description = "Cloud Run jobs the launcher runs, by node (and node-gpu)."
+  value = merge(
+    { for node, job in google_cloud_run_v2_job.worker : node => job.id },
+    { for node, job in google_cloud_run_v2_job.worker_gpu : "${node}-gpu" => job.id },
+  )
+}
+
+output "launcher_env" {
+  description = "Environment the functions get for shared.launchers.cloud_run.CloudRunJobsLauncher.from_env."
+  value       = local.launcher_env
+}
+
+output "service_accounts" {
+  description = "Identities of functions, workers and builds."
+  value = {
+    functions = google_service_account.functions.email
+    build     = google_service_account.build.email
+    workers   = { for node, sa in google_service_account.worker : node => sa.email }
+  }
+}
+
+output "data_keys" {
+  description = "CMEK key per region."
+  value       = { for region, key in google_kms_crypto_key.data : region => key.id }
+}
+
+output "worker_images" {
+  description = "Where to push the worker images before the first apply (see README)."
+  value = {
+    cpu = local.worker_image
+    gpu = local.worker_gpu_image
+  }
+}

@@ -1,0 +1,406 @@
+"""shared.aggregation: streaming FedAvg and FedOpt server optimizers against closed forms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from shared import aggregation as agg
+from shared.aggregation import (
+    ServerOptimizer,
+    StreamingMean,
+    blas_axpy_available,
+    fedavg,
+)
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every accumulation path: the fused BLAS one (when NumPy's bundled OpenBLAS is usable)
+# and the blocked NumPy one, single- and multi-threaded.
+BACKENDS = [
+    pytest.param({"backend": "numpy", "threads": 1}, id="numpy-1t"),
+    pytest.param({"backend": "numpy", "threads": 3}, id="numpy-3t"),
+    pytest.param(
+        {"backend": "blas"},
+        id="blas",
+        marks=pytest.mark.skipif(not blas_axpy_available(), reason="NumPy's bundled BLAS saxpy not found"),
+    ),
+]
+
+# Big enough to take the threaded path (>= 2**19 elements in total) and to cross several
+# scratch blocks with a ragged last block (sizes are not multiples of 2**17).
+SHAPES = {"conv/kernel": (3, 3, 64, 97), "dense/kernel": (1001, 397), "dense/bias": (397,), "scalar": ()}
+
+
+def make_updates(n: int, seed: int = 0, shapes=SHAPES) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    return [
+        {k: (b + rng.standard_normal(b.shape).astype(np.float32)).astype(np.float32) for k, b in base.items()}
+        for _ in range(n)
+    ]
+
+
+def mean64(updates, weights) -> dict[str, np.ndarray]:
+    """Closed form sum(w_i x_i) / sum(w_i) in float64."""
+    total = float(sum(weights))
+    return {
+        k: sum(float(w) * u[k].astype(np.float64) for u, w in zip(updates, weights, strict=True)) / total
+        for k in updates[0]
+    }
+
+
+def assert_close_rel(got: dict, want: dict, rel: float = 1e-6) -> None:
+    """Normwise relative error per tensor, plus elementwise error relative to the tensor's scale."""
+    assert set(got) == set(want)
+    for k in want:
+        g, w = np.asarray(got[k], dtype=np.float64), np.asarray(want[k], dtype=np.float64)
+        assert g.shape == w.shape, k
+        scale = max(np.abs(w).max(), 1e-30)
+        assert np.linalg.norm(g - w) <= rel * max(np.linalg.norm(w), 1e-30), k
+        assert np.abs(g - w).max() <= 4 * rel * scale, k
+
+
+# --------------------------------------------------------------------------------------
+# StreamingMean / fedavg
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_equal_weights_give_arithmetic_mean(kw):
+    ups = make_updates(6)
+    got = fedavg(((u, 1.0) for u in ups), **kw)
+    want = {k: np.mean(np.stack([u[k].astype(np.float64) for u in ups]), axis=0) for k in SHAPES}
+    assert_close_rel(got, want)
+    for k, s in SHAPES.items():
+        assert got[k].shape == s and got[k].dtype == np.float32
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+@pytest.mark.parametrize("weight", [1.0, 7.0, 0.1, 12345.0])
+def test_one_node_is_identity_bit_exact(kw, weight):
+    (u,) = make_updates(1, seed=3)
+    mean = StreamingMean(**kw)
+    mean.add(u, weight)
+    got = mean.result()
+    for k in SHAPES:
+        assert got[k].dtype == u[k].dtype and got[k].shape == u[k].shape
+        assert np.array_equal(got[k], u[k]), k
+        assert got[k] is not u[k] and not np.shares_memory(got[k], u[k])
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_zero_weight_updates_do_not_count(kw):
+    a, b = make_updates(2, seed=4)
+    mean = StreamingMean(**kw)
+    mean.add(b, 0)
+    mean.add(a, 5)
+    mean.add(b, 0.0)
+    got = mean.result()
+    assert mean.count == 3 and mean.total_weight == 5.0
+    for k in SHAPES:
+        assert np.array_equal(got[k], a[k])
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_weights_proportional_to_examples_exact(kw):
+    # Values chosen so the 1:3 mean is exact in float32: (1*1 + 3*5) / 4 = 4, (1*(-2) + 3*2) / 4 = 1.
+    shapes = {"w": (1000, 700), "b": (7,)}
+    x1 = {"w": np.full(shapes["w"], 1.0, np.float32), "b": np.full(7, -2.0, np.float32)}
+    x2 = {"w": np.full(shapes["w"], 5.0, np.float32), "b": np.full(7, 2.0, np.float32)}
+    got = fedavg([(x1, 100), (x2, 300)], **kw)
+    assert np.array_equal(got["w"], np.full(shapes["w"], 4.0, np.float32))
+    assert np.array_equal(got["b"], np.full(7, 1.0, np.float32))
+    # Random tensors, 1:3 and uneven example counts: the float64 closed form within 1e-6.
+    ups = make_updates(2, seed=5)
+    assert_close_rel(fedavg([(ups[0], 1), (ups[1], 3)], **kw), mean64(ups, [1, 3]))
+    ups = make_updates(5, seed=6)
+    counts = [120, 4500, 33, 980, 2048]
+    assert_close_rel(fedavg(zip(ups, counts), **kw), mean64(ups, counts))
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_order_does_not_change_result(kw):
+    ups = make_updates(20, seed=7)
+    counts = np.random.default_rng(8).integers(10, 10_000, size=20).tolist()
+    first = fedavg(zip(ups, counts), **kw)
+    for seed in (1, 2):
+        perm = np.random.default_rng(seed).permutation(20)
+        again = fedavg(((ups[i], counts[i]) for i in perm), **kw)
+        assert_close_rel(again, first)
+    assert_close_rel(first, mean64(ups, counts))
+
+
+def test_backends_agree():
+    ups = make_updates(8, seed=9)
+    counts = [3, 1, 4, 1, 5, 9, 2, 6]
+    results = [fedavg(zip(ups, counts), backend="numpy", threads=t) for t in (1, 2, 4)]
+    if blas_axpy_available():
+        results.append(fedavg(zip(ups, counts), backend="blas"))
+    for r in results[1:]:
+        assert_close_rel(r, results[0])
+    # The threaded NumPy path splits the same work differently but does the same float ops.
+    for k in SHAPES:
+        assert np.array_equal(results[0][k], results[1][k])
+
+
+def test_float32_accumulation_accuracy_n100():
+    """Why the accumulator is float32: N=100 stays well inside 1e-6 of a float64 reference."""
+    rng = np.random.default_rng(10)
+    p = 200_000
+    counts = rng.integers(100, 10_000, size=100)
+    base = rng.standard_normal(p).astype(np.float32) * 0.05
+    for noise in (0.005, 1.0):  # near-identical updates (real FL), and iid N(0, 1)
+        mean = StreamingMean(backend="numpy", threads=1)
+        ref = np.zeros(p, np.float64)
+        for c in counts:
+            x = (base + rng.standard_normal(p).astype(np.float32) * np.float32(noise)).astype(np.float32)
+            mean.add({"x": x}, c)
+            ref += float(c) * x
+        ref /= counts.sum()
+        err = np.linalg.norm(mean.result()["x"] - ref) / np.linalg.norm(ref)
+        assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_non_contiguous_and_float64_updates(kw):
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((700, 900)).astype(np.float32)
+    b = rng.standard_normal((700, 900)).astype(np.float32)
+    got = fedavg([({"t": a.T}, 1), ({"t": b.T}, 2)], **kw)  # transposed views
+    assert_close_rel(got, {"t": (a.T.astype(np.float64) + 2 * b.T.astype(np.float64)) / 3})
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    got64 = fedavg([({"t": a64}, 1), ({"t": b64}, 2)], **kw)
+    assert got64["t"].dtype == np.float64
+    np.testing.assert_allclose(got64["t"], (a64 + 2 * b64) / 3, rtol=1e-12, atol=1e-12)
+
+
+def test_result_is_repeatable_and_accumulation_continues():
+    a, b, c = make_updates(3, seed=12)
+    mean = StreamingMean()
+    mean.add(a, 1)
+    mean.add(b, 2)
+    r1, r2 = mean.result(), mean.result()
+    for k in SHAPES:
+        assert np.array_equal(r1[k], r2[k])
+    mean.add(c, 3)
+    assert_close_rel(mean.result(), mean64([a, b, c], [1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda u: u.pop("dense/bias"), "dense/bias"),
+        (lambda u: u.__setitem__("extra/gamma", np.ones(3, np.float32)), "extra/gamma"),
+        (lambda u: u.__setitem__("dense/kernel", np.ones((1001, 396), np.float32)), "dense/kernel"),
+        (lambda u: u.__setitem__("conv/kernel", np.ones((3, 3, 64, 97), np.float64)), "conv/kernel"),
+        (lambda u: u.__setitem__("scalar", np.ones((1,), np.float32)), "scalar"),
+    ],
+    ids=["missing", "unexpected", "shape", "dtype", "scalar-shape"],
+)
+def test_mismatch_raises_naming_tensor_and_leaves_accumulator_unchanged(mutate, match):
+    a, b = make_updates(2, seed=13)
+    mean = StreamingMean()
+    mean.add(a, 2)
+    before = mean.result()
+    bad = dict(b)
+    mutate(bad)
+    with pytest.raises(ValueError, match=match):
+        mean.add(bad, 3)
+    assert mean.count == 1 and mean.total_weight == 2.0
+    after = mean.result()
+    for k in SHAPES:
+        assert np.array_equal(before[k], after[k])
+
+
+def test_bad_weights_and_empty_inputs_raise():
+    (u,) = make_updates(1)
+    with pytest.raises(ValueError, match="no updates"):
+        StreamingMean().result()
+    with pytest.raises(ValueError, match="no updates"):
+        fedavg([])
+    mean = StreamingMean()
+    mean.add(u, 0)
+    with pytest.raises(ValueError, match="total weight is zero"):
+        mean.result()
+    for w in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight"):
+            StreamingMean().add(u, w)
+    with pytest.raises(ValueError, match="no tensors"):
+        StreamingMean().add({}, 1)
+    with pytest.raises(ValueError, match="'steps'"):
+        StreamingMean().add({"steps": np.arange(3)}, 1)
+    with pytest.raises(ValueError, match="backend"):
+        StreamingMean(backend="cuda")
+
+
+def test_blas_can_be_disabled_by_env():
+    code = (
+        "import shared.aggregation as a; "
+        "assert not a.blas_axpy_available(); assert a.StreamingMean().backend == 'numpy'"
+    )
+    env = {"FEDPIPE_AGG_BLAS": "0", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_import_is_light():
+    """The aggregation Cloud Function must not pay for JAX/optax at import time."""
+    code = (
+        "import sys, shared.aggregation; "
+        "heavy = [m for m in ('jax', 'optax', 'jaxlib', 'scipy') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --------------------------------------------------------------------------------------
+# Server optimizers
+# --------------------------------------------------------------------------------------
+
+# Two rounds on four coordinates, eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3, v0=tau^2=1e-6.
+# Pseudo-gradients g = global - averaged:  g1 = [0.5, -1, 0, -0.5],  g2 = [0.2, -0.4, 1, 0.5].
+# Worked by hand for coordinate 1 of FedAdam, round 1:
+#   m = 0.1 * -1 = -0.1;  v = 0.99 * 1e-6 + 0.01 * 1 = 0.01000099;  sqrt(v) + tau = 0.10100495
+#   x = -2 - 0.1 * (-0.1 / 0.10100495) = -2 + 0.0990050 = -1.9009950
+# FedYogi, round 1, coordinate 0: sign(v0 - g^2) = sign(1e-6 - 0.25) = -1, so
+#   v = 1e-6 + 0.01 * 0.25 = 0.002501;  coordinate 2 (g = 0): v stays 1e-6 and x does not move.
+# The other values below come from the same scalar recurrences (paper's Algorithm 2).
+X0 = [1.0, -2.0, 0.5, 3.0]
+G = [[0.5, -1.0, 0.0, -0.5], [0.2, -0.4, 1.0, 0.5]]
+HYPER = {"server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+EXPECTED = {
+    "fedadam": [
+        ([0.9019798098790516, -1.9009949511174575, 0.5, 3.0980201901209483],
+         [0.05, -0.1, 0.0, -0.05],
+         [0.00250099, 0.01000099, 9.9e-07, 0.00250099]),
+        ([0.7829935693707251, -1.780894387319861, 0.4009949025999249, 3.091031154395874],
+         [0.065, -0.13, 0.1, 0.005],
+         [0.0028759801, 0.0115009801, 0.0100009801, 0.0049759801]),
+    ],
+    "fedyogi": [
+        ([0.9019800019996002, -1.9009950001249938, 0.5, 3.0980199980004],
+         [0.05, -0.1, 0.0, -0.05],
+         [0.002501, 0.010001, 1e-06, 0.002501]),
+        ([0.7834986026041257, -1.7814085174060916, 0.4009950001249938, 3.091048223117105],
+         [0.065, -0.13, 0.1, 0.005],
+         [0.002901, 0.011601, 0.010001, 0.005001]),
+    ],
+}  # fmt: skip
+
+
+def _two_rounds(name: str, dtype):
+    opt = ServerOptimizer(name, **HYPER)
+    x = {"p": np.array(X0, dtype=dtype)}
+    state = opt.init(x)
+    out = []
+    for g in G:
+        averaged = {"p": x["p"] - np.array(g, dtype=dtype)}
+        x, state = opt.step(x, averaged, state)
+        out.append((x, state))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_fedadam_fedyogi_two_steps_hand_computed(name):
+    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 2e-6)):
+        for t, ((x, state), (want_x, want_m, want_v)) in enumerate(zip(_two_rounds(name, dtype), EXPECTED[name])):
+            assert x["p"].dtype == dtype and state["m/p"].dtype == dtype
+            np.testing.assert_allclose(x["p"], want_x, rtol=rtol, atol=rtol, err_msg=f"{name} x round {t + 1}")
+            np.testing.assert_allclose(state["m/p"], want_m, rtol=rtol, atol=rtol * 1e-3)
+            np.testing.assert_allclose(state["v/p"], want_v, rtol=rtol, atol=rtol * 1e-6)
+            assert state["step"].tolist() == [t + 1]
+
+
+def test_fedadagrad_one_step():
+    opt = ServerOptimizer("fedadagrad", server_lr=0.5, beta1=0.0, tau=1e-2, v0=0.0)
+    x, state = opt.step({"p": np.array([1.0, 2.0])}, {"p": np.array([0.0, 2.5])})
+    # g = [1, -0.5], m = g, v = g^2, x - 0.5 * g / (|g| + 0.01)
+    np.testing.assert_allclose(x["p"], [1.0 - 0.5 / 1.01, 2.0 + 0.25 / 0.51], rtol=1e-12)
+    np.testing.assert_allclose(state["v/p"], [1.0, 0.25], rtol=1e-12)
+
+
+def test_fedavg_server_step_is_the_average():
+    opt = ServerOptimizer("fedavg")
+    g = {"a": np.ones((2, 3), np.float32)}
+    avg = {"a": np.full((2, 3), 0.25, np.float32)}
+    new, state = opt.step(g, avg)
+    assert np.array_equal(new["a"], avg["a"]) and new["a"] is not avg["a"]
+    assert set(state) == {"step"} and state["step"].tolist() == [1]
+    assert np.array_equal(g["a"], np.ones((2, 3), np.float32))  # inputs untouched
+
+
+def test_fedadam_moments_match_optax_scale_by_adam():
+    """optax.scale_by_adam(b1, b2, eps=tau, eps_root=0) keeps the same raw moments (mu, nu).
+
+    optax always bias-corrects its *update* (mu / (1 - b1^t), nu / (1 - b2^t)); Algorithm 2
+    of Reddi et al. does not. So the moments are compared with optax's state, and the
+    parameter update with the paper's formula applied to optax's moments.
+    """
+    optax = pytest.importorskip("optax")
+    jnp = pytest.importorskip("jax.numpy")
+    b1, b2, tau, lr = 0.9, 0.99, 1e-3, 0.05
+    opt = ServerOptimizer("fedadam", server_lr=lr, beta1=b1, beta2=b2, tau=tau, v0=0.0)  # optax's nu starts at 0
+    tx = optax.scale_by_adam(b1=b1, b2=b2, eps=tau, eps_root=0.0)
+    rng = np.random.default_rng(14)
+    x = {"w": rng.standard_normal((4, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    state = opt.init(x)
+    ostate = tx.init({k: jnp.asarray(v) for k, v in x.items()})
+    for t in range(1, 4):
+        averaged = {k: (v - rng.standard_normal(v.shape).astype(np.float32) * 0.1).astype(np.float32) for k, v in x.items()}
+        g = {k: x[k] - averaged[k] for k in x}
+        ou, ostate = tx.update({k: jnp.asarray(v) for k, v in g.items()}, ostate)
+        new_x, state = opt.step(x, averaged, state)
+        mu, nu = ostate.mu, ostate.nu
+        for k in x:
+            np.testing.assert_allclose(state[f"m/{k}"], np.asarray(mu[k]), rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(state[f"v/{k}"], np.asarray(nu[k]), rtol=1e-6, atol=1e-10)
+            paper = x[k] - lr * np.asarray(mu[k]) / (np.sqrt(np.asarray(nu[k])) + tau)
+            np.testing.assert_allclose(new_x[k], paper, rtol=1e-6, atol=1e-7)
+            if t == 1:  # optax's bias-corrected step is a different (larger) step
+                assert not np.allclose(new_x[k], x[k] - lr * np.asarray(ou[k]), rtol=1e-3)
+        x = new_x
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi", "fedadagrad"])
+def test_state_round_trips_through_safetensors(name):
+    opt = ServerOptimizer(name, server_lr=0.05)
+    ups = make_updates(3, seed=15, shapes={"layer.0/kernel": (6, 4), "layer.0/bias": (4,)})
+    x = ups[0]
+    x1, state = opt.step(x, ups[1])
+    blob = st_save(state)
+    loaded = st_load(blob)
+    assert set(loaded) == set(state)
+    for k in state:
+        assert loaded[k].dtype == state[k].dtype and np.array_equal(loaded[k], state[k]), k
+    # Continuing from the stored state is exactly continuing from the in-memory one.
+    x2a, s2a = opt.step(x1, ups[2], state)
+    x2b, s2b = opt.step(x1, ups[2], loaded)
+    for k in x2a:
+        assert np.array_equal(x2a[k], x2b[k])
+    for k in s2a:
+        assert np.array_equal(s2a[k], s2b[k])
+    assert s2b["step"].tolist() == [2]
+
+
+def test_server_optimizer_errors_name_the_tensor():
+    opt = ServerOptimizer("fedyogi")
+    x = {"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step(x, {"a": x["a"]})
+    with pytest.raises(ValueError, match="'a'"):
+        opt.step(x, {"a": np.zeros(4, np.float32), "b": x["b"]})
+    state = opt.init(x)
+    del state["v/b"]
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step(x, x, state)
+    with pytest.raises(ValueError, match="unknown server optimizer"):
+        ServerOptimizer("fedsgd")
+    assert agg.SERVER_OPTIMIZERS == ("fedavg", "fedadam", "fedyogi", "fedadagrad")

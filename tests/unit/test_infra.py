@@ -1,0 +1,386 @@
+"""infra_render and the Terraform in infra/: the names agree, and the HCL is wired right.
+
+There is no terraform binary here, so the HCL is checked by parsing it
+(python-hcl2) and by the cross-references `terraform validate` would catch first:
+every var./local./resource reference is declared, every rendered variable is
+declared, and every trigger becomes a function with the right event filters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.config import Settings
+from shared.infra_render import dumps, render, settings_env, write
+from shared.triggers import (
+    FIRESTORE_WRITTEN,
+    PUBSUB_PUBLISHED,
+    STORAGE_FINALIZED,
+    function_names,
+    triggers,
+)
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+TFVARS = INFRA / "fedpipe.auto.tfvars.json"
+
+
+# ---------------------------------------------------------------- render
+
+
+def test_committed_tfvars_equal_render_of_default_settings():
+    committed = json.loads(TFVARS.read_text())
+    assert committed == render(Settings()), (
+        "infra/fedpipe.auto.tfvars.json is stale: run "
+        "`python -m shared.infra_render > infra/fedpipe.auto.tfvars.json` with no FEDPIPE_* set"
+    )
+
+
+def test_render_names_every_bucket_topic_collection_and_trigger():
+    s = Settings(project="acme-fl", region="europe-west1", nodes=("us", "eu", "ch"), bucket_prefix="acme")
+    out = render(s)
+
+    assert out["project"] == "acme-fl" and out["region"] == "europe-west1"
+    assert out["nodes"] == {
+        node: {
+            "raw_bucket": f"acme-{node}-raw",
+            "processed_bucket": f"acme-{node}-processed",
+            "quarantine_bucket": f"acme-{node}-quarantine",
+        }
+        for node in ("us", "eu", "ch")
+    }
+    assert out["hub_bucket"] == "acme-hub"
+    assert out["topics"] == {"shard_ready": "shard-ready", "dead_letter": "fedpipe-dead-letter"}
+    assert out["collections"] == {"jobs": "jobs", "datasets": "datasets", "quarantine": "quarantine"}
+    assert [t["name"] for t in out["triggers"]] == ["raw-upload-us", "raw-upload-eu", "raw-upload-ch", "shard-ready", "job-written"]
+    assert out["triggers"][2] == {
+        "name": "raw-upload-ch",
+        "function": "on_raw_upload",
+        "kind": "storage",
+        "event_type": STORAGE_FINALIZED,
+        "bucket": "acme-ch-raw",
+        "topic": None,
+        "document": None,
+    }
+    assert out["triggers"][3]["topic"] == "shard-ready" and out["triggers"][3]["event_type"] == PUBSUB_PUBLISHED
+    assert out["triggers"][4]["document"] == "jobs/{jobId}" and out["triggers"][4]["event_type"] == FIRESTORE_WRITTEN
+    # Every bucket Settings knows is created by infra, and no other.
+    rendered_buckets = {b for n in out["nodes"].values() for b in n.values()} | {out["hub_bucket"]}
+    assert rendered_buckets == set(s.all_buckets())
+
+
+def test_settings_env_round_trips_through_settings_from_env():
+    for s in (
+        Settings(),
+        Settings(project="acme-fl", region="europe-west4", nodes=("eu",), bucket_prefix="acme", max_upload_bytes=1024),
+    ):
+        assert Settings.from_env(settings_env(s)).model_dump() == s.model_dump()
+    assert "FEDPIPE_BUCKET_PREFIX" not in settings_env(Settings())
+
+
+def test_render_is_json_and_write_produces_the_same_text(tmp_path):
+    s = Settings(project="p1")
+    assert json.loads(dumps(s)) == render(s)
+    path = write(tmp_path / "x.tfvars.json", s)
+    assert path.read_text() == dumps(s)
+
+
+def test_module_entry_point_prints_the_default_render():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPIPE_") and k != "GOOGLE_CLOUD_PROJECT"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.infra_render"], capture_output=True, text=True, check=True, cwd=REPO, env=env
+    )
+    assert out.stdout == TFVARS.read_text()
+    custom = subprocess.run(
+        [sys.executable, "-m", "shared.infra_render"],
+        capture_output=True, text=True, check=True, cwd=REPO, env={**env, "FEDPIPE_PROJECT": "acme-fl"},
+    )
+    assert json.loads(custom.stdout)["hub_bucket"] == "acme-fl-hub"
+
+
+# ---------------------------------------------------------------- HCL as text
+
+
+def tf_text(name: str) -> str:
+    return (INFRA / name).read_text()
+
+
+def all_tf() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(INFRA.glob("*.tf"))}
+
+
+def strip_comments(text: str) -> str:
+    # infra/ keeps '#' out of strings, so a '#' always starts a comment.
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def declared_variables() -> dict[str, str]:
+    """name -> the text of its block."""
+    text = tf_text("variables.tf")
+    starts = [(m.group(1), m.start()) for m in re.finditer(r'^variable "([a-z0-9_]+)" \{', text, re.MULTILINE)]
+    bounds = [*(s for _, s in starts[1:]), len(text)]
+    return {name: text[start:end] for (name, start), end in zip(starts, bounds)}
+
+
+def test_every_rendered_variable_is_declared_and_every_required_one_rendered():
+    variables = declared_variables()
+    rendered = render(Settings())
+    assert set(rendered) <= set(variables), f"undeclared: {set(rendered) - set(variables)}"
+    required = {name for name, block in variables.items() if "default" not in block}
+    assert required == set(rendered), "a variable without default must come from the render"
+
+
+def test_trigger_variable_type_has_every_trigger_field():
+    block = declared_variables()["triggers"]
+    for field in render(Settings())["triggers"][0]:
+        assert re.search(rf"\b{field}\s*=", block), f"var.triggers lacks {field}"
+
+
+def test_every_node_has_a_default_region():
+    block = declared_variables()["node_regions"]
+    for node in Settings().nodes:
+        assert re.search(rf'\b{node}\s*=\s*"[a-z]+-[a-z]+\d"', block), node
+
+
+def test_every_reference_is_declared():
+    code = {name: strip_comments(text) for name, text in all_tf().items()}
+    joined = "\n".join(code.values())
+
+    variables = set(declared_variables())
+    locals_ = set()
+    for block in re.findall(r"^locals \{\n(.*?)^\}", joined, re.MULTILINE | re.DOTALL):
+        locals_ |= set(re.findall(r"^  ([a-z0-9_]+)\s*=", block, re.MULTILINE))
+    resources = set(re.findall(r'^resource "([a-z0-9_]+)" "([a-z0-9_]+)"', joined, re.MULTILINE))
+    datas = set(re.findall(r'^data "([a-z0-9_]+)" "([a-z0-9_]+)"', joined, re.MULTILINE))
+
+    used_vars = set(re.findall(r"\bvar\.([a-z0-9_]+)", joined))
+    used_locals = set(re.findall(r"\blocal\.([a-z0-9_]+)", joined))
+    used_datas = set(re.findall(r"\bdata\.([a-z0-9_]+)\.([a-z0-9_]+)", joined))
+    used_resources = set(re.findall(r"(?<![.\w])((?:google|archive)_[a-z0-9_]+)\.([a-z0-9_]+)", joined))
+
+    assert used_vars - variables == set(), "undeclared variables"
+    assert used_locals - locals_ == set(), "undefined locals"
+    assert used_datas - datas == set(), "undeclared data sources"
+    assert used_resources - resources == set(), "undeclared resources"
+    assert variables - used_vars <= {"collections"}, "unused variables"
+
+
+def test_one_function_resource_per_trigger_with_its_entry_point():
+    main = tf_text("main.tf")
+    functions = re.findall(r'^resource "google_cloudfunctions2_function" "([a-z0-9_]+)" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
+    assert len(functions) == 1, "one for_each resource deploys every trigger"
+    (_, body) = functions[0]
+    assert re.search(r"for_each\s*=\s*local\.triggers\b", body)
+    assert re.search(r"locals \{\n  triggers\s*=\s*\{ for t in var\.triggers : t\.name => t \}", main)
+    assert re.search(r"entry_point\s*=\s*each\.value\.function\b", body)
+    assert 'retry_policy          = "RETRY_POLICY_RETRY"' in body
+    assert 'ingress_settings               = "ALLOW_INTERNAL_ONLY"' in body
+    # Every function named in the triggers is deployed: for_each over every
+    # trigger, and each entry point is re-exported in the source's main.py.
+    assert set(function_names(Settings())) == {t["function"] for t in render(Settings())["triggers"]}
+    assert '"from functions.main import ${f}' in main
+
+
+def test_generated_root_main_re_exports_every_entry_point():
+    # infra zips a root main.py of `from functions.main import <fn>` lines.
+    functions_main = pytest.importorskip("functions.main")
+    for name in function_names(Settings()):
+        assert callable(getattr(functions_main, name, None)), f"functions/main.py lacks {name}"
+
+
+def test_event_filters_cover_every_trigger_kind():
+    main = tf_text("main.tf")
+    assert re.search(r'\{ attribute = "bucket", value = t\.bucket, operator = "" \},\s*\] if t\.kind == "storage"', main)
+    assert re.search(
+        r'\{ attribute = "database", value = google_firestore_database\.db\.name, operator = "" \},\s*'
+        r'\{ attribute = "document", value = t\.document, operator = "match-path-pattern" \},\s*'
+        r'\] if t\.kind == "firestore"',
+        main,
+    )
+    assert re.search(r'pubsub_topic\s*=\s*each\.value\.kind == "pubsub" \? lookup\(local\.topic_ids, each\.value\.topic, null\)', main)
+    assert {t.kind for t in triggers(Settings())} == {"storage", "pubsub", "firestore"}
+
+
+def test_buckets_are_private_cmek_and_in_their_nodes_region():
+    main = tf_text("main.tf")
+    buckets = re.findall(r'^resource "google_storage_bucket" "([a-z_]+)" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
+    assert {name for name, _ in buckets} == {"node", "hub", "functions_source"}
+    for name, body in buckets:
+        assert "uniform_bucket_level_access = true" in body, name
+        assert 'public_access_prevention    = "enforced"' in body, name
+        if name != "functions_source":  # code only; data buckets use CMEK
+            assert "default_kms_key_name = google_kms_crypto_key.data[" in body, name
+            assert "depends_on = [google_kms_crypto_key_iam_member.gcs_uses_data_key]" in body, name
+    node_body = dict(buckets)["node"]
+    assert "location = each.value.region" in node_body
+    assert "node_region = { for node, _ in var.nodes : node => var.node_regions[node] }" in main
+
+
+def test_keys_rotate_and_the_storage_agent_may_use_them():
+    main = tf_text("main.tf")
+    key = re.search(r'^resource "google_kms_crypto_key" "data" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL).group(1)
+    assert re.search(r"rotation_period\s*=\s*var\.kms_rotation_period", key)
+    assert "prevent_destroy = true" in key
+    assert re.search(r'default\s*=\s*"\d+s"', declared_variables()["kms_rotation_period"])
+    assert re.search(
+        r'resource "google_kms_crypto_key_iam_member" "gcs_uses_data_key" \{.*?'
+        r'role\s*=\s*"roles/cloudkms\.cryptoKeyEncrypterDecrypter".*?'
+        r"data\.google_storage_project_service_account\.gcs\.email_address",
+        main,
+        re.DOTALL,
+    )
+
+
+def test_worker_jobs_match_the_launcher():
+    from shared.launchers import cloud_run
+
+    main = tf_text("main.tf")
+    assert 'worker_job_base = "${var.name_prefix}-worker"' in main
+    assert cloud_run.DEFAULT_JOB_NAME == "fedpipe-worker"
+    assert 'name                = "${local.worker_job_base}-${each.key}"' in main
+    assert f'name                = "${{local.worker_job_base}}-${{each.key}}{cloud_run.GPU_SUFFIX}"' in main
+    assert main.count(f'name  = "{cloud_run.CONTAINER_NAME}"') == 2
+    assert main.count("max_retries           = 0") == 2  # the job queue owns retries
+    assert "for_each            = var.gpu_worker_enabled ? var.nodes : {}" in main
+    assert re.search(r'default\s*=\s*false', declared_variables()["gpu_worker_enabled"])
+    assert re.search(r'default\s*=\s*"nvidia-l4"', declared_variables()["gpu_accelerator"])
+    assert "node_selector {\n        accelerator = var.gpu_accelerator" in main
+    # The env names the launcher reads are the ones infra sets.
+    for env_name in (cloud_run.ENV_JOB_NAME, cloud_run.ENV_NODE_REGIONS, "FEDPIPE_LAUNCHER"):
+        assert re.search(rf"^    {env_name}\s+= ", main, re.MULTILINE), env_name
+    assert 'FEDPIPE_LAUNCHER     = "cloud-run"' in main
+    assert 'role     = "roles/run.jobsExecutorWithOverrides"' in main
+
+
+def test_service_accounts_get_only_named_roles():
+    main = strip_comments(tf_text("main.tf"))
+    roles = set(re.findall(r'"(roles/[A-Za-z.]+)"', main))
+    assert roles == {
+        "roles/cloudkms.cryptoKeyEncrypterDecrypter",
+        "roles/storage.objectViewer",
+        "roles/storage.objectUser",
+        "roles/storage.objectCreator",
+        "roles/pubsub.publisher",
+        "roles/datastore.user",
+        "roles/eventarc.eventReceiver",
+        "roles/cloudbuild.builds.builder",
+        "roles/iam.serviceAccountTokenCreator",
+        "roles/eventarc.serviceAgent",
+        "roles/run.invoker",
+        "roles/run.jobsExecutorWithOverrides",
+    }
+    for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin"):
+        assert broad not in main
+    assert "google_service_account_key" not in main  # attached identities only
+
+
+def test_budget_and_alert_are_guarded_and_present():
+    main = tf_text("main.tf")
+    assert 'count           = var.billing_account == null ? 0 : 1' in main
+    assert re.search(r"default\s*=\s*null", declared_variables()["billing_account"])
+    assert 'resource "google_monitoring_alert_policy" "errors"' in main
+    assert 'metric.type = \\"run.googleapis.com/job/completed_execution_count\\"' in main
+
+
+def test_versions_pin_google_provider_6():
+    versions = tf_text("versions.tf")
+    assert re.search(r'source\s*=\s*"hashicorp/google"\s*\n\s*#[^\n]*\n\s*version\s*=\s*"~> 6\.\d+"', versions)
+
+
+# ---------------------------------------------------------------- HCL parsed
+
+
+def _unquote(value):
+    if isinstance(value, dict):
+        return {_unquote(k): _unquote(v) for k, v in value.items() if k != "__comments__"}
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, dict]:
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 parses the HCL")
+    out = {}
+    for path in sorted(INFRA.glob("*.tf")):
+        with path.open() as fh:
+            out[path.name] = _unquote(hcl2.load(fh))
+    return out
+
+
+def _resources(doc: dict) -> dict[tuple[str, str], dict]:
+    found = {}
+    for item in doc.get("resource", []):
+        for rtype, named in item.items():
+            for name, body in named.items():
+                found[(rtype, name)] = body
+    return found
+
+
+def test_every_tf_file_parses(parsed):
+    assert set(parsed) == {"main.tf", "outputs.tf", "variables.tf", "versions.tf"}
+
+
+def test_parsed_function_resource(parsed):
+    resources = _resources(parsed["main.tf"])
+    fn = resources[("google_cloudfunctions2_function", "fn")]
+    assert fn["for_each"] == "${local.triggers}"
+    (build,) = fn["build_config"]
+    assert build["entry_point"] == "${each.value.function}"
+    (trigger,) = fn["event_trigger"]
+    assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
+    (dynamic,) = trigger["dynamic"]
+    (content,) = dynamic["event_filters"]["content"]
+    assert set(content) - {"__is_block__"} == {"attribute", "value", "operator"}
+
+
+def test_parsed_resources_include_the_required_kinds(parsed):
+    kinds = {rtype for rtype, _ in _resources(parsed["main.tf"])}
+    assert {
+        "google_storage_bucket",
+        "google_kms_key_ring",
+        "google_kms_crypto_key",
+        "google_pubsub_topic",
+        "google_firestore_database",
+        "google_cloudfunctions2_function",
+        "google_cloud_run_v2_job",
+        "google_artifact_registry_repository",
+        "google_monitoring_alert_policy",
+        "google_billing_budget",
+        "google_service_account",
+        "google_storage_bucket_object",
+    } <= kinds
+    db = _resources(parsed["main.tf"])[("google_firestore_database", "db")]
+    assert db["type"] == "FIRESTORE_NATIVE"
+
+
+def test_parsed_variables_cover_the_render(parsed):
+    declared = {name for item in parsed["variables.tf"]["variable"] for name in item}
+    assert set(render(Settings())) <= declared
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_worker_dockerfile():
+    text = (REPO / "workers" / "trainer" / "Dockerfile").read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith(("#", " "))]
+    assert instructions[0] == "FROM python:3.11-slim"
+    assert any(re.match(r"RUN pip install \. ", line) for line in instructions)
+    users = [line for line in instructions if line.startswith("USER ")]
+    assert users and users[-1].split()[1].split(":")[0] not in ("0", "root")
+    assert instructions[-1] == 'ENTRYPOINT ["python", "-m", "workers.trainer"]'
+    # Only what the worker imports goes into the image (no functions/, tests/, emulators/).
+    copied = {line.split()[1] for line in instructions if line.startswith("COPY ")}
+    assert copied == {"pyproject.toml", "fedpipe/", "shared/", "workers/"}
