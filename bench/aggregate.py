@@ -23,7 +23,7 @@ Cases: N updates of P float32 params split over a few tensors like a real model
 * flower  ``flwr.server.strategy.aggregate.aggregate([(ndarrays, num_examples), ...])``.
 
 Throughput is bytes of updates read per aggregation (N * P * 4) / median wall time of
->= 3 runs. Peak extra memory is measured with tracemalloc (NumPy reports its buffers to
+several runs (9 small / 5 large; Flower 4 / 3). Peak extra memory is measured with tracemalloc (NumPy reports its buffers to
 it) on a separate, untimed run, relative to the already-loaded updates; for numpy it
 includes the stacked copy, which is what that approach needs.
 
@@ -173,37 +173,36 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
         row["ours_backends_rel_diff"] = rel_diff(results["numpy"], results["blas"])
 
     # ---- numpy: tensordot on the stacked [N, P] array (stacking not timed) ----
-    t0 = time.perf_counter()
-    stacked = np.empty((n, p), dtype=np.float32)
-    for i, u in enumerate(updates):
-        off = 0
-        for k in shapes:
-            size = u[k].size
-            stacked[i, off:off + size] = u[k].reshape(-1)
-            off += size
-    row["numpy_stack_s"] = time.perf_counter() - t0
+    def build_stacked() -> np.ndarray:
+        stacked = np.empty((n, p), dtype=np.float32)
+        for i, u in enumerate(updates):
+            off = 0
+            for k in shapes:
+                size = u[k].size
+                stacked[i, off : off + size] = u[k].reshape(-1)
+                off += size
+        return stacked
+
     w32 = (weights / weights.sum()).astype(np.float32)
+    t0 = time.perf_counter()
+    stacked = build_stacked()
+    row["numpy_stack_s"] = time.perf_counter() - t0
     t, out = median_time(lambda: np.tensordot(w32, stacked, axes=1), repeats)
     row["numpy_s"], row["numpy_gbps"] = t, nbytes / t / GB
     row["numpy_incl_stack_gbps"] = nbytes / (t + row["numpy_stack_s"]) / GB
     row["numpy_rel_diff_vs_ours"] = rel_diff(out, ref)
     print(f"   numpy        {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s  "
           f"(+{row['numpy_stack_s'] * 1e3:.0f} ms to stack, not timed)", flush=True)
-    del out
-
-    def numpy_with_stack():
-        s = np.stack([np.concatenate([u[k].reshape(-1) for k in shapes]) for u in updates])
-        return np.tensordot(w32, s, axes=1)
-
-    del stacked
+    del out, stacked
     gc.collect()
-    # Stacking one update at a time into a preallocated [N, P] buffer has the same peak: N*P*4.
-    row["numpy_peak_extra_bytes"] = peak_extra_bytes(numpy_with_stack)
+    # Filling a preallocated [N, P] buffer row by row: the least memory this approach needs.
+    row["numpy_peak_extra_bytes"] = peak_extra_bytes(lambda: np.tensordot(w32, build_stacked(), axes=1))
+    gc.collect()
 
     # ---- flower ----
     if flower_aggregate is not None:
         fl_in = [([u[k] for k in shapes], int(w)) for u, w in zip(updates, weights, strict=True)]
-        t, out = median_time(lambda: flower_aggregate(fl_in), repeats)
+        t, out = median_time(lambda: flower_aggregate(fl_in), max(3, repeats // 2))
         row["flower_s"], row["flower_gbps"] = t, nbytes / t / GB
         row["flower_rel_diff_vs_ours"] = rel_diff(flat(out), ref)
         print(f"   flower       {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
@@ -258,6 +257,7 @@ def machine() -> dict:
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "executable": sys.executable,
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -265,11 +265,13 @@ def main() -> None:
     mach = machine()
     print(f"machine: {mach['cpu_model']}, {mach['usable_cpus']} usable CPUs, {mach['platform']}, "
           f"numpy {mach['numpy']}, flwr {mach['flwr']}")
+    print(f"load average (other processes share these CPUs): {mach['loadavg_at_start']}")
     if mach["openblas_coretype"]:
         print(f"note: OPENBLAS_CORETYPE={mach['openblas_coretype']} is set: OpenBLAS (tensordot, and our "
               "saxpy) uses that kernel set instead of auto-detecting one; left as is.")
-    cases = [run_case("small", 10, shapes_small(), repeats=5), run_case("large", 100, shapes_large(), repeats=3)]
+    cases = [run_case("small", 10, shapes_small(), repeats=9), run_case("large", 100, shapes_large(), repeats=5)]
     big = cases[-1]
+    mach["loadavg_at_end"] = os.getloadavg()
     summary = {
         "ours_gbps": round(big["ours_gbps"], 3),
         "numpy_gbps": round(big["numpy_gbps"], 3),

@@ -27,6 +27,7 @@ class Endpoints:
     router_port: int
     function_ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    supervisor_pid: int | None = None  # the `fedpipe up`/`demo` process that owns the children
 
     def client_env(self) -> dict[str, str]:
         """What a client (ours, gcloud, a user's script) needs to talk to the local cloud."""

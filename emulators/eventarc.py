@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from shared.triggers import FIRESTORE_WRITTEN, PUBSUB_PUBLISHED
 
@@ -47,7 +47,7 @@ class OutgoingEvent:
 
 
 def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def storage_event(data: bytes, attributes: dict[str, str], message_id: str, publish_time: datetime) -> OutgoingEvent | None:

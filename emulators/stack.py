@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,13 +165,9 @@ class LocalCloud:
         provision.ensure_buckets(settings)
 
         self.on_step("starting functions")
-        source = Path(functions.__file__).parent / "main.py"
-        for name, port in ep.function_ports.items():
-            argv = ["functions-framework", "--target", name, "--source", str(source), "--port", str(port), "--host", "127.0.0.1"]
-            if opts.reload:
-                argv.append("--debug")
-            ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
-            self._spawn(f"function-{name}", [ff, *argv[1:]], {**env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name})
+        self._env = env
+        for name in ep.function_ports:
+            self.start_function(name, wait=False)
 
         self.on_step("starting trigger router (local Eventarc)")
         router_cfg = opts.router.model_copy(
@@ -184,8 +182,28 @@ class LocalCloud:
                 wait_ready(proc, http_ok(f"http://127.0.0.1:{port}/"), 60)
         wait_ready(router, http_ok(f"http://127.0.0.1:{ep.router_port}/healthz"), 60)
         ep.pids = {p.name: p.pid for p in self.processes if p.pid}
+        ep.supervisor_pid = os.getpid()
         ep.save()
         return ep
+
+    def start_function(self, name: str, wait: bool = True) -> ManagedProcess:
+        """One functions-framework process per function, like one Cloud Run service each."""
+        ep = self.endpoints
+        source = Path(functions.__file__).parent / "main.py"
+        ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
+        argv = [ff, "--target", name, "--source", str(source), "--port", str(ep.function_ports[name]), "--host", "127.0.0.1"]
+        if self.options.reload:
+            argv.append("--debug")
+        proc = self._spawn(f"function-{name}", argv, {**self._env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name})
+        if wait:
+            wait_ready(proc, http_ok(f"http://127.0.0.1:{ep.function_ports[name]}/"), 60)
+        return proc
+
+    def stop_function(self, name: str) -> None:
+        """Take one function down (its events are retried by the router until it is back)."""
+        for proc in [p for p in self.processes if p.name == f"function-{name}"]:
+            proc.stop()
+            self.processes.remove(proc)
 
     def stop(self) -> None:
         """Stop the functions' workers, then every child in reverse start order."""
@@ -211,14 +229,19 @@ def stop_workers(state_dir: Path) -> None:
             pass
 
 
-def stop_recorded(state_dir: Path) -> list[str]:
-    """`fedpipe down`: stop a stack started by another process, from its stack.json."""
+def stop_recorded(state_dir: Path, timeout_s: float = 20.0) -> list[str]:
+    """`fedpipe down`: ask the supervisor of a running stack to stop it, or stop its children ourselves."""
     ep = Endpoints.load(state_dir)
+    if ep.supervisor_pid and ep.supervisor_pid != os.getpid():
+        try:
+            os.kill(ep.supervisor_pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while ep.path.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except ProcessLookupError:
+            pass  # the supervisor is gone (killed hard): its children may live on
     stop_workers(Path(ep.state_dir))
-    stopped = []
-    for name, pid in reversed(list(ep.pids.items())):
-        kill_group(pid)
-        stopped.append(name)
+    for pid in ep.pids.values():
+        kill_group(pid, grace_s=2)
     ep.path.unlink(missing_ok=True)
-    return stopped
-
+    return list(ep.pids)

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -28,7 +28,7 @@ app.add_typer(events_app, name="events")
 console = Console()
 err = Console(stderr=True)
 
-StateDir = Annotated[Optional[Path], typer.Option(help="where the local cloud keeps logs and its endpoints [env FEDPIPE_STATE_DIR, default ./.fedpipe]")]
+StateDir = Annotated[Path | None, typer.Option(help="where the local cloud keeps logs and its endpoints [env FEDPIPE_STATE_DIR, default ./.fedpipe]")]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -161,7 +161,7 @@ def submit(
     seed: int = 0,
     max_attempts: int = 3,
     lease_seconds: float = 60.0,
-    job_id: Annotated[Optional[str], typer.Option(help="default: a new unique id")] = None,
+    job_id: Annotated[str | None, typer.Option(help="default: a new unique id")] = None,
     watch: bool = False,
 ) -> None:
     """Submit a training job by hand (validated; the data set must be complete)."""
@@ -186,7 +186,7 @@ def submit(
 
 
 @jobs_app.command("list")
-def jobs_list(limit: int = 20, status: Optional[JobStatus] = None) -> None:
+def jobs_list(limit: int = 20, status: JobStatus | None = None) -> None:
     """The newest jobs."""
     console.print(views.jobs_table(JobStore(context.db(), context.settings()).list(limit, status)))
 
@@ -257,7 +257,7 @@ def _deliveries():
 @events_app.command("tail")
 def events_tail(
     limit: int = 20,
-    status: Annotated[Optional[str], typer.Option(help="delivered, retrying or dead_lettered")] = None,
+    status: Annotated[str | None, typer.Option(help="delivered, retrying or dead_lettered")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
 ) -> None:
     """Recent deliveries: event, trigger, function, status, attempts."""

@@ -61,7 +61,7 @@ _MIN_PARALLEL = 1 << 19
 # NumPy has no fused multiply-add ufunc, so the NumPy backend needs two passes per block
 # (multiply into an L2-resident scratch, then add). The manylinux NumPy wheels (which is
 # what Cloud Functions installs) bundle OpenBLAS; its cblas_saxpy does the update in a
-# single multi-threaded pass and is ~1.3-2x faster (see bench/aggregate.py). It is found
+# single multi-threaded pass and is ~2x faster here (see bench/aggregate.py). It is found
 # by exact symbol name, checked against NumPy on a small array before first use, and any
 # failure falls back to the NumPy backend. FEDPIPE_AGG_BLAS=0 turns it off.
 # --------------------------------------------------------------------------------------
@@ -167,16 +167,17 @@ class StreamingMean:
     update is a plain copy, equal weights need no multiply at all, and one update gives
     back exactly its own values (bit for bit).
 
-    Memory: one accumulator the size of the model (one buffer), plus one 512 KiB scratch per thread
-    for the NumPy backend; nothing per update (an update that is not C-contiguous is
-    copied once, which is unavoidable for a blocked pass).
+    Memory: one accumulator the size of the model (a single buffer), plus one 512 KiB
+    scratch per thread for the NumPy backend; nothing per update (an update that is not
+    C-contiguous is copied once, which is unavoidable for a blocked pass).
 
     Backends: "blas" = fused saxpy from NumPy's bundled OpenBLAS (one pass, threaded by
     OpenBLAS); "numpy" = blocked ``np.multiply(out=scratch)`` + ``np.add(out=acc)`` split
     over ``threads`` threads (ufuncs release the GIL); "auto" = blas when available.
 
     Idempotency is handled by the caller, which must record the ids of the updates it
-    has added and never add the same one twice.
+    has added and never add the same one twice. One StreamingMean is not meant to be
+    fed from several threads at once (it parallelises each ``add`` internally).
     """
 
     def __init__(self, *, backend: str = "auto", threads: int | None = None) -> None:
@@ -221,15 +222,21 @@ class StreamingMean:
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
         arrays = self._validate(update)
+        alpha = w / self._w0 if (w > 0.0 and self._w0 > 0.0) else None
+        if alpha is not None:
+            with np.errstate(over="ignore", under="ignore"):
+                a32 = np.float32(alpha)
+            if not math.isfinite(float(a32)) or a32 == 0:
+                raise ValueError(f"weight {w!r} is too far from the first weight {self._w0!r} for float32")
         self._count += 1
         if w == 0.0:
             return
-        if self._w0 == 0.0:
+        if alpha is None:  # first update with positive weight: a plain copy
             for name in self._names:
                 np.copyto(self._acc[name], arrays[name].reshape(-1))
             self._w0 = w
         else:
-            self._axpy(w / self._w0, arrays)
+            self._axpy(alpha, arrays)
         self._total += w
 
     def result(self) -> Params:
@@ -411,10 +418,11 @@ class ServerOptimizer:
     raw ``mu``/``nu`` and the update with the paper's formula). v starts at ``v0``,
     default ``tau**2`` as the paper requires (``v_{-1} >= tau^2``); m starts at 0.
 
-    Defaults: beta1 = 0.9, beta2 = 0.99 are the values the paper fixes for all its
-    experiments (Sec. 5); server_lr = 1e-2 and tau = 1e-3 lie inside the paper's tuning
-    grids (its best tau is usually 1e-3) and match Flower's FedYogi defaults. server_lr
-    needs tuning per task (the paper's best values range from 1e-3 to 1).
+    Defaults: beta1 = 0.9, beta2 = 0.99 as in the paper's experiments (Sec. 5, which
+    fixes them and tunes only the learning rates and tau); server_lr = 1e-2 and
+    tau = 1e-3 are the same as Flower's FedYogi defaults (flwr.server.strategy.FedYogi,
+    eta=1e-2, tau=1e-3) and sit inside the paper's grids. Like the paper, tune
+    server_lr (and tau) per task: they matter far more than the betas.
 
     State is a flat dict of arrays (safetensors-friendly): ``"step"`` (int64, shape (1,))
     and, for the adaptive ones, ``"m/<name>"`` and ``"v/<name>"`` (float32 like params).

@@ -6,7 +6,7 @@ document can never make a worker run arbitrary code.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
@@ -53,7 +53,7 @@ def is_valid_transition(current: JobStatus, target: JobStatus) -> bool:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class DatasetRef(BaseModel, frozen=True):

@@ -127,7 +127,7 @@ class JobStore:
             reason = f"no heartbeat for {job.spec.lease_seconds:g}s while {job.status}"
             written = self.update(
                 job.id,
-                lambda j, a=job.attempt: retry_or_fail(j, now, reason) if j.attempt == a and is_lease_expired(j, now) else None,
+                lambda j, a=job.attempt, r=reason: retry_or_fail(j, now, r) if j.attempt == a and is_lease_expired(j, now) else None,
             )
             if written is not None:
                 reaped.append((written, job.attempt))

@@ -18,9 +18,5 @@ def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
     if kind == "cloud-run":
         from shared.launchers.cloud_run import CloudRunJobsLauncher
 
-        return CloudRunJobsLauncher(
-            project=env["GOOGLE_CLOUD_PROJECT"],
-            region=env.get("FEDPIPE_REGION", "us-central1"),
-            job_name=env.get("FEDPIPE_WORKER_JOB", "fedpipe-trainer"),
-        )
+        return CloudRunJobsLauncher.from_env(env)
     raise ValueError(f"FEDPIPE_LAUNCHER={kind!r}: expected 'local' or 'cloud-run'")

@@ -234,6 +234,11 @@ def test_bad_weights_and_empty_inputs_raise():
     for w in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="weight"):
             StreamingMean().add(u, w)
+    mean = StreamingMean()
+    mean.add(u, 1e-30)
+    with pytest.raises(ValueError, match="too far"):
+        mean.add(u, 1e30)
+    assert mean.count == 1
     with pytest.raises(ValueError, match="no tensors"):
         StreamingMean().add({}, 1)
     with pytest.raises(ValueError, match="'steps'"):

@@ -230,7 +230,7 @@ class Trainer:
                 continue
             history.append(self._metrics(loss_sum, correct, n))
             on_epoch(epoch, history[-1])
-        history.extend(self._metrics(l, c, n) for l, c in pending)
+        history.extend(self._metrics(loss, hits, n) for loss, hits in pending)
         return params, history
 
     @staticmethod

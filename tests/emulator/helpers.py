@@ -1,0 +1,68 @@
+"""Steps the emulator tests share: upload a data set, wait for its job, read deliveries."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from google.cloud import firestore
+
+from emulators.endpoints import DELIVERIES_COLLECTION
+from fedpipe.demo import upload_dataset
+from shared.jobs import Job, TrainSpec
+from shared.manifest import dataset_doc_id
+from tests.conftest import wait_for
+
+FAST_TRAIN = TrainSpec(model="mlp", epochs=15)
+
+
+def upload_digits(clients, dataset: str, node: str = "us", parts: int = 2, train: TrainSpec = FAST_TRAIN) -> list[str]:
+    return upload_dataset(clients.gcs, clients.settings, node, dataset, "digits", parts, train)
+
+
+def dataset_doc(clients, node: str, dataset: str) -> dict:
+    snap = clients.db.collection(clients.settings.datasets_collection).document(dataset_doc_id(node, dataset)).get()
+    return snap.to_dict() or {}
+
+
+def job_of_dataset(clients, dataset: str, node: str = "us", timeout_s: float = 60) -> str:
+    return wait_for(lambda: dataset_doc(clients, node, dataset).get("job_id"), timeout_s, f"a job for {node}/{dataset}")
+
+
+def wait_job(clients, job_id: str, statuses: set[str], timeout_s: float = 120) -> Job:
+    def probe() -> Job | None:
+        snap = clients.db.collection(clients.settings.jobs_collection).document(job_id).get()
+        if snap.exists and snap.get("status") in statuses:
+            return Job.from_doc(snap.id, snap.to_dict())
+        return None
+
+    return wait_for(probe, timeout_s, f"job {job_id} to reach {sorted(statuses)}")
+
+
+def jobs_for_dataset(clients, dataset: str) -> list[Job]:
+    docs = clients.db.collection(clients.settings.jobs_collection).where(
+        filter=firestore.FieldFilter("spec.dataset.dataset", "==", dataset)
+    ).stream()
+    return [Job.from_doc(d.id, d.to_dict()) for d in docs]
+
+
+def deliveries(clients, predicate=lambda r: True) -> list[dict]:
+    return [r for r in (d.to_dict() for d in clients.db.collection(DELIVERIES_COLLECTION).stream()) if predicate(r)]
+
+
+def event_mentions(record: dict, text: str) -> bool:
+    """Whether a delivery's subject or (decoded) body mentions `text`."""
+    import base64
+
+    body = base64.b64decode(record["event"]["body"])
+    if record["subject"] and text in record["subject"]:
+        return True
+    try:
+        message = json.loads(body).get("message", {})
+        return text in base64.b64decode(message.get("data", "")).decode(errors="replace")
+    except (ValueError, AttributeError):
+        return text.encode() in body
+
+
+def after(ts: datetime):
+    return lambda r: r["updated_at"] >= ts

@@ -1,0 +1,104 @@
+"""The reference chain end to end, through the real local cloud, plus duplicates and reordering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emulators.endpoints import REPLAY_TOPIC
+from shared.datasets import SPEC_OBJECT
+from shared.jobs import JobStatus, utcnow
+from tests.conftest import wait_for
+from tests.emulator.helpers import (
+    after, dataset_doc, deliveries, event_mentions, job_of_dataset, jobs_for_dataset, upload_digits, wait_job,
+)
+
+pytestmark = pytest.mark.emulator
+
+
+def test_upload_to_trained_model(cloud, clients):
+    from workers.trainer import weights
+    from workers.trainer.models import init_params
+
+    upload_digits(clients, "e2e", parts=2)
+    job = wait_job(clients, job_of_dataset(clients, "e2e"), {"completed", "failed"})
+
+    assert job.status is JobStatus.COMPLETED, job.error
+    assert [t.status for t in job.history] == ["pending", "scheduled", "running", "completed"]
+    assert job.results["accuracy"] >= 0.9
+    assert job.results["train_examples"] + job.results["test_examples"] == 1797
+    # Processed shards and manifest entries stay in the node's own bucket.
+    processed = [b.name for b in clients.gcs.list_blobs(clients.settings.processed_bucket("us"), prefix="e2e/")]
+    assert sum(n.endswith(".parquet") for n in processed) == 2
+    assert sum(n.endswith("manifest.json") for n in processed) == 2
+    assert list(clients.gcs.list_blobs(clients.settings.processed_bucket("eu"), prefix="e2e/")) == []
+    # The model is safetensors with exactly the shapes of the declared model.
+    uri = job.results["model_uri"].removeprefix("gs://")
+    bucket, name = uri.split("/", 1)
+    params, meta = weights.from_bytes(
+        clients.gcs.bucket(bucket).blob(name).download_as_bytes(),
+        expected=weights.spec_of(init_params("mlp", 64, 10, (64,), 0)),
+    )
+    assert meta["job"] == job.id
+    # Each raw upload was delivered once, as a production-shaped CloudEvent.
+    uploads = deliveries(clients, lambda r: r["trigger"] == "raw-upload-us" and r["subject"].startswith("objects/e2e/"))
+    assert sorted(r["subject"] for r in uploads) == ["objects/e2e/_dataset.json", "objects/e2e/part-0.csv", "objects/e2e/part-1.csv"]
+    assert {r["type"] for r in uploads} == {"google.cloud.storage.object.v1.finalized"}
+    assert {r["source"] for r in uploads} == {f"//storage.googleapis.com/projects/_/buckets/{clients.settings.raw_bucket('us')}"}
+
+
+def test_files_before_their_declaration_are_processed_when_it_lands(cloud, clients):
+    """Out-of-order uploads are normal: data first, declaration last."""
+    bucket = clients.gcs.bucket(clients.settings.raw_bucket("eu"))
+    upload_digits(clients, "late-spec-src", node="eu", parts=2)  # a complete copy to take the files from
+    job_of_dataset(clients, "late-spec-src", node="eu")
+    for name in ("part-0.csv", "part-1.csv"):
+        bucket.copy_blob(bucket.blob(f"late-spec-src/{name}"), bucket, f"late-spec/{name}")
+    wait_for(
+        lambda: len(list(clients.db.collection("datasets").document("eu~late-spec").collection("files").stream())) == 2,
+        30, "both files to be recorded as awaiting their declaration",
+    )
+    assert dataset_doc(clients, "eu", "late-spec") == {}
+    spec = bucket.blob(f"late-spec-src/{SPEC_OBJECT}").download_as_bytes()
+    bucket.blob(f"late-spec/{SPEC_OBJECT}").upload_from_string(spec)
+
+    job = wait_job(clients, job_of_dataset(clients, "late-spec", node="eu"), {"completed", "failed"})
+    assert job.status is JobStatus.COMPLETED
+    assert dataset_doc(clients, "eu", "late-spec")["rows"] == 1797
+
+
+def test_duplicate_deliveries_give_one_shard_one_job_one_launch(cloud, clients):
+    upload_digits(clients, "dup", parts=2)
+    job_id = job_of_dataset(clients, "dup")
+    wait_job(clients, job_id, {"completed"})
+    shards_before = sorted(b.name for b in clients.gcs.list_blobs(clients.settings.processed_bucket("us"), prefix="dup/"))
+
+    # Deliver every event of this chain a second time, with the same CloudEvent ids.
+    replayed_at = utcnow()
+    chain = deliveries(clients, lambda r: event_mentions(r, "dup") or job_id in r["subject"])
+    assert {r["trigger"] for r in chain} == {"raw-upload-us", "shard-ready", "job-written"}
+    topic = clients.publisher.topic_path(clients.settings.project, REPLAY_TOPIC)
+    for record in chain:
+        clients.publisher.publish(topic, json.dumps({"trigger": record["trigger"], "event": record["event"]}).encode()).result()
+    ids = {(r["trigger"], r["event_id"]) for r in chain}
+    wait_for(lambda: {(r["trigger"], r["event_id"]) for r in deliveries(clients, after(replayed_at))} >= ids, 60, "every replay to be delivered")
+
+    assert [j.id for j in jobs_for_dataset(clients, "dup")] == [job_id]
+    job = wait_job(clients, job_id, {"completed"})
+    assert [t.status for t in job.history].count("scheduled") == 1
+    assert len(list((Path(cloud.endpoints.state_dir) / "logs" / "jobs").glob(f"{job_id}.*.log"))) == 1
+    assert sorted(b.name for b in clients.gcs.list_blobs(clients.settings.processed_bucket("us"), prefix="dup/")) == shards_before
+    assert len(list(clients.db.collection("datasets").document("us~dup").collection("manifest").stream())) == 2
+
+
+def test_reupload_of_a_file_makes_a_new_version_and_job(cloud, clients):
+    upload_digits(clients, "reup", parts=2)
+    first = job_of_dataset(clients, "reup")
+    bucket = clients.gcs.bucket(clients.settings.raw_bucket("us"))
+    data = bucket.blob("reup/part-1.csv").download_as_bytes()
+    bucket.blob("reup/part-1.csv").upload_from_string(data)  # same bytes, new generation
+
+    second = wait_for(lambda: (j := dataset_doc(clients, "us", "reup").get("job_id")) != first and j, 60, "a second job")
+    assert {j.id for j in jobs_for_dataset(clients, "reup")} == {first, second}

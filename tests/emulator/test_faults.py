@@ -1,0 +1,143 @@
+"""Bad input, failing functions, poison events and dead workers: nothing lost, nothing corrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from google.api_core.exceptions import AlreadyExists
+
+from emulators.launcher import worker_pid_file
+from shared.datasets import SPEC_OBJECT, FeatureStats
+from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
+from shared.jobstore import JobStore
+from shared.manifest import ShardReady
+from tests.conftest import wait_for
+from tests.emulator.helpers import dataset_doc, deliveries, job_of_dataset, upload_digits, wait_job
+
+pytestmark = pytest.mark.emulator
+
+SPEC = {"features": ["a", "b"], "label": "y", "num_classes": 2, "expected_files": ["good.csv", "bad.csv"], "train": {"epochs": 5}}
+GOOD = b"a,b,y\n" + b"".join(f"{i},{i % 7},{i % 2}\n".encode() for i in range(40))
+
+
+def _quarantined(clients, source: str) -> list[dict]:
+    docs = clients.db.collection(clients.settings.quarantine_collection).stream()
+    return [d.to_dict() for d in docs if d.get("source") == source]
+
+
+def test_malformed_file_is_quarantined_once_and_the_data_set_recovers(cloud, clients):
+    bucket = clients.gcs.bucket(clients.settings.raw_bucket("us"))
+    bucket.blob(f"quar/{SPEC_OBJECT}").upload_from_string(json.dumps(SPEC))
+    bucket.blob("quar/good.csv").upload_from_string(GOOD)
+    bad = b"a,b,y\n1,2,0\n3,oops,1\n"
+    bucket.blob("quar/bad.csv").upload_from_string(bad)
+
+    source = f"gs://{bucket.name}/quar/bad.csv"
+    record = wait_for(lambda: _quarantined(clients, source), 30, "the bad file in quarantine")[0]
+    assert record["reason"] == "non_numeric"
+    assert "b" in record["detail"] and "row 2" in record["detail"]
+    copy_bucket, copy_name = record["copy"].removeprefix("gs://").split("/", 1)
+    assert copy_bucket == clients.settings.quarantine_bucket("us")
+    assert clients.gcs.bucket(copy_bucket).blob(copy_name).download_as_bytes() == bad  # kept, byte for byte
+    [delivery] = deliveries(clients, lambda r: r["subject"] == "objects/quar/bad.csv")
+    assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)  # acknowledged, never retried
+    assert dataset_doc(clients, "us", "quar")["status"] == "collecting"
+
+    # A corrected upload of the same name completes the data set.
+    bucket.blob("quar/bad.csv").upload_from_string(b"a,b,y\n1,2,0\n3,4,1\n")
+    job = wait_job(clients, job_of_dataset(clients, "quar"), {"completed", "failed"})
+    assert job.status is JobStatus.COMPLETED
+    assert dataset_doc(clients, "us", "quar")["rows"] == 42
+
+
+def test_invalid_declaration_is_quarantined(cloud, clients):
+    bucket = clients.gcs.bucket(clients.settings.raw_bucket("us"))
+    bucket.blob(f"badspec/{SPEC_OBJECT}").upload_from_string(json.dumps({**SPEC, "label": "a"}))
+    record = wait_for(lambda: _quarantined(clients, f"gs://{bucket.name}/badspec/{SPEC_OBJECT}"), 30, "the declaration in quarantine")[0]
+    assert record["reason"] == "bad_spec"
+    assert "also listed as a feature" in record["detail"]
+    assert dataset_doc(clients, "us", "badspec") == {}
+
+
+def test_a_function_that_is_down_gets_its_events_once_it_is_back(cloud, clients):
+    cloud.stop_function("on_raw_upload")
+    try:
+        bucket = clients.gcs.bucket(clients.settings.raw_bucket("us"))
+        bucket.blob(f"retry/{SPEC_OBJECT}").upload_from_string(json.dumps(SPEC))
+        wait_for(
+            lambda: [r for r in deliveries(clients, lambda r: r["subject"] == f"objects/retry/{SPEC_OBJECT}") if r["status"] == "retrying"],
+            30, "a failed first attempt",
+        )
+    finally:
+        cloud.start_function("on_raw_upload")
+    record = wait_for(
+        lambda: [r for r in deliveries(clients, lambda r: r["subject"] == f"objects/retry/{SPEC_OBJECT}") if r["status"] == "delivered"],
+        30, "delivery after the function came back",
+    )[0]
+    assert record["attempts"] >= 2
+    assert dataset_doc(clients, "us", "retry")["spec"]["label"] == "y"
+
+
+def test_poison_event_is_dead_lettered_after_max_attempts(cloud, clients):
+    settings = clients.settings
+    dlq = clients.subscriber.subscription_path(settings.project, "test-dead-letters")
+    try:
+        clients.subscriber.create_subscription(name=dlq, topic=clients.publisher.topic_path(settings.project, settings.dead_letter_topic))
+    except AlreadyExists:
+        pass
+    ghost = ShardReady(node="us", dataset="ghost", file="f.csv", generation=1, source="gs://x/ghost/f.csv", rows=1,
+                       shards=[], stats=FeatureStats(count=1, sum=[0.0], sumsq=[0.0], label_counts=[1, 0]))
+    topic = clients.publisher.topic_path(settings.project, settings.shard_ready_topic)
+    message_id = clients.publisher.publish(topic, ghost.model_dump_json().encode()).result()
+
+    record = wait_for(
+        lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == message_id) if r["status"] == "dead_lettered"],
+        60, "the poison event to be dead-lettered",
+    )[0]
+    assert record["attempts"] == cloud.options.router.retry.max_attempts
+    assert record["last_code"] == 500
+    pulled = clients.subscriber.pull(subscription=dlq, max_messages=10, timeout=10)
+    dead = [json.loads(m.message.data) for m in pulled.received_messages]
+    assert [d["event"]["headers"]["ce-id"] for d in dead if d["trigger"] == "shard-ready"] == [message_id]
+
+
+def test_malformed_message_is_acknowledged_not_retried(cloud, clients):
+    topic = clients.publisher.topic_path(clients.settings.project, clients.settings.shard_ready_topic)
+    message_id = clients.publisher.publish(topic, b"not json at all").result()
+    record = wait_for(lambda: deliveries(clients, lambda r: r["event_id"] == message_id), 30, "the delivery")[0]
+    assert (record["status"], record["attempts"]) == ("delivered", 1)
+
+
+def test_killed_worker_is_reaped_and_its_job_retried(cloud, clients):
+    upload_digits(clients, "reap", parts=1, train=TrainSpec(epochs=1))
+    wait_job(clients, job_of_dataset(clients, "reap"), {"completed"})
+    store = JobStore(clients.db, clients.settings)
+    spec = JobSpec(dataset=DatasetRef(node="us", dataset="reap"), train=TrainSpec(epochs=400), max_attempts=2, lease_seconds=2)
+    job = Job.new("reap-killed-worker", spec, utcnow())
+    assert store.create(job)
+
+    wait_for(lambda: (j := store.get(job.id)) and j.status is JobStatus.RUNNING and j.progress.get("epoch", 0) >= 1, 60, "attempt 1 training")
+    pid = int(worker_pid_file(Path(cloud.endpoints.state_dir), job.id, 1).read_text())
+    os.killpg(pid, signal.SIGKILL)
+
+    done = wait_job(clients, job.id, {"completed", "failed"}, timeout_s=120)
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.attempt == 2
+    statuses = [(t.status.value, t.attempt) for t in done.history]
+    assert statuses == [("pending", 1), ("scheduled", 1), ("running", 1), ("pending", 2), ("scheduled", 2), ("running", 2), ("completed", 2)]
+    assert "no heartbeat" in done.history[3].reason
+
+
+def test_job_that_keeps_dying_fails_after_its_attempt_limit(cloud, clients):
+    store = JobStore(clients.db, clients.settings)
+    # A data set that does not exist makes the worker fail fast with a clear error.
+    spec = JobSpec(dataset=DatasetRef(node="us", dataset="missing"), max_attempts=1)
+    job = Job.new("fails-cleanly", spec, utcnow())
+    assert store.create(job)
+    done = wait_job(clients, job.id, {"completed", "failed"})
+    assert done.status is JobStatus.FAILED
+    assert "not complete" in done.error
