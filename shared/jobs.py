@@ -141,6 +141,7 @@ def transition(job: Job, target: JobStatus, now: datetime, reason: str | None = 
     Going back to PENDING starts the next attempt; the caller decides whether
     attempts are left (see `retry_or_fail`).
     """
+    target = JobStatus(target)
     if not is_valid_transition(job.status, target):
         raise InvalidTransition(job.id, job.status, target)
     attempt = job.attempt + 1 if target is JobStatus.PENDING else job.attempt

@@ -34,8 +34,10 @@ def cloud(tmp_path_factory):
     saved = dict(os.environ)
     # Fast heartbeats and retries so lease and retry behaviour shows up in seconds.
     os.environ["FEDPIPE_HEARTBEAT_S"] = "0.3"
+    state_dir = Path(tmp_path_factory.mktemp("fedpipe-state"))
+    os.environ["FEDPIPE_STATE_DIR"] = str(state_dir)  # where CLI commands find this stack
     options = StackOptions(
-        state_dir=Path(tmp_path_factory.mktemp("fedpipe-state")),
+        state_dir=state_dir,
         router=RouterConfig(retry=RetryPolicy(min_backoff_s=0.3, max_backoff_s=2.0, max_attempts=6), reaper_interval_s=0.5),
     )
     with LocalCloud(options) as local:

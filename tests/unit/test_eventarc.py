@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -139,8 +139,6 @@ def test_pubsub_event_decodes_with_the_real_type():
 
 
 def test_rfc3339_converts_to_utc():
-    from datetime import timedelta
-
     local = datetime(2024, 5, 1, 12, 0, 5, 250000, tzinfo=timezone(timedelta(hours=2)))
     assert rfc3339(local) == "2024-05-01T10:00:05.250000Z"
 

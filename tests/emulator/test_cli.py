@@ -1,0 +1,119 @@
+"""The CLI as a user runs it: a separate process, against the running local cloud."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.datasets import SPEC_OBJECT
+from tests.conftest import wait_for
+from tests.emulator.helpers import deliveries, job_of_dataset, upload_digits, wait_job
+
+pytestmark = pytest.mark.emulator
+FEDPIPE = str(Path(sys.executable).parent / "fedpipe")
+
+
+def fedpipe(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [FEDPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "250", **(env or {})}
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_prints_the_endpoints_and_down_leaves_no_process(tmp_path):
+    state = tmp_path / "stack"
+    env = {**os.environ, "FEDPIPE_STATE_DIR": str(state), "COLUMNS": "250"}
+    up = subprocess.Popen([FEDPIPE, "up", "--no-reload"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        stack = wait_for(lambda: (state / "stack.json").exists() and json.loads((state / "stack.json").read_text()), 90, "fedpipe up")
+        pids = list(stack["pids"].values())
+        assert all(alive(p) for p in pids)
+        down = fedpipe("down", env={"FEDPIPE_STATE_DIR": str(state)})
+        assert down.returncode == 0, down.stderr
+        output, _ = up.communicate(timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 0
+    assert f"export STORAGE_EMULATOR_HOST=http://127.0.0.1:{stack['gcs_port']}" in output
+    assert f"export CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB=http://127.0.0.1:{stack['pubsub_port']}/" in output
+    assert "gs://fedpipe-local-us-raw" in output
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "every child of the stack to exit")
+    assert not (state / "stack.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud CLI not installed")
+def test_gcloud_storage_cp_sets_off_the_chain(cloud, clients, tmp_path):
+    exports = fedpipe("env")
+    assert exports.returncode == 0, exports.stderr
+    env = dict(line.removeprefix("export ").split("=", 1) for line in exports.stdout.splitlines())
+    spec = {"features": ["a", "b"], "label": "y", "num_classes": 2, "expected_files": ["data.csv"], "train": {"epochs": 3}}
+    (tmp_path / SPEC_OBJECT).write_text(json.dumps(spec))
+    (tmp_path / "data.csv").write_text("a,b,y\n" + "".join(f"{i},{i * 3 % 5},{i % 2}\n" for i in range(30)))
+    for name in (SPEC_OBJECT, "data.csv"):
+        cp = subprocess.run(
+            ["gcloud", "storage", "cp", str(tmp_path / name), f"gs://{clients.settings.raw_bucket('us')}/gcloud/{name}"],
+            capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
+        )
+        assert cp.returncode == 0, cp.stderr
+    job = wait_job(clients, job_of_dataset(clients, "gcloud"), {"completed", "failed"})
+    assert job.status == "completed"
+    assert job.results["train_examples"] + job.results["test_examples"] == 30
+
+
+def test_submit_watch_list_show(cloud, clients):
+    upload_digits(clients, "cli", parts=1)
+    job_of_dataset(clients, "cli")
+
+    bad = fedpipe("submit", "--node", "us", "--dataset", "cli", "--epochs", "0")
+    assert bad.returncode == 1
+    assert "invalid job" in bad.stderr and "epochs" in bad.stderr
+    missing = fedpipe("submit", "--node", "us", "--dataset", "nope")
+    assert missing.returncode == 1 and "not complete" in missing.stderr
+
+    run = fedpipe("submit", "--node", "us", "--dataset", "cli", "--epochs", "5", "--job-id", "cli-manual", "--watch")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "submitted cli-manual" in run.stdout and "completed" in run.stdout
+    assert fedpipe("submit", "--node", "us", "--dataset", "cli", "--job-id", "cli-manual").returncode == 1  # no duplicate ids
+
+    listed = fedpipe("jobs", "list", "--limit", "50")
+    assert "cli-manual" in listed.stdout
+    shown = json.loads(fedpipe("jobs", "show", "cli-manual", "--json").stdout)
+    assert shown["status"] == "completed" and shown["spec"]["train"]["epochs"] == 5
+    assert fedpipe("jobs", "show", "no-such-job").returncode == 1
+
+
+def test_quarantine_and_events_commands(cloud, clients):
+    upload_digits(clients, "cli-events", parts=1)
+    job_of_dataset(clients, "cli-events")
+    clients.gcs.bucket(clients.settings.raw_bucket("us")).blob("cli-events/stray.txt").upload_from_string(b"hello")
+    wait_for(lambda: "cli-events/stray.txt" in fedpipe("quarantine").stdout, 30, "the stray file in `fedpipe quarantine`")
+    assert "unexpected_file" in fedpipe("quarantine").stdout
+
+    tail = fedpipe("events", "tail", "--limit", "200")
+    assert tail.returncode == 0 and "objects/cli-events/_dataset.json" in tail.stdout
+
+    [record] = deliveries(clients, lambda r: r["subject"] == f"objects/cli-events/{SPEC_OBJECT}")
+    replay = fedpipe("events", "replay", record["event_id"])
+    assert replay.returncode == 0, replay.stderr
+    assert f"replaying {record['event_id']} to on_raw_upload" in replay.stdout
+    wait_for(
+        lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == record["event_id"]) if r["updated_at"] > record["updated_at"]],
+        30, "the replayed delivery",
+    )
+    time.sleep(0.5)
+    assert fedpipe("events", "replay", "no-such-event").returncode == 1
