@@ -11,8 +11,9 @@ It is complete when every file named in `expected_files` has been preprocessed.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, FiniteFloat, field_validator, model_validator
 
 from shared.jobs import TrainSpec
 
@@ -58,28 +59,69 @@ def split_object_name(name: str) -> tuple[str, str] | None:
 
 
 class FeatureStats(BaseModel, frozen=True):
-    """Sufficient statistics of a set of rows: merged exactly, in any order."""
+    """Per-feature count, mean and M2 (sum of squared deviations from the mean) of a set
+    of rows, plus its label counts.
 
-    count: int
-    sum: list[float]
-    sumsq: list[float]
-    label_counts: list[int]
+    Mean and M2 rather than raw sums and sums of squares: sumsq/count - mean**2 cancels
+    catastrophically when a feature's mean is large next to its spread (a constant column
+    at 98765.4321 came out with std 0.002, 1e8 + N(0, 1) with std 2). Files compute their
+    own mean and M2 in two passes; `merge` combines them with Chan et al.'s parallel
+    formula, which never subtracts two large, nearly equal quantities.
+
+    A file always has at least one row (empty files are rejected), so count >= 1 and
+    `merge` never divides by zero.
+    """
+
+    count: int = Field(ge=1)
+    mean: list[FiniteFloat]
+    m2: list[Annotated[FiniteFloat, Field(ge=0.0)]]
+    label_counts: list[Annotated[int, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _one_entry_per_feature(self) -> FeatureStats:
+        if len(self.mean) != len(self.m2):
+            raise ValueError(f"mean has {len(self.mean)} features but m2 has {len(self.m2)}")
+        return self
 
     def merge(self, other: FeatureStats) -> FeatureStats:
-        if len(self.sum) != len(other.sum) or len(self.label_counts) != len(other.label_counts):
+        """The statistics of both sets of rows (Chan, Golub & LeVeque's pairwise update).
+
+        The operands are put in a canonical order first (larger count first), so
+        a.merge(b) == b.merge(a) exactly, not just to rounding; merging many parts in a
+        different grouping agrees to rounding.
+        """
+        if len(self.mean) != len(other.mean) or len(self.label_counts) != len(other.label_counts):
             raise ValueError("cannot merge statistics of different schemas")
+        a, b = sorted((self, other), key=lambda s: (-s.count, s.mean, s.m2, s.label_counts))
+        n = a.count + b.count
+        mean, m2 = [], []
+        for mean_a, m2_a, mean_b, m2_b in zip(a.mean, a.m2, b.mean, b.m2):
+            delta = mean_b - mean_a
+            mean.append(mean_a + delta * (b.count / n))
+            m2.append(m2_a + m2_b + delta * delta * (a.count * b.count / n))
         return FeatureStats(
-            count=self.count + other.count,
-            sum=[a + b for a, b in zip(self.sum, other.sum)],
-            sumsq=[a + b for a, b in zip(self.sumsq, other.sumsq)],
-            label_counts=[a + b for a, b in zip(self.label_counts, other.label_counts)],
+            count=n,
+            mean=mean,
+            m2=m2,
+            label_counts=[x + y for x, y in zip(a.label_counts, b.label_counts)],
         )
 
     def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-feature mean and standard deviation (1.0 where a feature is constant)."""
-        mean = [s / self.count for s in self.sum]
+        """Per-feature mean and population standard deviation (1.0 where a feature is constant).
+
+        A feature counts as constant when var <= 1e-12 * max(1, 1e-12 * mean**2), i.e.
+        std <= max(1e-6, 1e-12 * |mean|):
+        - the absolute floor (std 1e-6) keeps near-zero-mean features that barely vary
+          from being blown up by standardization, as before;
+        - the relative part covers large constants: the two-pass mean and the merge are
+          exact only to a few float64 ulps of the mean (~1e-16 * |mean| times log2 of the
+          row count), so a truly constant column can show a spurious std of that size.
+          1e-12 * |mean| is thousands of ulps above that noise yet far below any real
+          spread (1e8 + N(0, 1) keeps its std of ~1).
+        Standardizing by 1.0 then only centres a constant feature.
+        """
         std = []
-        for s2, m in zip(self.sumsq, mean):
-            var = max(s2 / self.count - m * m, 0.0)
-            std.append(var**0.5 if var > 1e-12 else 1.0)
-        return mean, std
+        for m, m2 in zip(self.mean, self.m2):
+            var = m2 / self.count
+            std.append(1.0 if var <= 1e-12 * max(1.0, 1e-12 * m * m) else var**0.5)
+        return list(self.mean), std

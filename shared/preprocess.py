@@ -60,10 +60,13 @@ def preprocess_file(data: bytes, file_name: str, spec: DatasetSpec, max_bytes: i
         _check_no_nulls(table.column(column_name), column_name)
     columns = [_feature_values(table.column(f), f) for f in spec.features]
     labels = _label_values(table.column(spec.label), spec)
+    means = [float(c.mean(dtype=np.float64)) for c in columns]
     stats = FeatureStats(
         count=table.num_rows,
-        sum=[float(c.sum()) for c in columns],
-        sumsq=[float(np.square(c).sum()) for c in columns],  # pairwise sum, like sum
+        mean=means,
+        # Two passes (mean, then squared deviations from it): no cancellation when the
+        # mean is large next to the spread. Values are float64 and finite in float32.
+        m2=[float(np.square(c - m, dtype=np.float64).sum()) for c, m in zip(columns, means)],
         label_counts=np.bincount(labels, minlength=spec.num_classes).tolist(),
     )
     out = pa.table(

@@ -90,7 +90,7 @@ def test_poison_event_is_dead_lettered_after_max_attempts(cloud, clients):
     except AlreadyExists:
         pass
     ghost = ShardReady(node="us", dataset="ghost", file="f.csv", generation=1, source="gs://x/ghost/f.csv", rows=1,
-                       shards=[], stats=FeatureStats(count=1, sum=[0.0], sumsq=[0.0], label_counts=[1, 0]))
+                       shards=[], stats=FeatureStats(count=1, mean=[0.0], m2=[0.0], label_counts=[1, 0]))
     topic = clients.publisher.topic_path(settings.project, settings.shard_ready_topic)
     message_id = clients.publisher.publish(topic, ghost.model_dump_json().encode()).result()
 

@@ -20,10 +20,11 @@ SPEC = DatasetSpec(features=["f0", "f1"], label="y", num_classes=3, expected_fil
 
 
 def stats_of(x: np.ndarray, y: np.ndarray, num_classes: int = 3) -> FeatureStats:
+    mean = x.mean(axis=0)
     return FeatureStats(
         count=len(x),
-        sum=[float(v) for v in x.sum(axis=0)],
-        sumsq=[float(v) for v in np.square(x).sum(axis=0)],
+        mean=[float(v) for v in mean],
+        m2=[float(v) for v in np.square(x - mean).sum(axis=0)],
         label_counts=[int(v) for v in np.bincount(y, minlength=num_classes)],
     )
 
@@ -38,8 +39,8 @@ def entry(generation: int, stats: FeatureStats, name: str = "a.csv") -> dict:
     }
 
 
-STATS_A = FeatureStats(count=3, sum=[1.0, 2.0], sumsq=[3.0, 4.0], label_counts=[1, 1, 1])
-STATS_B = FeatureStats(count=5, sum=[10.0, -2.0], sumsq=[30.0, 40.0], label_counts=[2, 0, 3])
+STATS_A = FeatureStats(count=3, mean=[1.0, 2.0], m2=[3.0, 4.0], label_counts=[1, 1, 1])
+STATS_B = FeatureStats(count=5, mean=[10.0, -2.0], m2=[30.0, 40.0], label_counts=[2, 0, 3])
 
 
 def dataset_doc(**extra) -> dict:
@@ -72,7 +73,8 @@ def test_merged_stats_equals_a_merge_by_hand():
     files = {"b.csv": entry(2, STATS_B, "b.csv"), "a.csv": entry(1, STATS_A)}
     merged = merged_stats(files)
     assert merged == STATS_A.merge(STATS_B)
-    assert merged == FeatureStats(count=8, sum=[11.0, 0.0], sumsq=[33.0, 44.0], label_counts=[3, 1, 4])
+    # mean = (3*1 + 5*10)/8, (3*2 - 5*2)/8; m2 = m2_a + m2_b + delta**2 * 3*5/8 (all exact in binary)
+    assert merged == FeatureStats(count=8, mean=[6.625, -0.5], m2=[184.875, 74.0], label_counts=[3, 1, 4])
 
 
 def test_merged_stats_of_one_file_is_that_file():
@@ -222,26 +224,49 @@ def test_split_object_name(name, expected):
 # -- FeatureStats -------------------------------------------------------------
 
 
+def merge_all(parts: list[FeatureStats]) -> FeatureStats:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return total
+
+
 def test_merge_and_mean_std_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 3)) * [1.0, 50.0, 0.01] + [0.0, -3.0, 7.0]
     y = rng.integers(0, 3, size=100)
-    parts = [(x[:17], y[:17]), (x[17:60], y[17:60]), (x[60:], y[60:])]
-    merged = stats_of(*parts[0])
-    for px, py in parts[1:]:
-        merged = merged.merge(stats_of(px, py))
-    whole = stats_of(x, y)
+    merged = merge_all([stats_of(x[a:b], y[a:b]) for a, b in [(0, 17), (17, 60), (60, 100)]])
     assert merged.count == 100
     assert merged.label_counts == [int(v) for v in np.bincount(y, minlength=3)]
-    np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-12)
-    np.testing.assert_allclose(merged.sumsq, whole.sumsq, rtol=1e-12)
+    np.testing.assert_allclose(merged.mean, x.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(merged.m2, x.var(axis=0) * 100, rtol=1e-12)
     mean, std = merged.mean_std()
-    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-12)
 
 
 def test_merge_is_order_independent():
     assert STATS_A.merge(STATS_B) == STATS_B.merge(STATS_A)
+    rng = np.random.default_rng(1)
+    x = 1e4 + rng.normal(size=(120, 2)) * [1.0, 1e-2]
+    y = rng.integers(0, 3, size=120)
+    parts = [stats_of(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 60), (60, 101), (101, 120)]]
+    # Pairwise it is exact, equal counts included (parts 0 and 1 both have 30 rows).
+    for i in range(len(parts)):
+        for j in range(len(parts)):
+            assert parts[i].merge(parts[j]) == parts[j].merge(parts[i])
+    # Any order or grouping of several parts agrees to rounding: the part means carry
+    # errors of an ulp of |mean|, so m2 agrees to ~eps * |mean| / std (here ~1e-10).
+    reference = merge_all(parts)
+    orders = [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]]
+    results = [merge_all([parts[i] for i in order]) for order in orders]
+    results.append(parts[0].merge(parts[1]).merge(parts[2].merge(parts[3])))
+    results.append(parts[3].merge(parts[1]).merge(parts[0].merge(parts[2])))
+    for other in results:
+        assert other.count == reference.count and other.label_counts == reference.label_counts
+        np.testing.assert_allclose(other.mean, reference.mean, rtol=1e-15)
+        np.testing.assert_allclose(other.m2, reference.m2, rtol=1e-9)
+    np.testing.assert_allclose(reference.mean_std()[1], x.std(axis=0), rtol=1e-9)
 
 
 def test_constant_feature_has_std_one():
@@ -252,8 +277,68 @@ def test_constant_feature_has_std_one():
     assert std[1] == pytest.approx(np.arange(50.0).std())
 
 
+@pytest.mark.parametrize("value", [98765.4321, -3.3e7, 1e12, 0.0, 1e-9])
+def test_large_constant_feature_merged_from_halves_has_std_exactly_one(value):
+    """sumsq/n - mean**2 gave std 0.00195 for 1000 rows of 98765.4321."""
+    x = np.full((1000, 1), value)
+    y = np.zeros(1000, dtype=int)
+    halves = [stats_of(x[:500], y[:500]), stats_of(x[500:], y[500:])]
+    for merged in (halves[0].merge(halves[1]), halves[1].merge(halves[0])):
+        mean, std = merged.mean_std()
+        assert merged.count == 1000
+        assert mean[0] == pytest.approx(value, rel=1e-15)
+        assert std == [1.0]
+
+
+def test_large_mean_with_unit_spread_merged_from_three_parts_keeps_its_std():
+    """sumsq/n - mean**2 gave std 2.0 for 1e8 + N(0, 1)."""
+    rng = np.random.default_rng(3)
+    x = (1e8 + rng.normal(size=1000))[:, None]
+    y = rng.integers(0, 3, size=1000)
+    parts = [stats_of(x[a:b], y[a:b]) for a, b in [(0, 123), (123, 600), (600, 1000)]]
+    for merged in (merge_all(parts), merge_all(parts[::-1])):
+        mean, std = merged.mean_std()
+        assert mean[0] == pytest.approx(float(np.mean(x)), rel=1e-15)
+        assert std[0] == pytest.approx(float(np.std(x)), rel=1e-6)
+
+
+def test_small_spread_below_the_threshold_counts_as_constant():
+    # std 1e-7 around 0 (absolute floor 1e-6) and std 1e-5 around 1e8 (relative 1e-12 * |mean| = 1e-4).
+    tiny = FeatureStats(count=4, mean=[0.0, 1e8], m2=[4 * 1e-14, 4 * 1e-10], label_counts=[4, 0])
+    assert tiny.mean_std()[1] == [1.0, 1.0]
+    above = FeatureStats(count=4, mean=[0.0, 1e8], m2=[4 * 1e-10, 4 * 1e-6], label_counts=[4, 0])
+    np.testing.assert_allclose(above.mean_std()[1], [1e-5, 1e-3], rtol=1e-12)
+
+
 def test_merge_refuses_different_schemas():
     with pytest.raises(ValueError, match="different schemas"):
-        STATS_A.merge(FeatureStats(count=1, sum=[1.0], sumsq=[1.0], label_counts=[1, 0, 0]))
+        STATS_A.merge(FeatureStats(count=1, mean=[1.0], m2=[0.0], label_counts=[1, 0, 0]))
     with pytest.raises(ValueError, match="different schemas"):
-        STATS_A.merge(FeatureStats(count=1, sum=[1.0, 1.0], sumsq=[1.0, 1.0], label_counts=[1, 0]))
+        STATS_A.merge(FeatureStats(count=1, mean=[1.0, 1.0], m2=[0.0, 0.0], label_counts=[1, 0]))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"count": 0}, id="no-rows"),
+        pytest.param({"count": -1}, id="negative-count"),
+        pytest.param({"m2": [1.0]}, id="m2-shorter-than-mean"),
+        pytest.param({"m2": [-1.0, 0.0]}, id="negative-m2"),
+        pytest.param({"mean": [float("nan"), 0.0]}, id="nan-mean"),
+        pytest.param({"m2": [float("inf"), 0.0]}, id="inf-m2"),
+        pytest.param({"label_counts": [-1, 2]}, id="negative-label-count"),
+        pytest.param({"sum": [1.0, 2.0], "sumsq": [1.0, 4.0], "mean": None, "m2": None}, id="old-sum-sumsq-shape"),
+    ],
+)
+def test_invalid_stats_are_refused(changes):
+    fields = {"count": 1, "mean": [1.0, 2.0], "m2": [0.0, 0.0], "label_counts": [1, 0]}
+    fields.update(changes)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    with pytest.raises(ValidationError):
+        FeatureStats.model_validate(fields)
+
+
+def test_stats_survive_a_json_round_trip_exactly():
+    stats = stats_of(np.random.default_rng(4).normal(size=(7, 2)) + 98765.4321, np.array([0, 1, 2, 0, 1, 2, 0]))
+    assert FeatureStats.model_validate_json(stats.model_dump_json()) == stats
+    assert FeatureStats.model_validate(stats.model_dump()) == stats

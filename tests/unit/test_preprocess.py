@@ -90,17 +90,36 @@ def test_shard_schema_is_float32_features_then_int32_label() -> None:
     assert schema.types == [pa.float32()] * 3 + [pa.int32()]
 
 
-def test_stats_equal_numpy_sums() -> None:
+def test_stats_equal_numpy_mean_and_m2() -> None:
     table = make_table(10)
     stats = preprocess_file(to_csv(table), "a.csv", SPEC, MAX).stats
     x, y = xy(table)
     assert stats.count == 10
-    np.testing.assert_allclose(stats.sum, x.sum(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(stats.sumsq, (x * x).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.m2, x.var(axis=0) * 10, rtol=1e-12)
     assert stats.label_counts == np.bincount(y, minlength=3).tolist()
     mean, std = stats.mean_std()
-    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-9)
-    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-12)
+
+
+def test_stats_of_file_parts_merge_precisely_when_mean_dwarfs_spread() -> None:
+    """A constant column far from zero, and 1e8 + N(0, 1): sumsq/n - mean**2 got both wrong."""
+    rows = 999
+    rng = np.random.default_rng(7)
+    x = np.column_stack([np.full(rows, 98765.4321), 1e8 + rng.normal(size=rows), rng.normal(size=rows)])
+    y = rng.integers(0, 3, size=rows)
+    table = pa.table({"f0": x[:, 0], "f1": x[:, 1], "f2": x[:, 2], "y": y})
+    cuts = [(0, 300), (300, 700), (700, rows)]
+    parts = [preprocess_file(to_parquet(table.slice(a, b - a)), "a.parquet", SPEC, MAX).stats for a, b in cuts]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.count == rows
+    assert merged.label_counts == np.bincount(y, minlength=3).tolist()
+    mean, std = merged.mean_std()
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-13, atol=1e-15)
+    assert mean[0] == pytest.approx(98765.4321, rel=1e-15)
+    assert std[0] == 1.0
+    np.testing.assert_allclose(std[1:], x[:, 1:].std(axis=0), rtol=1e-6)
 
 
 def test_label_counts_has_num_classes_entries_even_when_classes_absent() -> None:
@@ -171,7 +190,8 @@ def test_messy_but_valid_csv_golden_file() -> None:
     x, y = read_shard(out.shards[0], spec)
     np.testing.assert_array_equal(x, np.array([[10, 0.5], [3, -2.25], [-0.125, 4]], np.float32))
     np.testing.assert_array_equal(y, [1, 0, 2])
-    assert out.stats.sum == [12.875, 2.25]
+    assert out.stats.mean == [12.875 / 3, 0.75]
+    assert out.stats.m2 == pytest.approx([(10 - 12.875 / 3) ** 2 + (3 - 12.875 / 3) ** 2 + (-0.125 - 12.875 / 3) ** 2, 19.625])
 
 
 def test_breast_cancer_data_set() -> None:
@@ -183,7 +203,8 @@ def test_breast_cancer_data_set() -> None:
     out = preprocess_file(to_csv(table), "bc.csv", spec, 10 * MAX)
     assert out.rows == 569 and len(out.shards) == 6
     assert out.stats.label_counts == [212, 357]
-    np.testing.assert_allclose(out.stats.sum, bunch.data.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(out.stats.mean, bunch.data.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(out.stats.m2, bunch.data.var(axis=0) * 569, rtol=1e-9)
     x = np.concatenate([read_shard(s, spec)[0] for s in out.shards])
     np.testing.assert_allclose(x, bunch.data, rtol=1e-6)
 
