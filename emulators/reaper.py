@@ -1,4 +1,5 @@
-"""The local stack's reaper: retries or fails jobs whose worker stopped heartbeating."""
+"""The local stack's timekeeper: reaps jobs whose worker stopped heartbeating, and closes
+federation rounds whose deadline passed (a scheduled function would do both in production)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import logging
 import threading
 from pathlib import Path
 
-from google.cloud import firestore
+from google.cloud import firestore, pubsub_v1, storage
 
 from emulators.launcher import worker_pid_file
 from emulators.processes import kill_group
 from shared.config import Settings
+from shared.hub import sweep_deadlines
+from shared.ingest import Services
 from shared.jobs import utcnow
 from shared.jobstore import JobStore
 
@@ -18,9 +21,15 @@ log = logging.getLogger("fedpipe.reaper")
 
 
 def run_reaper(settings: Settings, interval_s: float, state_dir: Path, stop: threading.Event) -> None:
-    store = JobStore(firestore.Client(project=settings.project), settings)
+    db = firestore.Client(project=settings.project)
+    store = JobStore(db, settings)
+    hub = Services(settings, db, storage.Client(project=settings.project), pubsub_v1.PublisherClient())
     while not stop.wait(interval_s):
         try:
+            # Rounds past their deadline close with a quorum, or fail the federation.
+            for outcome in sweep_deadlines(hub, utcnow()):
+                if "closed" in outcome or "failed" in outcome:
+                    log.warning("deadline sweep: %s", outcome)
             for job, lost_attempt in store.reap(utcnow()):
                 log.warning("job %s attempt %d lost its lease: now %s", job.id, lost_attempt, job.status)
                 # A hung worker may still be alive: make sure it cannot write results late.

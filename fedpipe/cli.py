@@ -24,7 +24,9 @@ app = typer.Typer(help="fedpipe: event-driven federated training on Google Cloud
 jobs_app = typer.Typer(help="Inspect and follow jobs.", no_args_is_help=True)
 events_app = typer.Typer(help="What the trigger router delivered, and replays.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+fed_app = typer.Typer(help="Federations: start one, follow its rounds, plot them.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+app.add_typer(fed_app, name="fed")
 console = Console()
 err = Console(stderr=True)
 
@@ -113,41 +115,70 @@ def env(state_dir: StateDir = None) -> None:
 def demo(
     state_dir: StateDir = None,
     dataset: Annotated[str, typer.Option(help="scikit-learn data set: digits, breast_cancer, wine, iris")] = "digits",
-    node: str = "us",
-    parts: Annotated[int, typer.Option(help="CSV files to split the data set into")] = 3,
-    model: str = "mlp",
-    epochs: int = 40,
-    timeout: float = 300.0,
+    single: Annotated[bool, typer.Option("--single", help="one node's chain only: upload -> preprocess -> job -> trained model")] = False,
+    rounds: int = 10,
+    local_epochs: int = 2,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam or fedyogi")] = "fedavg",
+    alpha: Annotated[float, typer.Option(help="Dirichlet label skew across nodes (smaller = more skewed)")] = 0.5,
+    model: Annotated[str, typer.Option(help="with --single: logreg or mlp")] = "mlp",
+    epochs: Annotated[int, typer.Option(help="with --single: training epochs")] = 40,
+    results: Annotated[Path, typer.Option(help="where plots and summaries are written")] = Path("results"),
+    timeout: float = 600.0,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary as the last line")] = False,
 ) -> None:
-    """Start the local cloud, drop a real data set into a raw bucket and follow the chain to a trained model."""
+    """Start the local cloud and run the whole thing on a real data set.
+
+    By default: the data set split non-IID across the us and eu nodes, each node
+    preprocessing its share in its own buckets, then a federation of N rounds, next to
+    a model trained centrally on the pooled data. With --single: one node's chain.
+    """
     from emulators.processes import StartupError
     from emulators.stack import LocalCloud
-    from fedpipe.demo import run_chain
 
-    try:
-        train = TrainSpec(model=model, epochs=epochs)
-    except ValidationError as exc:
-        raise _fail(str(exc)) from None
     started = time.monotonic()
     try:
         with LocalCloud(_options(state_dir, False, {}), on_step=lambda s: console.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {s}")) as cloud:
             console.print(f"[green]local cloud ready[/] in {time.monotonic() - started:.1f}s (logs in {cloud.endpoints.state_dir}/logs)")
             context.local_endpoints.cache_clear()
-            report = run_chain(context.db(), context.gcs(), context.settings(), console, node=node, dataset=dataset,
-                               source=dataset, parts=parts, train=train, timeout_s=timeout)
-    except StartupError as exc:
+            if single:
+                code, summary = _single_demo(dataset, model, epochs, timeout)
+            else:
+                code, summary = _federated_demo(dataset, rounds, local_epochs, strategy, alpha, results, timeout)
+    except (StartupError, ValidationError) as exc:
         raise _fail(str(exc)) from None
-    summary = report.to_json()
+    if json_out:
+        print(json.dumps(summary, default=str))
+    raise typer.Exit(code)
+
+
+def _single_demo(dataset: str, model: str, epochs: int, timeout: float) -> tuple[int, dict]:
+    from fedpipe.demo import run_chain
+
+    report = run_chain(context.db(), context.gcs(), context.settings(), console, node="us", dataset=dataset,
+                       source=dataset, parts=3, train=TrainSpec(model=model, epochs=epochs), timeout_s=timeout)
     if report.status == JobStatus.COMPLETED:
-        console.print(f"[green]completed[/]: held-out accuracy [bold]{summary['accuracy']:.4f}[/] on {report.results['test_examples']} examples; "
+        console.print(f"[green]completed[/]: held-out accuracy [bold]{report.results['accuracy']:.4f}[/] on {report.results['test_examples']} examples; "
                       f"upload -> running {report.timings_s.get('running:1', float('nan')):.2f}s, -> completed {report.timings_s.get('completed:1', float('nan')):.2f}s")
         console.print(f"model: {report.results['model_uri']}")
     else:
         err.print(f"[red]chain did not complete[/]: {report.status} {report.error or ''}")
-    if json_out:
-        print(json.dumps(summary, default=str))
-    raise typer.Exit(0 if report.status == JobStatus.COMPLETED else 1)
+    return (0 if report.status == JobStatus.COMPLETED else 1), report.to_json()
+
+
+def _federated_demo(dataset: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float) -> tuple[int, dict]:
+    from fedpipe.fed_demo import run_federated_demo
+
+    settings = context.settings()
+    report = run_federated_demo(context.db(), context.gcs(), settings, console, source=dataset, nodes=list(settings.nodes), rounds=rounds,
+                                local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout)
+    summary = report.to_json()
+    if report.status != "completed":
+        err.print(f"[red]federation {report.status}[/]: {report.error or ''}")
+        return 1, summary
+    console.print(f"[green]federation completed[/]: accuracy [bold]{report.federated_accuracy:.4f}[/] (federated, {len(report.nodes)} nodes) vs "
+                  f"[bold]{report.centralized_accuracy:.4f}[/] (centralized on pooled data): gap {summary['gap_points']:+.2f} points")
+    console.print(f"per-round plot: {report.plot}")
+    return 0, summary
 
 
 @app.command()
@@ -283,6 +314,66 @@ def events_replay(delivery_id: Annotated[str, typer.Argument(help="a delivery id
     data = json.dumps({"trigger": record["trigger"], "event": record["event"]}).encode()
     pub.publish(pub.topic_path(context.settings().project, REPLAY_TOPIC), data).result(timeout=30)
     console.print(f"replaying {record['event_id']} to {record['function']} (trigger {record['trigger']})")
+
+
+@fed_app.command("start")
+def fed_start(
+    config_file: Annotated[Path, typer.Argument(help="federation config (JSON), see README")],
+    watch: bool = False,
+) -> None:
+    """Start a federation: the config is dropped into the hub bucket, where the hub function picks it up."""
+    from shared.federation import FederationConfig
+
+    try:
+        config = FederationConfig.model_validate_json(config_file.read_text())
+    except (OSError, ValidationError) as exc:
+        raise _fail(f"invalid federation config {config_file}:\n{exc}") from None
+    from fedpipe.fed_demo import start_by_upload
+
+    console.print(f"requested federation [bold]{config.id}[/] at {start_by_upload(context.gcs(), context.settings(), config)}")
+    if watch:
+        fed_watch(config.id)
+
+
+@fed_app.command("show")
+def fed_show(fid: str) -> None:
+    """Per-round, per-node status and metrics of a federation."""
+    from fedpipe import fed_views
+
+    fed, rounds = fed_views.load(context.db(), context.settings(), fid)
+    if fed is None:
+        raise _fail(f"no federation {fid!r}")
+    if fed["status"] == "rejected":
+        raise _fail(f"federation {fid} was rejected: {fed['error']}")
+    console.print(fed_views.rounds_table(fed, rounds))
+    if fed.get("final"):
+        console.print(f"final accuracy {fed['final']['accuracy']:.4f}, model {fed['global_model_uri']}")
+    if fed.get("error"):
+        err.print(f"[red]{fed['error']}[/]")
+
+
+@fed_app.command("watch")
+def fed_watch(fid: str, timeout: float = 3600.0) -> None:
+    """Follow a federation round by round until it ends; exit 0 only if it completed."""
+    from fedpipe.fed_demo import watch_federation
+
+    fed = watch_federation(context.db(), context.settings(), fid, console, timeout)
+    if fed["status"] == "completed":
+        console.print(f"[green]completed[/]: accuracy {fed['final']['accuracy']:.4f}")
+        raise typer.Exit(0)
+    err.print(f"[red]federation {fed['status']}[/]: {fed.get('error', '')}")
+    raise typer.Exit(1)
+
+
+@fed_app.command("plot")
+def fed_plot(fid: str, out: Annotated[Path | None, typer.Option(help="PNG path")] = None) -> None:
+    """Write a PNG of the global model's accuracy and loss per round."""
+    from fedpipe import fed_views
+
+    fed, rounds = fed_views.load(context.db(), context.settings(), fid)
+    if not fed or not fed_views.history(rounds):
+        raise _fail(f"federation {fid!r} has no finished rounds yet")
+    console.print(f"wrote {fed_views.plot(fed, rounds, out or Path('results') / fid / 'rounds.png')}")
 
 
 def main() -> None:

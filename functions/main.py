@@ -5,14 +5,16 @@
 | on_raw_upload   | object finalized in a node's raw bucket   | shared.ingest.handle_raw_object |
 | on_shard_ready  | Pub/Sub topic shard-ready                 | shared.manifest.record_shards   |
 | on_job_written  | Firestore document jobs/{jobId} written   | shared.launch.launch_pending_job|
+| on_hub_upload   | object finalized in the hub bucket        | shared.hub.handle_hub_object    |
 """
 
 from shared import logs
 
 logs.configure()
 
+from functions.hub_upload import on_hub_upload  # noqa: E402
 from functions.job_written import on_job_written  # noqa: E402
 from functions.raw_upload import on_raw_upload  # noqa: E402
 from functions.shard_ready import on_shard_ready  # noqa: E402
 
-__all__ = ["on_job_written", "on_raw_upload", "on_shard_ready"]
+__all__ = ["on_hub_upload", "on_job_written", "on_raw_upload", "on_shard_ready"]

@@ -25,7 +25,7 @@ variable "nodes" {
 }
 
 variable "hub_bucket" {
-  description = "Bucket for weight updates and global models (Settings.hub_bucket)."
+  description = "Hub bucket: federation requests, weight updates and global models (Settings.hub_bucket)."
   type        = string
 }
 
@@ -33,6 +33,7 @@ variable "topics" {
   description = "Pub/Sub topic names (Settings.*_topic)."
   type = object({
     shard_ready = string
+    fed_rounds  = string
     dead_letter = string
   })
 }
@@ -40,9 +41,10 @@ variable "topics" {
 variable "collections" {
   description = "Firestore collection names (Settings.*_collection); informational, Firestore needs no declaration."
   type = object({
-    jobs       = string
-    datasets   = string
-    quarantine = string
+    jobs        = string
+    datasets    = string
+    quarantine  = string
+    federations = string
   })
 }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
 
 from pydantic import BaseModel, Field
 
@@ -21,7 +20,7 @@ class Settings(BaseModel, frozen=True):
     bucket_prefix: str = Field(default="", description="defaults to the project id")
     max_upload_bytes: int = 64 * 1024 * 1024
 
-    @cached_property
+    @property
     def _prefix(self) -> str:
         return self.bucket_prefix or self.project
 
@@ -55,12 +54,14 @@ class Settings(BaseModel, frozen=True):
 
     # Pub/Sub topics.
     shard_ready_topic: str = "shard-ready"
+    fed_rounds_topic: str = "fed-rounds"  # the hub's round broadcasts
     dead_letter_topic: str = "fedpipe-dead-letter"
 
     # Firestore collections.
     jobs_collection: str = "jobs"
     datasets_collection: str = "datasets"
     quarantine_collection: str = "quarantine"
+    federations_collection: str = "federations"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

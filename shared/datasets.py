@@ -30,6 +30,7 @@ class DatasetSpec(BaseModel, frozen=True):
     expected_files: list[str] = Field(min_length=1)
     shard_rows: int = Field(default=4096, ge=1)
     train: TrainSpec = TrainSpec()
+    train_on_complete: bool = Field(default=True, description="queue a training job when complete; false for data kept for federations")
 
     @field_validator("expected_files")
     @classmethod

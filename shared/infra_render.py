@@ -60,12 +60,14 @@ def render(settings: Settings) -> dict:
         "hub_bucket": settings.hub_bucket,
         "topics": {
             "shard_ready": settings.shard_ready_topic,
+            "fed_rounds": settings.fed_rounds_topic,
             "dead_letter": settings.dead_letter_topic,
         },
         "collections": {
             "jobs": settings.jobs_collection,
             "datasets": settings.datasets_collection,
             "quarantine": settings.quarantine_collection,
+            "federations": settings.federations_collection,
         },
         "settings_env": settings_env(settings),
         # One Eventarc trigger -> one deployed function (a function has one trigger).

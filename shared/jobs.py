@@ -68,18 +68,27 @@ class DatasetRef(BaseModel, frozen=True):
 class TrainSpec(BaseModel, frozen=True):
     """What to train. Validated on submit, so a bad job never reaches a worker."""
 
-    model: Literal["logreg", "mlp"] = "mlp"
+    model: Literal["logreg", "mlp", "cnn"] = "mlp"
     hidden: tuple[int, ...] = (64,)
     epochs: int = Field(default=30, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=1 << 16)
     learning_rate: float = Field(default=3e-3, gt=0, le=10)
     seed: int = 0
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    prox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal term; 0 = plain local training")
+
+
+class FederationRef(BaseModel, frozen=True):
+    """Set on a federation's per-node jobs: the worker follows the hub's rounds instead of training once."""
+
+    id: str
+    node: str
 
 
 class JobSpec(BaseModel, frozen=True):
     dataset: DatasetRef
     train: TrainSpec = TrainSpec()
+    federation: FederationRef | None = None
     accelerator: Literal["cpu", "gpu", "tpu"] = "cpu"
     max_attempts: int = Field(default=3, ge=1, le=20)
     lease_seconds: float = Field(default=60.0, gt=0, description="heartbeat patience")

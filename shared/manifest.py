@@ -59,9 +59,9 @@ def entry_of(ready: ShardReady) -> dict:
     }
 
 
-def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[dict, Job] | None:
-    """Pure: if every expected file is in and this content has no job yet, the data set's
-    new summary and its training job; else None."""
+def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[dict, Job | None] | None:
+    """Pure: if every expected file is in and this content is new, the data set's new
+    summary and its training job (None if the declaration asks for none); else None."""
     spec = DatasetSpec.model_validate(dataset["spec"])
     if not set(spec.expected_files) <= entries.keys():
         return None
@@ -71,12 +71,14 @@ def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[
         return None
     stats = merged_stats(files)
     node, name = dataset["node"], dataset["dataset"]
-    job = Job.new(f"train-{node}-{name}-{version}", JobSpec(dataset=DatasetRef(node=node, dataset=name), train=spec.train), now)
     summary = {
         "status": "complete", "version": version, "files": files, "stats": stats.model_dump(),
-        "rows": stats.count, "job_id": job.id, "completed_at": now, "updated_at": now,
+        "rows": stats.count, "completed_at": now, "updated_at": now,
     }
-    return summary, job
+    if not spec.train_on_complete:
+        return summary, None
+    job = Job.new(f"train-{node}-{name}-{version}", JobSpec(dataset=DatasetRef(node=node, dataset=name), train=spec.train), now)
+    return {**summary, "job_id": job.id}, job
 
 
 def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, now: datetime) -> tuple[bool, Job | None]:
@@ -107,6 +109,6 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
     if outcome is None:
         return changed, None
     summary, job = outcome
-    created = JobStore(db, settings).create(job)
+    created = job is not None and JobStore(db, settings).create(job)
     ds_ref.set(summary, merge=True)
     return changed, job if created else None

@@ -45,6 +45,13 @@ def triggers(settings: Settings) -> list[Trigger]:
     return [
         *raw_uploads,
         Trigger(
+            name="hub-upload",
+            function="on_hub_upload",
+            kind="storage",
+            event_type=STORAGE_FINALIZED,
+            bucket=settings.hub_bucket,
+        ),
+        Trigger(
             name="shard-ready",
             function="on_shard_ready",
             kind="pubsub",

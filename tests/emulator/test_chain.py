@@ -12,14 +12,21 @@ from shared.datasets import SPEC_OBJECT
 from shared.jobs import JobStatus, utcnow
 from tests.conftest import wait_for
 from tests.emulator.helpers import (
-    after, dataset_doc, deliveries, event_mentions, job_of_dataset, jobs_for_dataset, upload_digits, wait_job,
+    after,
+    dataset_doc,
+    deliveries,
+    event_mentions,
+    job_of_dataset,
+    jobs_for_dataset,
+    upload_digits,
+    wait_job,
 )
 
 pytestmark = pytest.mark.emulator
 
 
 def test_upload_to_trained_model(cloud, clients):
-    from workers.trainer import weights
+    from shared import weights
     from workers.trainer.models import init_params
 
     upload_digits(clients, "e2e", parts=2)

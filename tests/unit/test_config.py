@@ -90,7 +90,7 @@ def test_node_of_bucket():
 
 def test_one_storage_trigger_per_node_raw_bucket():
     s = Settings.from_env({"FEDPIPE_PROJECT": "acme", "FEDPIPE_NODES": "a, b, c"})
-    storage = [t for t in triggers(s) if t.kind == "storage"]
+    storage = [t for t in triggers(s) if t.kind == "storage" and t.function == "on_raw_upload"]
     assert [t.bucket for t in storage] == ["acme-a-raw", "acme-b-raw", "acme-c-raw"]
     assert [t.name for t in storage] == ["raw-upload-a", "raw-upload-b", "raw-upload-c"]
     assert all(t.function == "on_raw_upload" and t.event_type == STORAGE_FINALIZED for t in storage)
@@ -100,7 +100,9 @@ def test_one_storage_trigger_per_node_raw_bucket():
 def test_pubsub_and_firestore_triggers():
     s = Settings.from_env({})
     ts = triggers(s)
-    assert len(ts) == len(s.nodes) + 2
+    assert len(ts) == len(s.nodes) + 3
+    [hub] = [t for t in ts if t.function == "on_hub_upload"]
+    assert (hub.kind, hub.bucket, hub.event_type) == ("storage", s.hub_bucket, STORAGE_FINALIZED)
     pubsub = [t for t in ts if t.kind == "pubsub"]
     firestore = [t for t in ts if t.kind == "firestore"]
     assert len(pubsub) == 1 and len(firestore) == 1
@@ -117,7 +119,7 @@ def test_trigger_names_are_unique():
 
 def test_function_names_in_order_and_unique():
     names = function_names(Settings.from_env({"FEDPIPE_NODES": "a,b,c"}))
-    assert names == ["on_raw_upload", "on_shard_ready", "on_job_written"]
+    assert names == ["on_raw_upload", "on_hub_upload", "on_shard_ready", "on_job_written"]
 
 
 # -- RetryPolicy --------------------------------------------------------------

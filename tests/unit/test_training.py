@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from shared.jobs import TrainSpec
+from shared.weights import WeightsMismatch, from_bytes, spec_of, to_bytes
 from workers.trainer import models
 from workers.trainer.training import (
     TrainConfig,
@@ -26,7 +27,6 @@ from workers.trainer.training import (
     feature_stats,
     standardize,
 )
-from workers.trainer.weights import WeightsMismatch, from_bytes, spec_of, to_bytes
 
 pytestmark = pytest.mark.unit
 

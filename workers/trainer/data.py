@@ -29,8 +29,12 @@ def _read_uri(gcs: storage.Client, uri: str) -> bytes:
     return gcs.bucket(bucket).blob(name).download_as_bytes()
 
 
-def load_dataset(db: firestore.Client, gcs: storage.Client, settings: Settings, ref: DatasetRef, test_fraction: float, seed: int) -> Split:
-    """All shards of the data set's current version, standardized with its merged statistics.
+def load_dataset(
+    db: firestore.Client, gcs: storage.Client, settings: Settings, ref: DatasetRef, test_fraction: float, seed: int,
+    stats: FeatureStats | None = None,
+) -> Split:
+    """All shards of the data set's current version, standardized with its merged statistics
+    (or `stats`, e.g. a federation's statistics over every node).
 
     The held-out split is a seeded permutation, so every attempt of a job sees the same split.
     """
@@ -44,7 +48,7 @@ def load_dataset(db: firestore.Client, gcs: storage.Client, settings: Settings, 
     parts = [read_shard(b, spec) for b in blobs]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    mean, std = FeatureStats.model_validate(doc["stats"]).mean_std()
+    mean, std = (stats or FeatureStats.model_validate(doc["stats"])).mean_std()
     x = standardize(x, np.asarray(mean, np.float32), np.asarray(std, np.float32))
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = max(1, int(round(len(y) * test_fraction)))

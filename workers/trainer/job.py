@@ -16,11 +16,12 @@ import traceback
 
 from google.cloud import firestore, storage
 
+from shared import weights
 from shared.config import Settings
 from shared.jobs import Job, JobStatus, utcnow
 from shared.jobstore import JobStore
-from workers.trainer import weights
 from workers.trainer.data import load_dataset
+from workers.trainer.federated import run_federation
 from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.worker")
@@ -68,7 +69,10 @@ def run_job(job_id: str, attempt: int, settings: Settings, db: firestore.Client,
     started = time.monotonic()
     with Heartbeat(store, job, heartbeat_s) as beat:
         try:
-            results = train_and_evaluate(job, settings, db, gcs, beat)
+            if job.spec.federation is not None:
+                results = run_federation(job, settings, db, gcs, beat, AttemptLost)
+            else:
+                results = train_and_evaluate(job, settings, db, gcs, beat)
         except AttemptLost:
             log.warning("job %s attempt %d lost its lease; stopping", job_id, attempt)
             return None

@@ -13,29 +13,14 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from shared.model_spec import CNN_CHANNELS, CNN_DENSE, CNN_KERNEL, MODELS, image_side, pooled_side  # one definition of the shapes
+
 Params = dict[str, jax.Array]
-
-MODELS = ("logreg", "mlp", "cnn")
-
-# The FedAvg CNN (McMahan et al. 2017, "Communication-Efficient Learning of
-# Deep Networks from Decentralized Data"): 5x5 conv 32 -> pool -> 5x5 conv 64
-# -> pool -> dense 512 relu -> dense n_classes (softmax in the loss).
-CNN_CHANNELS = (32, 64)
-CNN_KERNEL = 5
-CNN_DENSE = 512
 
 
 def _check_model(model: str) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-
-
-def image_side(n_features: int) -> int:
-    """Side of the square single-channel image the cnn expects; ValueError if not square."""
-    side = math.isqrt(n_features) if n_features > 0 else 0
-    if side * side != n_features or side == 0:
-        raise ValueError(f"cnn needs a square single-channel image, but n_features={n_features} is not a perfect square")
-    return side
 
 
 def _dense(key: jax.Array, name: str, fan_in: int, fan_out: int) -> Params:
@@ -51,11 +36,6 @@ def _conv(key: jax.Array, name: str, size: int, c_in: int, c_out: int) -> Params
     return {f"{name}.kernel": kernel, f"{name}.bias": jnp.zeros((c_out,), jnp.float32)}
 
 
-def _pooled_side(side: int) -> int:
-    """Side after one 2x2/stride-2 'SAME' max pool (ceil, as with 'SAME')."""
-    return -(-side // 2)
-
-
 def _init_cnn(key: jax.Array, n_features: int, n_classes: int) -> Params:
     side = image_side(n_features)
     keys = jax.random.split(key, len(CNN_CHANNELS) + 2)
@@ -63,7 +43,7 @@ def _init_cnn(key: jax.Array, n_features: int, n_classes: int) -> Params:
     c_in = 1
     for i, c_out in enumerate(CNN_CHANNELS):
         params |= _conv(keys[i], f"conv_{i}", CNN_KERNEL, c_in, c_out)
-        c_in, side = c_out, _pooled_side(side)
+        c_in, side = c_out, pooled_side(side)
     flat = side * side * c_in
     params |= _dense(keys[-2], "dense_0", flat, CNN_DENSE)
     params |= _dense(keys[-1], "dense_1", CNN_DENSE, n_classes)

@@ -1,0 +1,75 @@
+"""Federation status for people: per-round, per-node tables and the accuracy/loss plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.cloud import firestore
+from rich.table import Table
+
+from shared.config import Settings
+
+
+def load(db: firestore.Client, settings: Settings, fid: str) -> tuple[dict | None, list[dict]]:
+    """The federation document and its rounds, each with its `updates` (node -> update) and `late` updates."""
+    ref = db.collection(settings.federations_collection).document(fid)
+    fed = ref.get().to_dict()
+    rounds = []
+    for snap in ref.collection("rounds").order_by("round").stream() if fed else []:
+        rd = snap.to_dict()
+        rd["updates"] = {u.id: u.to_dict() for u in snap.reference.collection("updates").stream()}
+        rd["late"] = [u.to_dict() for u in snap.reference.collection("late").stream()]
+        rounds.append(rd)
+    return fed, rounds
+
+
+def history(rounds: list[dict]) -> list[dict]:
+    """Accuracy and loss of the global model after each round (0 = the initial model)."""
+    return [rd["global_metrics"] for rd in rounds if rd.get("global_metrics")]
+
+
+def rounds_table(fed: dict, rounds: list[dict]) -> Table:
+    nodes = [n["name"] for n in fed["config"]["nodes"]]
+    table = Table("round", "kind", "status", *nodes, "global model (after previous round)", "note",
+                  title=f"federation {fed['config']['id']}: {fed['status']}, {fed['config']['strategy']}, round {fed['round']}")
+    for rd in rounds:
+        cells = []
+        for node in nodes:
+            update = rd["updates"].get(node)
+            if update is None:
+                cells.append("[dim]waiting[/]" if rd["status"] == "open" else "[red]missing[/]")
+            else:
+                m = update["metrics"]
+                train = f" train loss {m['train_loss']:.3f}" if "train_loss" in m else ""
+                cells.append(f"[green]✓[/] acc {m['global_accuracy']:.3f}{train}")
+        gm = rd.get("global_metrics")
+        late = f"; late: {', '.join(x['node'] for x in rd['late'])}" if rd.get("late") else ""
+        table.add_row(
+            str(rd["round"]), rd["kind"], rd["status"], *cells,
+            f"acc {gm['accuracy']:.4f} loss {gm['loss']:.4f}" if gm else "", (rd.get("reason") or "") + late,
+        )
+    return table
+
+
+def plot(fed: dict, rounds: list[dict], path: Path) -> Path:
+    """Accuracy and loss of the global model per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = history(rounds)
+    x = [h["round"] for h in points]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(x, [h["accuracy"] for h in points], marker="o")
+    acc_ax.set(title="global model accuracy (held-out, all nodes)", xlabel="round", ylabel="accuracy")
+    loss_ax.plot(x, [h["loss"] for h in points], marker="o", color="tab:red")
+    loss_ax.set(title="global model loss", xlabel="round", ylabel="cross-entropy")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"federation {fed['config']['id']} ({fed['config']['strategy']}, {len(fed['config']['nodes'])} nodes)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

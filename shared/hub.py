@@ -1,0 +1,315 @@
+"""The hub of a federation: start it, record node updates, close rounds, aggregate, broadcast.
+
+`handle_hub_object` is what happens when an object lands in the hub bucket:
+`requests/{id}.json` starts a federation, and an update under
+`federations/{id}/round-{r}/` is recorded in the round document. Once every node
+(or a quorum, after the deadline) has reported, `advance` aggregates the updates
+one at a time into a single accumulator (memory stays one model's size), writes the
+new global model, and opens and broadcasts the next round.
+
+Every step is safe to repeat: a node counts once per round, the global model of a
+round is written to a fixed path with the same bytes, and only the transaction
+that closes a round opens the next one, so no round is counted twice however often
+events arrive or the hub restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+from google.api_core.exceptions import AlreadyExists
+from google.cloud import firestore
+from pydantic import ValidationError
+
+from shared import weights
+from shared.aggregation import ServerOptimizer, StreamingMean
+from shared.datasets import DatasetSpec, FeatureStats
+from shared.federation import (
+    REQUEST_PATH,
+    UPDATE_PATH,
+    FederationConfig,
+    RoundStatus,
+    close_decision,
+    global_model_object,
+    new_round,
+    round_key,
+    server_state_object,
+    weighted_metrics,
+)
+from shared.ingest import RawObject, Services
+from shared.jobs import DatasetRef, FederationRef, Job, JobSpec
+from shared.jobstore import JobStore
+from shared.model_spec import param_spec
+
+log = logging.getLogger("fedpipe.hub")
+
+
+class FederationError(ValueError):
+    """The federation cannot start as declared (e.g. a node's data set is not complete)."""
+
+
+def fed_ref(svc: Services, fid: str) -> firestore.DocumentReference:
+    return svc.db.collection(svc.settings.federations_collection).document(fid)
+
+
+def round_ref(svc: Services, fid: str, r: int) -> firestore.DocumentReference:
+    return fed_ref(svc, fid).collection("rounds").document(round_key(r))
+
+
+def handle_hub_object(svc: Services, obj: RawObject, now: datetime) -> str:
+    if match := REQUEST_PATH.match(obj.name):
+        return start_from_request(svc, obj, match["fid"], now)
+    if match := UPDATE_PATH.match(obj.name):
+        return record_update(svc, obj, match["fid"], int(match["round"]), match["node"], int(match["attempt"]), now)
+    return "ignored: not a request or an update"  # e.g. the global models the hub writes itself
+
+
+def start_from_request(svc: Services, obj: RawObject, fid: str, now: datetime) -> str:
+    """A config dropped at requests/{id}.json; a bad one is recorded as rejected, never retried."""
+    data = svc.gcs.bucket(obj.bucket).blob(obj.name).download_as_bytes(if_generation_match=obj.generation)
+    try:
+        config = FederationConfig.model_validate_json(data)
+        if config.id != fid:
+            raise FederationError(f"the file is named {fid}.json but declares id {config.id!r}")
+        started = start_federation(svc, config, now)
+    except (ValidationError, FederationError) as exc:
+        reject(svc, fid, str(exc), now)
+        return f"rejected: {exc}"
+    return "started" if started else "duplicate: already started"
+
+
+def reject(svc: Services, fid: str, error: str, now: datetime) -> None:
+    ref = fed_ref(svc, fid)
+    if not ref.get().exists:
+        ref.set({"status": "rejected", "error": error, "created_at": now, "updated_at": now})
+
+
+def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats]:
+    """Check every node's data set is complete and of one schema; merge their statistics.
+
+    Only aggregate statistics (count, mean, M2 per feature) leave a node, so every
+    node standardizes with the same global mean and std, as centralized training would.
+    """
+    schemas, stats = set(), []
+    for node in config.nodes:
+        snap = svc.db.collection(svc.settings.datasets_collection).document(DatasetRef(node=node.name, dataset=node.dataset).id).get()
+        if not snap.exists or snap.get("status") != "complete":
+            raise FederationError(f"data set {node.name}/{node.dataset} is not complete")
+        spec = DatasetSpec.model_validate(snap.get("spec"))
+        schemas.add((tuple(spec.features), spec.num_classes))
+        stats.append(FeatureStats.model_validate(snap.get("stats")))
+    if len(schemas) != 1:
+        raise FederationError(f"the nodes' data sets differ in features or classes: {sorted(schemas)}")
+    (features, num_classes), = schemas
+    merged = stats[0]
+    for s in stats[1:]:
+        merged = merged.merge(s)
+    param_spec(config.model, len(features), num_classes, config.hidden)  # raises for e.g. a cnn on non-square data
+    return len(features), num_classes, merged
+
+
+def start_federation(svc: Services, config: FederationConfig, now: datetime) -> bool:
+    """Create the federation and round 1, one job per node, and broadcast round 1. False if it exists."""
+    try:
+        n_features, num_classes, stats = _node_inputs(svc, config)
+    except ValueError as exc:
+        raise FederationError(str(exc)) from exc
+    jobs = {
+        node.name: Job.new(
+            f"fed-{config.id}-{node.name}",
+            JobSpec(
+                dataset=DatasetRef(node=node.name, dataset=node.dataset), train=config.train_spec(),
+                federation=FederationRef(id=config.id, node=node.name),
+                max_attempts=config.max_attempts, lease_seconds=config.lease_seconds,
+            ),
+            now,
+        )
+        for node in config.nodes
+    }
+    doc = {
+        "config": config.model_dump(mode="json"), "status": "running", "round": 1, "n_features": n_features,
+        "num_classes": num_classes, "stats": stats.model_dump(), "global_model_uri": None,
+        "jobs": {name: job.id for name, job in jobs.items()}, "created_at": now, "updated_at": now,
+    }
+
+    @firestore.transactional
+    def create(transaction: firestore.Transaction) -> bool:
+        if fed_ref(svc, config.id).get(transaction=transaction).exists:
+            return False
+        transaction.create(fed_ref(svc, config.id), doc)
+        transaction.create(round_ref(svc, config.id, 1), new_round(config, 1, now))
+        return True
+
+    if not create(svc.db.transaction()):
+        return False
+    store = JobStore(svc.db, svc.settings)
+    for job in jobs.values():
+        store.create(job)
+    broadcast(svc, config.id, 1)
+    return True
+
+
+def broadcast(svc: Services, fid: str, r: int) -> None:
+    topic = svc.publisher.topic_path(svc.settings.project, svc.settings.fed_rounds_topic)
+    data = json.dumps({"federation": fid, "round": r}).encode()
+    svc.publisher.publish(topic, data, federation=fid, round=str(r)).result(timeout=30)
+
+
+def _round_parts(svc: Services, fid: str, r: int) -> tuple[firestore.CollectionReference, firestore.CollectionReference, firestore.DocumentReference]:
+    """A round's update documents (one per node), late updates, and its close marker."""
+    ref = round_ref(svc, fid, r)
+    return ref.collection("updates"), ref.collection("late"), ref.collection("outcome").document("close")
+
+
+def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, attempt: int, now: datetime) -> str:
+    """Count a node's update once in its round; an update after the round closed is refused as late.
+
+    Each node's update is its own document, created once (a duplicate event finds it
+    there), so nodes reporting together never contend for one document.
+    """
+    blob = svc.gcs.bucket(obj.bucket).get_blob(obj.name)
+    meta = (blob.metadata if blob else None) or {}
+    try:
+        update = {
+            "node": node, "object": f"gs://{obj.bucket}/{obj.name}", "generation": obj.generation, "attempt": attempt,
+            "examples": int(meta["examples"]), "metrics": json.loads(meta["metrics"]), "at": now,
+        }
+    except (KeyError, ValueError) as exc:
+        log.error("update %s lacks its metadata (%s); refused", obj.name, exc)
+        return "refused: no examples/metrics metadata"
+    round_doc = round_ref(svc, fid, r).get().to_dict()
+    if round_doc is None:
+        return "refused: unknown round"
+    if node not in round_doc["expected"]:
+        return f"refused: {node} is not in federation {fid}"
+    updates, late, marker = _round_parts(svc, fid, r)
+
+    def refuse_late() -> str:
+        late.document(f"{node}-a{attempt}").set(update)
+        return f"late: round {r} is closed"
+
+    if round_doc["status"] != RoundStatus.OPEN or marker.get().exists:
+        return refuse_late()
+    try:
+        updates.document(node).create(update)
+    except AlreadyExists:
+        return f"duplicate; {advance(svc, fid, r, now)}"
+    closing = marker.get()
+    if closing.exists and node not in closing.get("participants"):
+        return refuse_late()  # the round closed between our check and our write
+    return f"recorded; {advance(svc, fid, r, now)}"
+
+
+def _download(svc: Services, uri: str) -> bytes:
+    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    return svc.gcs.bucket(bucket).blob(name).download_as_bytes()
+
+
+def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -> str:
+    """The global model after training round r, written once to a fixed path; returns its URI."""
+    config = FederationConfig.model_validate(fed["config"])
+    fid = config.id
+    hub = svc.gcs.bucket(svc.settings.hub_bucket)
+    target = hub.blob(global_model_object(fid, r))
+    uri = f"gs://{hub.name}/{target.name}"
+    if target.exists():
+        return uri  # an earlier try of this round wrote it (same inputs, same bytes)
+    expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
+    acc = StreamingMean()
+    for node in sorted(participants):  # one update in memory at a time
+        update = participants[node]
+        params, _ = weights.from_bytes(_download(svc, update["object"]), expected=expected)
+        acc.add(params, float(update["examples"]))
+        del params
+    averaged = acc.result()
+    new_global = averaged
+    if config.strategy in ("fedadam", "fedyogi") and r > 1:
+        # Round 1 has no previous global model at the hub (nodes start from the shared seed),
+        # so the server optimizer steps from round 2 on.
+        previous, _ = weights.from_bytes(_download(svc, fed["global_model_uri"]), expected=expected)
+        state_blob = hub.blob(server_state_object(fid, r - 1))
+        state = weights.from_bytes(state_blob.download_as_bytes())[0] if state_blob.exists() else None
+        optimizer = ServerOptimizer(config.strategy, server_lr=config.server_lr)
+        new_global, state = optimizer.step(previous, averaged, state)
+        hub.blob(server_state_object(fid, r)).upload_from_string(weights.to_bytes(state, {"federation": fid, "round": str(r)}))
+    target.upload_from_string(weights.to_bytes(new_global, {"federation": fid, "round": str(r)}), content_type="application/octet-stream")
+    return uri
+
+
+def advance(svc: Services, fid: str, r: int, now: datetime) -> str:
+    """Close round r if it may close now, then open round r+1 or complete the federation.
+
+    The first caller to decide creates the round's close marker, which fixes the
+    participants; anyone (a retried event, the deadline sweep) may then finish the
+    close from the marker. Every finishing write is idempotent, and the federation
+    only moves from round r to r+1 once (a guarded transaction).
+    """
+    fed = fed_ref(svc, fid).get().to_dict()
+    round_doc = round_ref(svc, fid, r).get().to_dict()
+    if not fed or not round_doc or fed.get("status") != "running" or fed.get("round") != r:
+        return "nothing to do"
+    config = FederationConfig.model_validate(fed["config"])
+    updates, _, marker = _round_parts(svc, fid, r)
+    closing = marker.get().to_dict()
+    if closing is None:
+        reported = {snap.id: snap.to_dict() for snap in updates.stream()}
+        decision = close_decision(round_doc, list(reported), config.quorum, now)
+        if decision is None:
+            return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported"
+        status, reason = decision
+        try:
+            marker.create({"status": status.value, "reason": reason, "participants": sorted(reported), "at": now})
+        except AlreadyExists:
+            pass  # someone else decided first; finish with their decision
+        closing = marker.get().to_dict()
+    return _finish_close(svc, fed, config, round_doc, closing, now)
+
+
+def _finish_close(svc: Services, fed: dict, config: FederationConfig, round_doc: dict, closing: dict, now: datetime) -> str:
+    fid, r = config.id, round_doc["round"]
+    updates, _, _ = _round_parts(svc, fid, r)
+    participants = {node: updates.document(node).get().to_dict() for node in closing["participants"]}
+    status, training = RoundStatus(closing["status"]), round_doc["kind"] == "train"
+    round_update: dict = {"status": status.value, "closed_at": closing["at"], "reason": closing["reason"], "participants": closing["participants"]}
+    fed_update: dict = {"updated_at": now}
+    if status is RoundStatus.FAILED:
+        fed_update |= {"status": "failed", "error": closing["reason"]}
+    else:
+        # Each node evaluated the model it received: the global model after round r-1.
+        round_update["global_metrics"] = {"round": r - 1, **weighted_metrics(participants, "global_")}
+        if training:
+            round_update["train_metrics"] = weighted_metrics(participants, "train_")
+            fed_update |= {"round": r + 1, "global_model_uri": aggregate(svc, fed, r, participants)}
+        else:
+            fed_update |= {"status": "completed", "final": round_update["global_metrics"], "completed_at": now}
+    round_ref(svc, fid, r).update(round_update)
+    if status is RoundStatus.CLOSED and training:
+        try:
+            round_ref(svc, fid, r + 1).create(new_round(config, r + 1, now))
+        except AlreadyExists:
+            pass
+
+    @firestore.transactional
+    def move_on(transaction: firestore.Transaction) -> bool:
+        current = fed_ref(svc, fid).get(transaction=transaction).to_dict()
+        if current["status"] != "running" or current["round"] != r:
+            return False
+        transaction.update(fed_ref(svc, fid), fed_update)
+        return True
+
+    if not move_on(svc.db.transaction()):
+        return f"round {r} already closed"
+    if status is RoundStatus.FAILED:
+        return f"federation failed: {closing['reason']}"
+    if training:
+        broadcast(svc, fid, r + 1)
+        return f"round {r} closed ({closing['reason']}); round {r + 1} broadcast"
+    return f"federation completed ({closing['reason']})"
+
+
+def sweep_deadlines(svc: Services, now: datetime) -> list[str]:
+    """Close rounds whose deadline passed (with quorum) or fail them; run periodically."""
+    running = svc.db.collection(svc.settings.federations_collection).where(filter=firestore.FieldFilter("status", "==", "running")).stream()
+    return [f"{snap.id}: {advance(svc, snap.id, snap.get('round'), now)}" for snap in running]

@@ -1,0 +1,121 @@
+"""A node's worker in a federation: launched once, it trains every round without restarting.
+
+It follows the hub's rounds through the federation document, woken by the round
+broadcasts on Pub/Sub (and, should a broadcast be missed, by a short poll). Each
+round it evaluates the global model it received on its own held-out split, trains
+from it on its own shards only, and uploads the weights with its example count to
+the hub. The Trainer is built once, so rounds after the first reuse the compiled
+step. A relaunched worker picks up whatever round is current.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from google.api_core.exceptions import AlreadyExists
+from google.cloud import firestore, pubsub_v1, storage
+
+from shared import weights
+from shared.config import Settings
+from shared.datasets import FeatureStats
+from shared.federation import FederationConfig, round_key, update_object
+from shared.jobs import Job
+from workers.trainer.data import load_dataset
+from workers.trainer.training import TrainConfig, Trainer
+
+log = logging.getLogger("fedpipe.worker.federated")
+POLL_S = 2.0  # fallback when a broadcast is missed: the federation document is the truth
+
+
+class RoundBroadcasts:
+    """Wakes the worker when the hub broadcasts a round of its federation."""
+
+    def __init__(self, settings: Settings, fid: str, node: str) -> None:
+        self.fid = fid
+        self.subscriber = pubsub_v1.SubscriberClient()
+        path = self.subscriber.subscription_path(settings.project, f"fed-{fid}-{node}")
+        try:
+            topic = self.subscriber.topic_path(settings.project, settings.fed_rounds_topic)
+            self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=30)
+        except AlreadyExists:
+            pass
+        self._wake = threading.Event()
+        self._future = self.subscriber.subscribe(path, self._on_message)
+
+    def _on_message(self, message) -> None:
+        message.ack()
+        if message.attributes.get("federation") == self.fid:
+            self._wake.set()
+
+    def wait(self, timeout_s: float) -> None:
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    def close(self) -> None:
+        self._future.cancel()
+
+
+def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: storage.Client, beat, lost_error: type[Exception]) -> dict:
+    """Train every round of the job's federation; returns the final results once it completes."""
+    ref = job.spec.federation
+    fed_ref = db.collection(settings.federations_collection).document(ref.id)
+    fed = fed_ref.get().to_dict()
+    config = FederationConfig.model_validate(fed["config"])
+    spec = job.spec.train
+    split = load_dataset(db, gcs, settings, job.spec.dataset, spec.test_fraction, spec.seed, FeatureStats.model_validate(fed["stats"]))
+    trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
+    initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
+    expected = weights.spec_of(initial)
+    hub = gcs.bucket(settings.hub_bucket)
+    broadcasts = RoundBroadcasts(settings, ref.id, ref.node)
+    done: set[int] = set()
+    try:
+        while True:
+            if beat.lost.is_set():
+                raise lost_error(job.id)
+            fed = fed_ref.get().to_dict()
+            if fed["status"] != "running":
+                if fed["status"] == "completed":
+                    return {"federation": ref.id, "rounds": config.rounds, **fed["final"], "global_model_uri": fed["global_model_uri"]}
+                raise RuntimeError(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
+            r = fed["round"]
+            round_ref = fed_ref.collection("rounds").document(round_key(r))
+            round_doc = round_ref.get().to_dict()
+            reported = r in done or round_ref.collection("updates").document(ref.node).get().exists
+            if reported or round_doc is None or round_doc["status"] != "open":
+                broadcasts.wait(POLL_S)
+                continue
+            train_round(job, config, fed, round_doc, trainer, split, initial, expected, hub, gcs, beat, lost_error)
+            done.add(r)
+    finally:
+        broadcasts.close()
+
+
+def train_round(job, config, fed, round_doc, trainer, split, initial, expected, hub, gcs, beat, lost_error) -> None:
+    ref, r = job.spec.federation, round_doc["round"]
+    if fed["global_model_uri"]:
+        bucket, name = fed["global_model_uri"].removeprefix("gs://").split("/", 1)
+        global_params, _ = weights.from_bytes(gcs.bucket(bucket).blob(name).download_as_bytes(), expected=expected)
+    else:
+        global_params = initial
+    evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
+    metrics = {"global_accuracy": evaluated["accuracy"], "global_loss": evaluated["loss"], "test_examples": evaluated["examples"]}
+    evaluate_only = round_doc["kind"] == "evaluate"
+    if evaluate_only:
+        payload, content_type = json.dumps(metrics).encode(), "application/json"
+    else:
+        def on_epoch(epoch: int, m: dict) -> None:
+            beat.progress = {"round": r, "rounds": config.rounds, "epoch": epoch + 1, "epochs": config.local_epochs, **m}
+            if beat.lost.is_set():
+                raise lost_error(job.id)
+
+        params, history = trainer.fit(global_params, split.x_train, split.y_train, on_epoch=on_epoch, global_params=global_params)
+        metrics |= {"train_loss": history[-1]["loss"], "train_accuracy": history[-1]["accuracy"]}
+        payload = weights.to_bytes(params, {"federation": ref.id, "round": str(r), "node": ref.node})
+        content_type = "application/octet-stream"
+    blob = hub.blob(update_object(ref.id, r, ref.node, job.attempt, evaluate_only))
+    blob.metadata = {"examples": str(len(split.y_train)), "metrics": json.dumps(metrics)}
+    blob.upload_from_string(payload, content_type=content_type)
+    log.info("federation %s round %d: %s uploaded (%s)", ref.id, r, "evaluation" if evaluate_only else "update", metrics)
