@@ -61,7 +61,7 @@ def test_render_names_every_bucket_topic_collection_and_trigger():
     assert out["hub_bucket"] == "acme-hub"
     assert out["topics"] == {"shard_ready": "shard-ready", "fed_rounds": "fed-rounds", "dead_letter": "fedpipe-dead-letter"}
     assert out["collections"] == {"jobs": "jobs", "datasets": "datasets", "quarantine": "quarantine", "federations": "federations"}
-    assert [t["name"] for t in out["triggers"]] == ["raw-upload-us", "raw-upload-eu", "raw-upload-ch", "shard-ready", "job-written"]
+    assert [t["name"] for t in out["triggers"]] == ["raw-upload-us", "raw-upload-eu", "raw-upload-ch", "hub-upload", "shard-ready", "job-written"]
     assert out["triggers"][2] == {
         "name": "raw-upload-ch",
         "function": "on_raw_upload",
