@@ -71,8 +71,9 @@ def test_render_names_every_bucket_topic_collection_and_trigger():
         "topic": None,
         "document": None,
     }
-    assert out["triggers"][3]["topic"] == "shard-ready" and out["triggers"][3]["event_type"] == PUBSUB_PUBLISHED
-    assert out["triggers"][4]["document"] == "jobs/{jobId}" and out["triggers"][4]["event_type"] == FIRESTORE_WRITTEN
+    assert out["triggers"][3]["bucket"] == "acme-hub" and out["triggers"][3]["function"] == "on_hub_upload"
+    assert out["triggers"][4]["topic"] == "shard-ready" and out["triggers"][4]["event_type"] == PUBSUB_PUBLISHED
+    assert out["triggers"][5]["document"] == "jobs/{jobId}" and out["triggers"][5]["event_type"] == FIRESTORE_WRITTEN
     # Every bucket Settings knows is created by infra, and no other.
     rendered_buckets = {b for n in out["nodes"].values() for b in n.values()} | {out["hub_bucket"]}
     assert rendered_buckets == set(s.all_buckets())
