@@ -21,13 +21,14 @@ from pydantic import BaseModel, Field, model_validator
 
 from shared.jobs import TrainSpec
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-UPDATE_PATH = re.compile(r"^federations/(?P<fid>[a-z0-9-]+)/round-(?P<round>\d{4})/(?P<node>[A-Za-z0-9_-]+)-a(?P<attempt>\d+)\.(?P<kind>safetensors|json)$")
-REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9-]+)\.json$")
+# Anchored with \Z: `$` would also accept a trailing newline.
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+UPDATE_PATH = re.compile(r"^federations/(?P<fid>[a-z0-9][a-z0-9-]*)/round-(?P<round>\d{4})/(?P<node>[A-Za-z0-9_-]+)-a(?P<attempt>\d+)\.(?P<kind>safetensors|json)\Z")
+REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9][a-z0-9-]*)\.json\Z")
 
 
 class FedNode(BaseModel, frozen=True):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")  # it appears in update object names (UPDATE_PATH)
     dataset: str
 
 

@@ -190,6 +190,9 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         late.document(f"{node}-a{attempt}").set(update)
         return f"late: round {r} is closed"
 
+    counted = updates.document(node).get()
+    if counted.exists and counted.get("object") == update["object"]:
+        return f"duplicate; {advance(svc, fid, r, now)}"  # the same upload delivered again
     if round_doc["status"] != RoundStatus.OPEN or marker.get().exists:
         return refuse_late()
     try:

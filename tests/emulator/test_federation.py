@@ -1,0 +1,167 @@
+"""Federations on the real local cloud: rounds, quorum, faults, duplicates and late updates."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from emulators.endpoints import REPLAY_TOPIC
+from emulators.launcher import worker_pid_file
+from fedpipe import fed_views
+from fedpipe.fed_demo import start_by_upload, upload_node_shares, wait_datasets, watch_federation
+from shared import weights
+from shared.federation import FederationConfig, global_model_object
+from shared.jobs import utcnow
+from tests.conftest import wait_for
+from tests.emulator.helpers import after, deliveries, wait_job
+
+pytestmark = pytest.mark.emulator
+QUIET = Console(file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def shares(cloud, clients):
+    """digits split non-IID across us and eu, preprocessed in each node's own buckets."""
+    split = upload_node_shares(clients.gcs, clients.settings, ["us", "eu"], "fed-digits", "digits", alpha=0.5, seed=0)
+    wait_datasets(clients.db, clients.settings, ["us", "eu"], "fed-digits", 60)
+    return split
+
+
+def federation(fid: str, **overrides) -> FederationConfig:
+    base = {"id": fid, "nodes": [{"name": "us", "dataset": "fed-digits"}, {"name": "eu", "dataset": "fed-digits"}],
+            "rounds": 3, "local_epochs": 2, "round_deadline_s": 60, "lease_seconds": 30}
+    return FederationConfig.model_validate({**base, **overrides})
+
+
+def run(clients, config: FederationConfig, timeout_s: float = 180) -> tuple[dict, list[dict]]:
+    start_by_upload(clients.gcs, clients.settings, config)
+    watch_federation(clients.db, clients.settings, config.id, QUIET, timeout_s)
+    return fed_views.load(clients.db, clients.settings, config.id)
+
+
+def read(clients, uri: str) -> bytes:
+    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    return clients.gcs.bucket(bucket).blob(name).download_as_bytes()
+
+
+def test_two_nodes_three_rounds_with_warm_workers(cloud, clients, shares):
+    fed, rounds = run(clients, federation("fed-e2e"))
+
+    assert fed["status"] == "completed", fed.get("error")
+    assert [(rd["round"], rd["kind"], rd["status"]) for rd in rounds] == [
+        (1, "train", "closed"), (2, "train", "closed"), (3, "train", "closed"), (4, "evaluate", "closed")]
+    assert all(rd["participants"] == ["eu", "us"] and rd["reason"] == "all 2 nodes reported" for rd in rounds)
+    history = fed_views.history(rounds)
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["accuracy"] == fed["final"]["accuracy"] > 0.85
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.5  # it learned
+    assert history[-1]["examples"] == sum(round(0.2 * s["rows"]) for s in shares.values())
+
+    # The hub's round-1 model is the example-weighted mean of the two uploaded updates.
+    updates = rounds[0]["updates"]
+    params = {n: weights.from_bytes(read(clients, u["object"]))[0] for n, u in updates.items()}
+    counts = {n: u["examples"] for n, u in updates.items()}
+    assert counts == {n: s["rows"] - round(0.2 * s["rows"]) for n, s in shares.items()}
+    hub = clients.gcs.bucket(clients.settings.hub_bucket)
+    global_1, _ = weights.from_bytes(hub.blob(global_model_object("fed-e2e", 1)).download_as_bytes())
+    for name, value in global_1.items():
+        expected = sum(params[n][name] * counts[n] for n in params) / sum(counts.values())
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+    # One worker process per node for the whole federation, each completed with the final result.
+    for node in ("us", "eu"):
+        job = wait_job(clients, f"fed-fed-e2e-{node}", {"completed", "failed"})
+        assert job.status == "completed" and job.attempt == 1
+        assert job.results["accuracy"] == fed["final"]["accuracy"]
+        assert len(list((Path(cloud.endpoints.state_dir) / "logs" / "jobs").glob(f"{job.id}.*.log"))) == 1
+    # Only weights and metrics reached the hub: no rows of anyone's data.
+    assert not [b.name for b in hub.list_blobs(prefix="federations/fed-e2e/") if b.name.endswith((".csv", ".parquet"))]
+
+
+def test_duplicate_and_late_updates_change_nothing(cloud, clients, shares):
+    fed, rounds = run(clients, federation("fed-dups", rounds=2))
+    assert fed["status"] == "completed"
+    hub = clients.gcs.bucket(clients.settings.hub_bucket)
+    global_gen = hub.get_blob(global_model_object("fed-dups", 1)).generation
+
+    # Every update event of round 1 delivered again, with the same CloudEvent ids.
+    replayed_at = utcnow()
+    round_1 = deliveries(clients, lambda r: r["subject"].startswith("objects/federations/fed-dups/round-0001/"))
+    assert len(round_1) == 2
+    topic = clients.publisher.topic_path(clients.settings.project, REPLAY_TOPIC)
+    for record in round_1:
+        clients.publisher.publish(topic, json.dumps({"trigger": record["trigger"], "event": record["event"]}).encode()).result()
+    wait_for(lambda: len(deliveries(clients, lambda r: r in round_1 or (after(replayed_at)(r) and r["subject"].startswith("objects/federations/fed-dups/round-0001/")))) >= 2
+             and all(r["updated_at"] > replayed_at for r in deliveries(clients, lambda r: r["subject"].startswith("objects/federations/fed-dups/round-0001/"))),
+             30, "both replays")
+
+    # A node uploading to a closed round is refused and recorded as late.
+    late = hub.blob("federations/fed-dups/round-0001/us-a9.safetensors")
+    late.metadata = {"examples": "10", "metrics": json.dumps({"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5})}
+    late.upload_from_string(hub.blob(global_model_object("fed-dups", 1)).download_as_bytes())
+    wait_for(lambda: fed_views.load(clients.db, clients.settings, "fed-dups")[1][0]["late"], 30, "the late update to be recorded")
+
+    fed_after, rounds_after = fed_views.load(clients.db, clients.settings, "fed-dups")
+    assert [rd["participants"] for rd in rounds_after] == [rd["participants"] for rd in rounds]
+    assert len(rounds_after) == 3 and fed_after["final"] == fed["final"]
+    assert [x["node"] for x in rounds_after[0]["late"]] == ["us"]
+    assert hub.get_blob(global_model_object("fed-dups", 1)).generation == global_gen  # not re-aggregated
+
+
+def test_node_lost_mid_federation_round_completes_with_quorum(cloud, clients, shares):
+    # The deadline leaves room for both workers to start (JAX import, data, compile) on 2 cores.
+    config = federation("fed-quorum", rounds=1, min_nodes=1, round_deadline_s=12, max_attempts=1, lease_seconds=5)
+    start_by_upload(clients.gcs, clients.settings, config)
+    eu_job = wait_job(clients, "fed-fed-quorum-eu", {"running"}, timeout_s=60)
+    os.killpg(int(worker_pid_file(Path(cloud.endpoints.state_dir), eu_job.id, 1).read_text()), signal.SIGKILL)
+
+    fed = watch_federation(clients.db, clients.settings, "fed-quorum", QUIET, 120)
+    assert fed["status"] == "completed", fed.get("error")
+    _, rounds = fed_views.load(clients.db, clients.settings, "fed-quorum")
+    assert [rd["participants"] for rd in rounds] == [["us"], ["us"]]
+    assert rounds[0]["reason"] == "deadline passed with 1 of 2 nodes (quorum 1)"
+    eu = wait_job(clients, eu_job.id, {"failed"}, timeout_s=30)
+    assert "no heartbeat" in eu.error
+
+
+def test_round_without_quorum_fails_the_federation_with_its_reason(cloud, clients, shares):
+    config = federation("fed-noquorum", rounds=2, round_deadline_s=12, max_attempts=1, lease_seconds=5)
+    start_by_upload(clients.gcs, clients.settings, config)
+    eu_job = wait_job(clients, "fed-fed-noquorum-eu", {"running"}, timeout_s=60)
+    os.killpg(int(worker_pid_file(Path(cloud.endpoints.state_dir), eu_job.id, 1).read_text()), signal.SIGKILL)
+
+    fed = watch_federation(clients.db, clients.settings, "fed-noquorum", QUIET, 120)
+    assert fed["status"] == "failed"
+    assert fed["error"] == "round 1: 1 of 2 nodes reported by the deadline; quorum is 2"
+    us = wait_job(clients, "fed-fed-noquorum-us", {"completed", "failed"}, timeout_s=30)
+    assert us.status == "failed" and "federation fed-noquorum failed" in us.error
+
+
+def test_hub_down_mid_federation_resumes_without_counting_a_round_twice(cloud, clients, shares):
+    config = federation("fed-resume", rounds=3)
+    start_by_upload(clients.gcs, clients.settings, config)
+    wait_for(lambda: (clients.db.collection("federations").document("fed-resume").get().to_dict() or {}).get("round", 0) >= 2, 90, "round 2")
+    cloud.stop_function("on_hub_upload")
+    time.sleep(1.5)  # updates of the open round pile up as retried deliveries
+    cloud.start_function("on_hub_upload")
+    fed = watch_federation(clients.db, clients.settings, "fed-resume", QUIET, 120)
+    assert fed["status"] == "completed", fed.get("error")
+    _, rounds = fed_views.load(clients.db, clients.settings, "fed-resume")
+    assert [rd["round"] for rd in rounds] == [1, 2, 3, 4]
+    assert all(rd["participants"] == ["eu", "us"] for rd in rounds)
+
+
+def test_invalid_request_is_rejected_with_a_reason(cloud, clients, shares):
+    config = federation("fed-bad", nodes=[{"name": "us", "dataset": "no-such-data"}])
+    start_by_upload(clients.gcs, clients.settings, config)
+    fed = wait_for(lambda: clients.db.collection("federations").document("fed-bad").get().to_dict(), 30, "the rejection")
+    assert fed["status"] == "rejected"
+    assert fed["error"] == "data set us/no-such-data is not complete"
