@@ -24,8 +24,10 @@ from workers.trainer.training import (
     TrainConfig,
     Trainer,
     _masked_batches,
+    epoch_order,
     feature_stats,
     standardize,
+    step_loop_for,
 )
 
 pytestmark = pytest.mark.unit
@@ -141,11 +143,56 @@ def test_fit_is_deterministic_in_seed(mlp: Trainer, digits) -> None:
 
 
 def test_every_example_is_used_each_epoch_ragged_batch_masked() -> None:
-    order = jax.random.permutation(jax.random.key(0), 203)
+    order = epoch_order(0, 0, 203)
     idx, mask = _masked_batches(order, 30, 4)  # 7 batches of 30 (+2 pad rows each for 4 devices)
-    assert idx.shape == mask.shape == (7, 32)
-    assert sorted(np.asarray(idx)[np.asarray(mask)].tolist()) == list(range(203))
-    assert int(mask[-1].sum()) == 203 - 6 * 30
+    assert idx.shape == mask.shape == (7, 32) and idx.dtype == np.int32 and mask.dtype == bool
+    assert sorted(idx[mask].tolist()) == list(range(203))
+    assert idx[mask].tolist() == order.tolist()  # batches follow the epoch's order
+    assert int(mask[-1].sum()) == 203 - 6 * 30 and not mask[:, 30:].any() and not idx[~mask].any()
+
+
+def test_epoch_order_is_a_host_permutation_fixed_by_seed_and_epoch() -> None:
+    a = epoch_order(0, 0, 1000)
+    assert isinstance(a, np.ndarray) and sorted(a.tolist()) == list(range(1000))
+    assert np.array_equal(a, epoch_order(0, 0, 1000))  # deterministic
+    assert not np.array_equal(a, epoch_order(0, 1, 1000))  # reshuffled every epoch
+    assert not np.array_equal(a, epoch_order(1, 0, 1000))  # and per seed
+    assert sorted(epoch_order(-3, 0, 10).tolist()) == list(range(10))  # any int seed
+
+
+def test_epoch_mode_is_a_step_loop_only_for_conv_models_on_cpu() -> None:
+    cnn, mlp_cfg = TrainConfig(model="cnn"), TrainConfig(model="mlp")
+    assert step_loop_for(cnn, 784, 10, "cpu") and step_loop_for(cnn, 64, 10, "cpu")
+    assert not step_loop_for(cnn, 784, 10, "gpu") and not step_loop_for(cnn, 784, 10, "tpu")
+    assert not step_loop_for(mlp_cfg, 64, 10, "cpu") and not step_loop_for(TrainConfig(model="logreg"), 64, 10, "cpu")
+    assert Trainer(cnn, 64, 10, devices=jax.devices("cpu")).step_loop
+    assert not Trainer(mlp_cfg, 64, 10, devices=jax.devices("cpu")).step_loop
+
+
+def test_step_loop_matches_scan_epoch(digits) -> None:
+    x_tr, y_tr, *_ = digits
+    x, y = x_tr[:203], y_tr[:203]  # ragged: 203 = 6 * 30 + 23
+    cfg = TrainConfig(model="mlp", hidden=(32,), epochs=3, batch_size=30, prox_mu=0.1)
+    scan, loop = Trainer(cfg, 64, 10, step_loop=False), Trainer(cfg, 64, 10, step_loop=True)
+    start = scan.init_params()
+    a, ha = scan.fit(start, x, y)
+    b, hb = loop.fit(start, x, y)
+    assert _max_diff(a, b) < 1e-5
+    assert np.allclose([h["loss"] for h in ha], [h["loss"] for h in hb], atol=1e-5)
+    assert [h["accuracy"] for h in ha] == [h["accuracy"] for h in hb]
+    assert scan.traces == {"train_epoch": 1} and loop.traces == {"train_step": 1}
+
+
+def test_cnn_step_loop_learns_digits_without_recompiling(digits) -> None:
+    x_tr, y_tr, x_te, y_te = digits
+    cnn = Trainer(TrainConfig(model="cnn", epochs=3, batch_size=64, learning_rate=1e-3), 64, 10, devices=jax.devices("cpu"))
+    assert cnn.step_loop
+    params, history = cnn.fit(cnn.init_params(), x_tr, y_tr)
+    assert history[-1]["loss"] < history[0]["loss"] and cnn.evaluate(params, x_te, y_te)["accuracy"] > 0.8
+    traces, cache = dict(cnn.traces), cnn._train_step._cache_size()
+    again, _ = cnn.fit({k: np.asarray(v) for k, v in params.items()}, x_tr, y_tr, epochs=1)
+    cnn.evaluate(again, x_te, y_te)
+    assert dict(cnn.traces) == traces == {"train_step": 1, "eval": 1} and cnn._train_step._cache_size() == cache == 1
 
 
 def test_fedprox_mu_zero_is_plain_fit_and_large_mu_stays_near_global(mlp: Trainer, digits) -> None:
@@ -206,9 +253,20 @@ _MULTI_DEVICE = textwrap.dedent(
     ea, eb = four.evaluate(a, x, y), one.evaluate(b, x, y)
     assert abs(ea["loss"] - eb["loss"]) < 1e-5 and ea["accuracy"] == eb["accuracy"], (ea, eb)
     p = four._put_params(start)
+    batches = four._put(four._epoch_batches(len(y), 0))
     hlo = four._train_epoch.lower(p, four.optimizer.init(p), p, four._put(x), four._put(y),
-                                  jax.random.key(0)).compile().as_text()
+                                  *batches).compile().as_text()
     assert "all-reduce" in hlo or "reduce-scatter" in hlo  # gradients really are combined across devices
+    loop = Trainer(cfg, 64, 4, step_loop=True)  # the step-loop epoch (cnn on CPU) shards the same way
+    c, hc = loop.fit(start, x, y)
+    diff_loop = max(float(np.abs(np.asarray(c[k]) - np.asarray(b[k])).max()) for k in c)
+    assert diff_loop < 1e-5, diff_loop
+    assert np.allclose([h["loss"] for h in hc], [h["loss"] for h in hb], atol=1e-5)
+    assert c["dense_0.kernel"].sharding.is_fully_replicated and len(c["dense_0.kernel"].sharding.device_set) == 4
+    assert loop.traces["train_step"] == 1 and loop._train_step._cache_size() == 1  # no recompiles across steps
+    hlo = loop._train_step.lower(p, loop.optimizer.init(p), p, loop._put(x), loop._put(y), *batches, 0,
+                                 *loop._put((np.float32(0), np.int32(0)))).compile().as_text()
+    assert "all-reduce" in hlo or "reduce-scatter" in hlo
     print("OK", diff)
     """
 )

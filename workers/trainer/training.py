@@ -1,13 +1,20 @@
 """The training core: arrays in, arrays out, no cloud I/O.
 
 A `Trainer` is built once per (config, n_features, n_classes) and keeps its
-jitted epoch/eval functions, so each federated round (a new `fit` from new
-global params) reuses the compiled code instead of recompiling. One epoch is
-one jitted `lax.scan` over masked batches: no Python loop per step and every
-example is used every epoch (the ragged last batch is padded and masked, not
-dropped). With several devices each batch is sharded over a 1-D 'data' mesh
-and params are replicated; XLA inserts the gradient all-reduce, so the same
-code runs on one CPU, a GPU, or a TPU slice.
+jitted functions, so each federated round (a new `fit` from new global params)
+reuses the compiled code instead of recompiling.
+
+Each epoch is shuffled on the host (NumPy, seeded by (seed, epoch)) into
+per-epoch batch index and mask arrays: the ragged last batch is padded and
+masked, not dropped, so every example is used every epoch. Only those small
+index arrays go to the device; each step gathers its batch from the on-device
+data set, so no epoch copies the whole data set. How an epoch runs on the
+device is decided in one place, `step_loop_for` (see there): one jitted
+`lax.scan` over the batches, or, for conv models on the CPU backend, a Python
+loop over one jitted step. Both use the same step and masked objective. With
+several devices each batch is sharded over a 1-D 'data' mesh and params are
+replicated; XLA inserts the gradient all-reduce, so the same code runs on one
+CPU, a GPU, or a TPU slice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from shared.model_spec import param_spec
 from workers.trainer import models
 
 Params = dict[str, jax.Array]
@@ -79,31 +87,64 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return ((x - np.asarray(mean, dtype=np.float32)) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
+def step_loop_for(config: TrainConfig, n_features: int, n_classes: int, platform: str) -> bool:
+    """How an epoch runs: True = a Python loop over one jitted step, False = one jitted `lax.scan`.
+
+    The single place this is decided. Scan is the default: one dispatch per epoch.
+    But on XLA:CPU, convolutions inside a while loop (what scan lowers to) miss the
+    fast conv path, most of all the backward convs (jax-ml/jax#12868), which made the
+    FedAvg CNN ~20x slower than a plain loop of jitted steps. So models with
+    convolutions use the step loop on the CPU backend; GPU/TPU keep scan. Both run
+    the same step (same masked objective, sharding and results). Evaluation is
+    forward-only and always one scan (measured on par with a step loop on CPU).
+    """
+    has_conv = any(len(shape) == 4 for shape, _ in param_spec(config.model, n_features, n_classes, config.hidden).values())
+    return has_conv and platform == "cpu"
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _masked_batches(order: jax.Array, batch: int, n_devices: int) -> tuple[jax.Array, jax.Array]:
-    """Example indices [n_batches, padded_batch] and a validity mask of the same shape.
+def _masked_batches(order: Any, batch: int, n_devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side example indices [n_batches, padded_batch] (int32) and a validity mask of the same shape.
 
     The last batch is padded (index 0, mask False) instead of dropped, and each
     batch is padded up to a multiple of the device count so it shards evenly;
     masked rows contribute nothing, so results match across device counts.
     """
+    order = np.asarray(order, dtype=np.int32)
     n = order.shape[0]
     n_batches = -(-n // batch)
-    flat = jnp.pad(order, (0, n_batches * batch - n))
-    valid = jnp.arange(n_batches * batch) < n
-    width = _round_up(batch, n_devices) - batch
-    idx = jnp.pad(flat.reshape(n_batches, batch), ((0, 0), (0, width)))
-    mask = jnp.pad(valid.reshape(n_batches, batch), ((0, 0), (0, width)))
+    idx = np.zeros((n_batches, _round_up(batch, n_devices)), np.int32)
+    mask = np.zeros(idx.shape, bool)
+    flat = np.zeros(n_batches * batch, np.int32)
+    flat[:n] = order
+    idx[:, :batch] = flat.reshape(n_batches, batch)
+    mask[:, :batch] = (np.arange(n_batches * batch) < n).reshape(n_batches, batch)
     return idx, mask
 
 
-class Trainer:
-    """Jitted training/eval for one (config, n_features, n_classes); reuse it across rounds."""
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The example order of one epoch: a host-side permutation, fixed by (seed, epoch)."""
+    return np.random.default_rng([seed % 2**64, epoch]).permutation(n).astype(np.int32)
 
-    def __init__(self, config: TrainConfig, n_features: int, n_classes: int, devices: Sequence[jax.Device] | None = None) -> None:
+
+class Trainer:
+    """Jitted training/eval for one (config, n_features, n_classes); reuse it across rounds.
+
+    `step_loop` overrides `step_loop_for`'s choice of how an epoch runs (tests, benchmarks).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        n_features: int,
+        n_classes: int,
+        devices: Sequence[jax.Device] | None = None,
+        *,
+        step_loop: bool | None = None,
+    ) -> None:
         self.config = config
         self.n_features, self.n_classes = int(n_features), int(n_classes)
         if config.model == "cnn":
@@ -112,8 +153,12 @@ class Trainer:
         self.mesh = Mesh(np.array(self.devices), ("data",)) if len(self.devices) > 1 else None
         self.optimizer = optax.adam(config.learning_rate)
         self.traces: Counter[str] = Counter()  # how often each function was traced (= compiled)
-        self._train_epoch = jax.jit(self._train_epoch_impl)
-        self._eval = jax.jit(self._eval_impl)
+        if step_loop is None:
+            step_loop = step_loop_for(config, self.n_features, self.n_classes, self.devices[0].platform)
+        self.step_loop = bool(step_loop)
+        self._train_epoch = jax.jit(self._train_epoch_impl)  # scan mode: one call per epoch
+        self._train_step = jax.jit(self._train_step_impl)  # step-loop mode: one call per batch
+        self._eval = jax.jit(self._eval_impl)  # always a scan: forward-only convs are fine in it
 
     @property
     def n_devices(self) -> int:
@@ -129,7 +174,7 @@ class Trainer:
         return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else self.devices[0]
 
     def _put(self, tree: Any) -> Any:
-        """On the trainer's devices, replicated (params, and the data it gathers batches from)."""
+        """On the trainer's devices, replicated (params, the data set, the epoch's batch indices)."""
         return jax.device_put(tree, self._replicated())
 
     def _put_params(self, params: Mapping[str, Any]) -> Params:
@@ -144,14 +189,18 @@ class Trainer:
             raise ValueError(f"labels must be in [0, {self.n_classes}); got range [{y.min()}, {y.max()}]")
         return self._put(x), self._put(y), x.shape[0]
 
-    def _shard_batches(self, a: jax.Array) -> jax.Array:
-        """Split axis 1 (examples within a batch) over the mesh; no-op on one device."""
-        if self.mesh is None:
-            return a
-        spec = PartitionSpec(None, "data", *([None] * (a.ndim - 2)))
-        return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
+    def _epoch_batches(self, n: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host-side (idx, mask) [n_batches, padded_batch] for one training epoch."""
+        return _masked_batches(epoch_order(self.config.seed, epoch, n), min(self.config.batch_size, n), self.n_devices)
 
     # ---- traced functions ------------------------------------------------
+    def _gather(self, x: jax.Array, y: jax.Array, idx: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One batch (rows `idx` of the on-device data), its examples split over the mesh."""
+        xb, yb = jnp.take(x, idx, axis=0, mode="clip"), jnp.take(y, idx, axis=0, mode="clip")  # idx is in range
+        if self.mesh is None:
+            return xb, yb, mask
+        return tuple(jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, PartitionSpec("data"))) for a in (xb, yb, mask))
+
     def _batch_stats(self, params: Params, xb: jax.Array, yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Summed cross-entropy and number correct over the valid rows of a batch."""
         logits = models.apply(self.config.model, params, xb)
@@ -169,34 +218,48 @@ class Trainer:
             loss = loss + 0.5 * mu * sq
         return loss, (loss_sum, correct)
 
-    def _train_epoch_impl(self, params: Params, opt_state: Any, global_params: Params, x: jax.Array, y: jax.Array, key: jax.Array):
-        self.traces["train_epoch"] += 1
-        n = x.shape[0]
-        idx, mask = _masked_batches(jax.random.permutation(key, n), min(self.config.batch_size, n), self.n_devices)
-        xb, yb, mb = (self._shard_batches(a) for a in (x[idx], y[idx], mask))
+    def _step(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask):
+        """One optimizer step on the batch `idx`/`mask` [padded_batch]: the body of both epoch modes."""
         grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+        (_, (loss_sum, correct)), grads = grad_fn(params, global_params, *self._gather(x, y, idx, mask))
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss_sum, correct
 
-        def step(carry, batch):
-            params, opt_state = carry
-            (_, (loss_sum, correct)), grads = grad_fn(params, global_params, *batch)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), (loss_sum, correct)
+    def _train_epoch_impl(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask):
+        """Scan mode: a whole epoch over idx/mask [n_batches, padded_batch] in one call."""
+        self.traces["train_epoch"] += 1
 
-        (params, opt_state), (loss_sums, corrects) = jax.lax.scan(step, (params, opt_state), (xb, yb, mb))
+        def body(carry, batch):
+            params, opt_state, loss_sum, correct = self._step(*carry, global_params, x, y, *batch)
+            return (params, opt_state), (loss_sum, correct)
+
+        (params, opt_state), (loss_sums, corrects) = jax.lax.scan(body, (params, opt_state), (idx, mask))
         return params, opt_state, jnp.sum(loss_sums), jnp.sum(corrects)
 
-    def _eval_impl(self, params: Params, x: jax.Array, y: jax.Array):
-        self.traces["eval"] += 1
-        n = x.shape[0]
-        idx, mask = _masked_batches(jnp.arange(n), min(_round_up(EVAL_CHUNK, self.n_devices), n), self.n_devices)
-        xb, yb, mb = (self._shard_batches(a) for a in (x[idx], y[idx], mask))
+    def _train_step_impl(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask, i, loss_sum, correct):
+        """Step-loop mode: batch `i` of the epoch's idx/mask; adds its stats to the running sums."""
+        self.traces["train_step"] += 1
+        params, opt_state, batch_loss, batch_correct = self._step(params, opt_state, global_params, x, y, idx[i], mask[i])
+        return params, opt_state, loss_sum + batch_loss, correct + batch_correct
 
-        def step(carry, batch):
-            loss_sum, correct = self._batch_stats(params, *batch)
+    def _eval_impl(self, params: Params, x, y, idx, mask):
+        self.traces["eval"] += 1
+
+        def body(carry, batch):
+            loss_sum, correct = self._batch_stats(params, *self._gather(x, y, *batch))
             return (carry[0] + loss_sum, carry[1] + correct), None
 
-        (loss_sum, correct), _ = jax.lax.scan(step, (jnp.float32(0), jnp.int32(0)), (xb, yb, mb))
+        (loss_sum, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (idx, mask))
         return loss_sum, correct
+
+    def _run_epoch(self, params: Params, opt_state: Any, anchor: Params, x, y, idx: np.ndarray, mask: np.ndarray):
+        idx_d, mask_d = self._put((idx, mask))
+        if not self.step_loop:
+            return self._train_epoch(params, opt_state, anchor, x, y, idx_d, mask_d)
+        loss_sum, correct = self._put((np.float32(0), np.int32(0)))  # committed like the sums they become
+        for i in range(idx.shape[0]):
+            params, opt_state, loss_sum, correct = self._train_step(params, opt_state, anchor, x, y, idx_d, mask_d, i, loss_sum, correct)
+        return params, opt_state, loss_sum, correct
 
     # ---- public API ------------------------------------------------------
     def fit(
@@ -219,12 +282,10 @@ class Trainer:
         params = self._put_params(params)
         anchor = params if global_params is None else self._put_params(global_params)
         opt_state = self._put(self.optimizer.init(params))  # committed like later epochs: one cache entry
-        base = jax.random.key(self.config.seed)
         pending: list[tuple[jax.Array, jax.Array]] = []
         history: list[Metrics] = []
         for epoch in range(epochs):
-            key = jax.random.fold_in(base, epoch)
-            params, opt_state, loss_sum, correct = self._train_epoch(params, opt_state, anchor, x, y, key)
+            params, opt_state, loss_sum, correct = self._run_epoch(params, opt_state, anchor, x, y, *self._epoch_batches(n, epoch))
             if on_epoch is None:  # no one is waiting: don't block the device every epoch
                 pending.append((loss_sum, correct))
                 continue
@@ -240,7 +301,9 @@ class Trainer:
     def evaluate(self, params: Mapping[str, Any], x: Any, y: Any) -> dict[str, float | int]:
         """Mean CE, accuracy and example count (the count lets a hub weight site metrics)."""
         x, y, n = self._put_data(x, y)
-        loss_sum, correct = self._eval(self._put_params(params), x, y)
+        params = self._put_params(params)
+        idx, mask = _masked_batches(np.arange(n), min(_round_up(EVAL_CHUNK, self.n_devices), n), self.n_devices)
+        loss_sum, correct = self._eval(params, x, y, *self._put((idx, mask)))
         return {**self._metrics(loss_sum, correct, n), "examples": n}
 
 
@@ -249,4 +312,4 @@ def param_count(params: Mapping[str, Any]) -> int:
     return models.param_count(params)
 
 
-__all__ = ["TrainConfig", "Trainer", "feature_stats", "standardize", "param_count"]
+__all__ = ["TrainConfig", "Trainer", "feature_stats", "standardize", "param_count", "step_loop_for", "epoch_order"]
