@@ -14,7 +14,7 @@ from shared.config import Settings
 
 
 def topics(settings: Settings) -> list[str]:
-    declared = [settings.shard_ready_topic, settings.fed_rounds_topic, settings.dead_letter_topic]
+    declared = [settings.shard_ready_topic, settings.fed_rounds_topic, settings.tick_topic, settings.dead_letter_topic]
     return [*declared, GCS_NOTIFICATIONS_TOPIC, FIRESTORE_EVENTS_TOPIC, REPLAY_TOPIC]
 
 

@@ -1,5 +1,5 @@
-"""The local stack's timekeeper: reaps jobs whose worker stopped heartbeating, and closes
-federation rounds whose deadline passed (a scheduled function would do both in production)."""
+"""The local stack's clock: runs shared.timekeeper.tick (what the on_tick function runs from
+Cloud Scheduler in production) and kills the local process of a reaped attempt."""
 
 from __future__ import annotations
 
@@ -12,25 +12,24 @@ from google.cloud import firestore, pubsub_v1, storage
 from emulators.launcher import worker_pid_file
 from emulators.processes import kill_group
 from shared.config import Settings
-from shared.hub import sweep_deadlines
 from shared.ingest import Services
 from shared.jobs import utcnow
-from shared.jobstore import JobStore
+from shared.timekeeper import tick
 
 log = logging.getLogger("fedpipe.reaper")
 
 
 def run_reaper(settings: Settings, interval_s: float, state_dir: Path, stop: threading.Event) -> None:
+    """The local clock: `tick` every interval, and make sure a reaped local worker is dead."""
     db = firestore.Client(project=settings.project)
-    store = JobStore(db, settings)
-    hub = Services(settings, db, storage.Client(project=settings.project), pubsub_v1.PublisherClient())
+    svc = Services(settings, db, storage.Client(project=settings.project), pubsub_v1.PublisherClient())
     while not stop.wait(interval_s):
         try:
-            # Rounds past their deadline close with a quorum, or fail the federation.
-            for outcome in sweep_deadlines(hub, utcnow()):
+            reaped, rounds = tick(svc, utcnow())
+            for outcome in rounds:
                 if "closed" in outcome or "failed" in outcome:
                     log.warning("deadline sweep: %s", outcome)
-            for job, lost_attempt in store.reap(utcnow()):
+            for job, lost_attempt in reaped:
                 log.warning("job %s attempt %d lost its lease: now %s", job.id, lost_attempt, job.status)
                 # A hung worker may still be alive: make sure it cannot write results late.
                 pid_file = worker_pid_file(state_dir, job.id, lost_attempt)

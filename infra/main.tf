@@ -6,7 +6,7 @@
 #   1. APIs and project facts
 #   2. Customer-managed keys (one key ring + key per region that holds data)
 #   3. Buckets (per node, in the node's region; hub; function source)
-#   4. Pub/Sub topics and Firestore
+#   4. Pub/Sub topics, the clock (Cloud Scheduler) and Firestore
 #   5. Service accounts and IAM (least privilege; service agents)
 #   6. Functions: one google_cloudfunctions2_function per trigger
 #   7. Workers: Cloud Run jobs per node (CPU, optional GPU) and Artifact Registry
@@ -23,6 +23,7 @@ locals {
       "cloudbuild.googleapis.com",
       "cloudfunctions.googleapis.com",
       "cloudkms.googleapis.com",
+      "cloudscheduler.googleapis.com",
       "eventarc.googleapis.com",
       "firestore.googleapis.com",
       "iam.googleapis.com",
@@ -236,8 +237,12 @@ resource "google_storage_bucket_object" "functions_source" {
 }
 
 # ---------------------------------------------------------------------------
-# 4. Pub/Sub and Firestore
+# 4. Pub/Sub, the clock and Firestore
 # ---------------------------------------------------------------------------
+# Topics (var.topics): shard_ready (on_raw_upload -> on_shard_ready),
+# fed_rounds (the hub's round broadcasts; every federated worker pulls them
+# through its own subscription), tick (Cloud Scheduler -> on_tick) and
+# dead_letter.
 
 resource "google_pubsub_topic" "topic" {
   for_each = toset(values(var.topics))
@@ -262,6 +267,29 @@ resource "google_pubsub_subscription" "dead_letter" {
   }
 }
 
+# The clock: what must happen on time rather than on an event (reap jobs whose
+# lease expired, close federation rounds past their deadline) runs in on_tick,
+# which listens to the tick topic. Cloud Scheduler publishes to it through its
+# own service agent (no identity of ours is involved). A missed or failed tick
+# is harmless: the next one does the same work.
+resource "google_cloud_scheduler_job" "tick" {
+  name        = "${var.name_prefix}-tick"
+  region      = var.region
+  description = "fedpipe clock: on_tick reaps expired job leases and closes federation rounds past their deadline"
+  schedule    = var.tick_schedule
+  time_zone   = "Etc/UTC"
+
+  pubsub_target {
+    topic_name = google_pubsub_topic.topic[var.topics.tick].id
+    # A Pub/Sub message needs non-empty data or an attribute; on_tick reads neither.
+    data = base64encode("tick")
+  }
+
+  # Ticks published before on_tick's trigger exists would have no subscription
+  # and be dropped: start the clock once the functions are deployed.
+  depends_on = [google_project_service.api, google_cloudfunctions2_function.fn]
+}
+
 resource "google_firestore_database" "db" {
   name        = var.firestore_database
   location_id = local.firestore_location
@@ -279,7 +307,8 @@ resource "google_firestore_database" "db" {
 # ---------------------------------------------------------------------------
 # Three identities, each with only what its code does:
 #   functions       runs every function and is the Eventarc trigger identity;
-#   worker-<node>   one per node: reads only its own node's processed shards;
+#   worker-<node>   one per node: reads only its own node's processed shards,
+#                   follows round broadcasts on fed_rounds;
 #   build           builds function containers (Cloud Build).
 # No service-account keys: everything runs as an attached identity.
 
@@ -309,7 +338,9 @@ locals {
   functions_member = "serviceAccount:${google_service_account.functions.email}"
 
   # Functions read uploads, write shards/manifests/quarantine (objectUser: an
-  # idempotent rewrite of the same object needs delete), and hub round files.
+  # idempotent rewrite of the same object needs delete), and in the hub read
+  # federation requests and weight updates and write global models and server
+  # state (on_hub_upload, and on_tick closing rounds past their deadline).
   functions_bucket_roles = merge(
     {
       for k, b in local.node_buckets : k => {
@@ -323,13 +354,19 @@ locals {
   # A worker reads its own node's shards and the global model, and adds its
   # model/metrics (models/<job>/attempt-<n>/, in its node's processed bucket)
   # and weight update (hub) as new objects: create only, so it cannot alter
-  # shards or other attempts' results.
+  # shards or other attempts' results. Its update's custom metadata (examples,
+  # metrics) travels in the upload itself, which objects.create covers.
+  # In the hub a worker only touches federations/ (global models it reads,
+  # federations/<id>/round-<r>/<node>-a<n>.* it writes, shared.federation): the
+  # prefix condition keeps it from reading or dropping federation requests
+  # (requests/), which would start a federation over every node's data.
+  worker_hub_prefix = "federations/"
   worker_bucket_roles = merge([
     for node, _ in var.nodes : {
-      "${node}-processed-read"   = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectViewer" }
-      "${node}-processed-create" = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectCreator" }
-      "${node}-hub-read"         = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectViewer" }
-      "${node}-hub-create"       = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectCreator" }
+      "${node}-processed-read"   = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectViewer", prefix = null }
+      "${node}-processed-create" = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectCreator", prefix = null }
+      "${node}-hub-read"         = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectViewer", prefix = local.worker_hub_prefix }
+      "${node}-hub-create"       = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectCreator", prefix = local.worker_hub_prefix }
     }
   ]...)
 }
@@ -346,13 +383,74 @@ resource "google_storage_bucket_iam_member" "worker" {
   bucket   = each.value.bucket
   role     = each.value.role
   member   = "serviceAccount:${google_service_account.worker[each.value.node].email}"
+
+  # Object-name prefix (IAM Conditions on Cloud Storage need uniform
+  # bucket-level access, which every bucket here has). Listing is evaluated on
+  # the bucket, so it is denied under a condition; workers fetch by name only.
+  dynamic "condition" {
+    for_each = each.value.prefix == null ? [] : [each.value.prefix]
+    content {
+      title       = "only ${condition.value}"
+      description = "fedpipe worker ${each.value.node}: objects under ${condition.value} only"
+      expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value.bucket}/objects/${condition.value}\")"
+    }
+  }
+}
+
+# Functions publish shard-ready events (on_raw_upload), round broadcasts
+# (on_hub_upload, on_tick) and give-ups (dead letter). Not the tick topic:
+# only Cloud Scheduler publishes there.
+locals {
+  functions_publish_topics = toset([var.topics.shard_ready, var.topics.fed_rounds, var.topics.dead_letter])
 }
 
 resource "google_pubsub_topic_iam_member" "functions_publish" {
-  for_each = google_pubsub_topic.topic
-  topic    = each.value.id
+  for_each = local.functions_publish_topics
+  topic    = google_pubsub_topic.topic[each.key].id
   role     = "roles/pubsub.publisher"
   member   = local.functions_member
+}
+
+# Round broadcasts: a federated worker creates its own subscription
+# fed-<federation>-<node> on fed_rounds when it starts and pulls from it
+# (workers/trainer/federated.py). Creating a subscription checks two permissions:
+#   - pubsub.topics.attachSubscription on the topic: roles/pubsub.subscriber on
+#     fed_rounds only, so a worker can attach a subscription to no other topic;
+#   - pubsub.subscriptions.create on the project (a subscription's only parent).
+#     The narrowest predefined roles holding it are roles/pubsub.editor and
+#     roles/pubsub.admin, which would also let a worker create and delete topics
+#     and update, seek or delete every subscription: hence a custom role.
+# The worker must also consume (pull, ack) its subscription. It does not exist
+# before the worker creates it, so no subscription-level grant can be made in
+# advance, and Pub/Sub IAM conditions cannot match resource names (only Pub/Sub
+# Lite supports them): consume is granted at project level as well.
+# Not granted: pubsub.subscriptions.delete/update/get/list. The worker never
+# deletes or inspects its subscription; an idle one expires after 31 days
+# (Pub/Sub's default expiration policy, which the worker keeps).
+resource "google_project_iam_custom_role" "round_subscriber" {
+  role_id     = "${replace(var.name_prefix, "-", "_")}_round_subscriber"
+  title       = "${var.name_prefix} round-broadcast subscriber"
+  description = "Create a pull subscription (topic-level pubsub.topics.attachSubscription is granted on the fed-rounds topic only) and consume it."
+  permissions = [
+    "pubsub.subscriptions.create",
+    "pubsub.subscriptions.consume",
+  ]
+
+  depends_on = [google_project_service.api]
+}
+
+resource "google_project_iam_member" "worker_round_subscriptions" {
+  for_each = var.nodes
+  project  = var.project
+  role     = google_project_iam_custom_role.round_subscriber.name
+  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
+}
+
+resource "google_pubsub_topic_iam_member" "worker_fed_rounds" {
+  for_each = var.nodes
+  topic    = google_pubsub_topic.topic[var.topics.fed_rounds].id
+  role     = "roles/pubsub.subscriber" # attachSubscription on this topic only
+  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
 }
 
 # Firestore has no per-collection IAM: datastore.user is the narrowest role
@@ -432,8 +530,9 @@ resource "google_project_iam_member" "eventarc_agent" {
 # shared.triggers is one function (on_raw_upload is deployed once per node).
 # Where it runs:
 #   storage   in the bucket's region (the trigger must be there, and raw data
-#             is processed where it lives);
-#   pubsub    in the hub region;
+#             is processed where it lives): raw-upload-<node> in the node's
+#             region, hub-upload (on_hub_upload) in the hub region;
+#   pubsub    in the hub region (shard-ready -> on_shard_ready, tick -> on_tick);
 #   firestore in the hub region, its trigger in the database's location.
 # Eventarc retries failed deliveries with backoff (RETRY_POLICY_RETRY) for up to
 # 24 h; every function is idempotent, so a redelivery has no second effect.
@@ -535,7 +634,10 @@ resource "google_cloudfunctions2_function" "fn" {
 
   depends_on = [
     google_project_service.api,
+    # Storage triggers name their bucket by a plain string (var.triggers), so
+    # the buckets they watch (node raw buckets, the hub) are explicit here.
     google_storage_bucket.node,
+    google_storage_bucket.hub,
     google_project_iam_member.functions,
     google_project_iam_member.build,
     google_storage_bucket_iam_member.build_reads_source,

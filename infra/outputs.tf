@@ -25,6 +25,19 @@ output "worker_jobs" {
   )
 }
 
+output "topics" {
+  description = "Pub/Sub topic ids by role (var.topics keys)."
+  value       = { for role, name in var.topics : role => google_pubsub_topic.topic[name].id }
+}
+
+output "tick_job" {
+  description = "Cloud Scheduler job publishing the tick (on_tick) and its schedule."
+  value = {
+    id       = google_cloud_scheduler_job.tick.id
+    schedule = google_cloud_scheduler_job.tick.schedule
+  }
+}
+
 output "launcher_env" {
   description = "Environment the functions get for shared.launchers.cloud_run.CloudRunJobsLauncher.from_env."
   value       = local.launcher_env
@@ -36,6 +49,8 @@ output "service_accounts" {
     functions = google_service_account.functions.email
     build     = google_service_account.build.email
     workers   = { for node, sa in google_service_account.worker : node => sa.email }
+    # Custom role letting workers create and consume their fed-rounds subscriptions.
+    worker_subscription_role = google_project_iam_custom_role.round_subscriber.name
   }
 }
 

@@ -34,6 +34,7 @@ variable "topics" {
   type = object({
     shard_ready = string
     fed_rounds  = string
+    tick        = string
     dead_letter = string
   })
 }
@@ -168,6 +169,14 @@ variable "function_max_instances" {
   description = "Upper bound on instances per function (cost and Firestore contention guard)."
   type        = number
   default     = 10
+}
+
+# The clock (Cloud Scheduler -> tick topic -> on_tick).
+
+variable "tick_schedule" {
+  description = "Cron schedule (UTC) of the tick that reaps expired job leases and closes federation rounds past their deadline; lease and deadline checks are only as timely as this."
+  type        = string
+  default     = "* * * * *" # every minute
 }
 
 # Workers (Cloud Run Jobs).

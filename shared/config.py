@@ -55,6 +55,7 @@ class Settings(BaseModel, frozen=True):
     # Pub/Sub topics.
     shard_ready_topic: str = "shard-ready"
     fed_rounds_topic: str = "fed-rounds"  # the hub's round broadcasts
+    tick_topic: str = "fedpipe-tick"  # Cloud Scheduler's clock for shared/timekeeper.py
     dead_letter_topic: str = "fedpipe-dead-letter"
 
     # Firestore collections.

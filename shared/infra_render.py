@@ -61,6 +61,7 @@ def render(settings: Settings) -> dict:
         "topics": {
             "shard_ready": settings.shard_ready_topic,
             "fed_rounds": settings.fed_rounds_topic,
+            "tick": settings.tick_topic,
             "dead_letter": settings.dead_letter_topic,
         },
         "collections": {

@@ -59,6 +59,13 @@ def triggers(settings: Settings) -> list[Trigger]:
             topic=settings.shard_ready_topic,
         ),
         Trigger(
+            name="tick",
+            function="on_tick",
+            kind="pubsub",
+            event_type=PUBSUB_PUBLISHED,
+            topic=settings.tick_topic,
+        ),
+        Trigger(
             name="job-written",
             function="on_job_written",
             kind="firestore",

@@ -141,3 +141,10 @@ def test_job_that_keeps_dying_fails_after_its_attempt_limit(cloud, clients):
     done = wait_job(clients, job.id, {"completed", "failed"})
     assert done.status is JobStatus.FAILED
     assert "not complete" in done.error
+
+
+def test_scheduler_tick_reaches_the_tick_function(cloud, clients):
+    topic = clients.publisher.topic_path(clients.settings.project, clients.settings.tick_topic)
+    message_id = clients.publisher.publish(topic, b"{}").result()
+    record = wait_for(lambda: deliveries(clients, lambda r: r["event_id"] == message_id), 30, "the tick delivery")[0]
+    assert (record["function"], record["status"], record["attempts"]) == ("on_tick", "delivered", 1)

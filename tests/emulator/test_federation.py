@@ -165,3 +165,16 @@ def test_invalid_request_is_rejected_with_a_reason(cloud, clients, shares):
     fed = wait_for(lambda: clients.db.collection("federations").document("fed-bad").get().to_dict(), 30, "the rejection")
     assert fed["status"] == "rejected"
     assert fed["error"] == "data set us/no-such-data is not complete"
+
+
+def test_fed_show_and_plot_commands(cloud, clients, shares, tmp_path):
+    from tests.emulator.test_cli import fedpipe
+
+    run(clients, federation("fed-cli", rounds=2))
+    shown = fedpipe("fed", "show", "fed-cli")
+    assert shown.returncode == 0, shown.stderr
+    assert "federation fed-cli: completed" in shown.stdout and shown.stdout.count("all 2 nodes reported") == 3
+    plot = tmp_path / "fed-cli.png"
+    assert fedpipe("fed", "plot", "fed-cli", "--out", str(plot)).returncode == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fedpipe("fed", "show", "no-such-federation").returncode == 1

@@ -100,13 +100,14 @@ def test_one_storage_trigger_per_node_raw_bucket():
 def test_pubsub_and_firestore_triggers():
     s = Settings.from_env({})
     ts = triggers(s)
-    assert len(ts) == len(s.nodes) + 3
+    assert len(ts) == len(s.nodes) + 4
     [hub] = [t for t in ts if t.function == "on_hub_upload"]
     assert (hub.kind, hub.bucket, hub.event_type) == ("storage", s.hub_bucket, STORAGE_FINALIZED)
     pubsub = [t for t in ts if t.kind == "pubsub"]
     firestore = [t for t in ts if t.kind == "firestore"]
-    assert len(pubsub) == 1 and len(firestore) == 1
-    (p,), (f,) = pubsub, firestore
+    assert len(pubsub) == 2 and len(firestore) == 1
+    (p, tick), (f,) = pubsub, firestore
+    assert (tick.function, tick.topic) == ("on_tick", s.tick_topic)
     assert (p.function, p.event_type, p.topic, p.bucket) == ("on_shard_ready", PUBSUB_PUBLISHED, "shard-ready", None)
     assert p.topic == s.shard_ready_topic
     assert (f.function, f.event_type, f.document, f.bucket) == ("on_job_written", FIRESTORE_WRITTEN, "jobs/{jobId}", None)
@@ -119,7 +120,7 @@ def test_trigger_names_are_unique():
 
 def test_function_names_in_order_and_unique():
     names = function_names(Settings.from_env({"FEDPIPE_NODES": "a,b,c"}))
-    assert names == ["on_raw_upload", "on_hub_upload", "on_shard_ready", "on_job_written"]
+    assert names == ["on_raw_upload", "on_hub_upload", "on_shard_ready", "on_tick", "on_job_written"]
 
 
 # -- RetryPolicy --------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_probe_can_see_each_heavy_module(module):
 
 
 def test_entry_points_are_exported(probe):
-    assert probe["entry_points"] == {"on_hub_upload": True, "on_job_written": True, "on_raw_upload": True, "on_shard_ready": True}
+    assert probe["entry_points"] == {"on_hub_upload": True, "on_job_written": True, "on_raw_upload": True, "on_shard_ready": True, "on_tick": True}
 
 
 def test_entry_points_match_the_triggers(probe):

@@ -59,9 +59,16 @@ def test_render_names_every_bucket_topic_collection_and_trigger():
         for node in ("us", "eu", "ch")
     }
     assert out["hub_bucket"] == "acme-hub"
-    assert out["topics"] == {"shard_ready": "shard-ready", "fed_rounds": "fed-rounds", "dead_letter": "fedpipe-dead-letter"}
+    assert out["topics"] == {
+        "shard_ready": "shard-ready",
+        "fed_rounds": "fed-rounds",
+        "tick": "fedpipe-tick",
+        "dead_letter": "fedpipe-dead-letter",
+    }
     assert out["collections"] == {"jobs": "jobs", "datasets": "datasets", "quarantine": "quarantine", "federations": "federations"}
-    assert [t["name"] for t in out["triggers"]] == ["raw-upload-us", "raw-upload-eu", "raw-upload-ch", "hub-upload", "shard-ready", "job-written"]
+    assert [t["name"] for t in out["triggers"]] == [
+        "raw-upload-us", "raw-upload-eu", "raw-upload-ch", "hub-upload", "shard-ready", "tick", "job-written",
+    ]
     assert out["triggers"][2] == {
         "name": "raw-upload-ch",
         "function": "on_raw_upload",
@@ -72,8 +79,22 @@ def test_render_names_every_bucket_topic_collection_and_trigger():
         "document": None,
     }
     assert out["triggers"][3]["bucket"] == "acme-hub" and out["triggers"][3]["function"] == "on_hub_upload"
+    assert out["triggers"][3]["kind"] == "storage" and out["triggers"][3]["event_type"] == STORAGE_FINALIZED
     assert out["triggers"][4]["topic"] == "shard-ready" and out["triggers"][4]["event_type"] == PUBSUB_PUBLISHED
-    assert out["triggers"][5]["document"] == "jobs/{jobId}" and out["triggers"][5]["event_type"] == FIRESTORE_WRITTEN
+    assert out["triggers"][4]["function"] == "on_shard_ready"
+    assert out["triggers"][5] == {
+        "name": "tick",
+        "function": "on_tick",
+        "kind": "pubsub",
+        "event_type": PUBSUB_PUBLISHED,
+        "bucket": None,
+        "topic": "fedpipe-tick",
+        "document": None,
+    }
+    assert out["triggers"][6]["document"] == "jobs/{jobId}" and out["triggers"][6]["event_type"] == FIRESTORE_WRITTEN
+    # Every trigger's topic is one infra creates (google_pubsub_topic.topic is
+    # for_each over the values of var.topics).
+    assert {t["topic"] for t in out["triggers"] if t["kind"] == "pubsub"} <= set(out["topics"].values())
     # Every bucket Settings knows is created by infra, and no other.
     rendered_buckets = {b for n in out["nodes"].values() for b in n.values()} | {out["hub_bucket"]}
     assert rendered_buckets == set(s.all_buckets())
@@ -271,6 +292,7 @@ def test_service_accounts_get_only_named_roles():
         "roles/storage.objectUser",
         "roles/storage.objectCreator",
         "roles/pubsub.publisher",
+        "roles/pubsub.subscriber",
         "roles/datastore.user",
         "roles/eventarc.eventReceiver",
         "roles/cloudbuild.builds.builder",
@@ -279,9 +301,33 @@ def test_service_accounts_get_only_named_roles():
         "roles/run.invoker",
         "roles/run.jobsExecutorWithOverrides",
     }
-    for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin"):
+    for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin"):
         assert broad not in main
     assert "google_service_account_key" not in main  # attached identities only
+
+
+def test_tick_scheduler_and_worker_round_access_as_text():
+    # The same facts as the parsed tests below, checked without python-hcl2.
+    main = strip_comments(tf_text("main.tf"))
+    job = re.search(r'^resource "google_cloud_scheduler_job" "tick" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
+    assert job, "a Cloud Scheduler job publishes the tick"
+    assert re.search(r"pubsub_target \{\s*topic_name = google_pubsub_topic\.topic\[var\.topics\.tick\]\.id\b", job.group(1))
+    assert re.search(r"schedule\s*=\s*var\.tick_schedule\b", job.group(1))
+    assert re.search(r'default\s*=\s*"\* \* \* \* \*"', declared_variables()["tick_schedule"])
+    assert '"cloudscheduler.googleapis.com"' in main
+
+    grant = re.search(r'^resource "google_pubsub_topic_iam_member" "worker_fed_rounds" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
+    assert grant, "worker identities need the fed_rounds topic"
+    body = grant.group(1)
+    assert re.search(r"for_each\s*=\s*var\.nodes\b", body)
+    assert re.search(r"topic\s*=\s*google_pubsub_topic\.topic\[var\.topics\.fed_rounds\]\.id", body)
+    assert re.search(r'role\s*=\s*"roles/pubsub\.subscriber"', body)
+    assert "google_service_account.worker[each.key].email" in body
+    assert re.search(
+        r'resource "google_project_iam_member" "worker_round_subscriptions" \{[^}]*'
+        r"role\s*=\s*google_project_iam_custom_role\.round_subscriber\.name",
+        main,
+    )
 
 
 def test_budget_and_alert_are_guarded_and_present():
@@ -364,6 +410,150 @@ def test_parsed_resources_include_the_required_kinds(parsed):
     } <= kinds
     db = _resources(parsed["main.tf"])[("google_firestore_database", "db")]
     assert db["type"] == "FIRESTORE_NATIVE"
+
+
+def _locals(doc: dict) -> dict:
+    return {name: value for item in doc.get("locals", []) for name, value in item.items()}
+
+
+def _worker_member(body: dict) -> bool:
+    return body["member"].startswith("serviceAccount:${google_service_account.worker[")
+
+
+def test_parsed_every_trigger_deploys_where_its_source_is(parsed):
+    """Each rendered trigger, hub-upload and tick included, resolves to a location and a watched resource."""
+    main = parsed["main.tf"]
+    local = _locals(main)
+    assert local["triggers"] == "${{for t in var.triggers : t.name => t}}"
+    # Storage triggers run in their bucket's region; the hub bucket is in the map.
+    assert "(var.hub_bucket) = var.region" in local["bucket_region"]
+    assert 't.kind == "storage" ? local.bucket_region[t.bucket] : var.region' in local["function_location"]
+    fn = _resources(main)[("google_cloudfunctions2_function", "fn")]
+    # The storage filter names its bucket by a string, so the buckets are explicit dependencies.
+    assert {"${google_storage_bucket.node}", "${google_storage_bucket.hub}"} <= set(fn["depends_on"])
+    (trigger,) = fn["event_trigger"]
+    assert trigger["pubsub_topic"] == '${each.value.kind == "pubsub" ? lookup(local.topic_ids, each.value.topic, null) : null}'
+    assert local["topic_ids"] == "${{for name, topic in google_pubsub_topic.topic : name => topic.id}}"
+    assert _resources(main)[("google_pubsub_topic", "topic")]["for_each"] == "${toset(values(var.topics))}"
+
+    # What those expressions will meet: the rendered triggers of a 3-node deployment.
+    s = Settings(project="acme-fl", nodes=("us", "eu", "ch"))
+    out = render(s)
+    bucket_region = {b: "node" for n in out["nodes"].values() for b in (n["raw_bucket"], n["processed_bucket"], n["quarantine_bucket"])}
+    bucket_region[out["hub_bucket"]] = "hub"
+    by_name = {t["name"]: t for t in out["triggers"]}
+    assert len(by_name) == len(out["triggers"]), "trigger names key the for_each: they must be unique"
+    for t in out["triggers"]:
+        if t["kind"] == "storage":
+            assert t["bucket"] in bucket_region, t
+        if t["kind"] == "pubsub":
+            assert t["topic"] in out["topics"].values(), t
+    assert bucket_region[by_name["hub-upload"]["bucket"]] == "hub"
+    assert by_name["tick"]["topic"] == out["topics"]["tick"] != out["topics"]["shard_ready"]
+    assert {t["function"] for t in out["triggers"]} == {"on_raw_upload", "on_hub_upload", "on_shard_ready", "on_tick", "on_job_written"}
+
+
+def test_parsed_cloud_scheduler_publishes_the_tick(parsed):
+    main = parsed["main.tf"]
+    jobs = {name: body for (rtype, name), body in _resources(main).items() if rtype == "google_cloud_scheduler_job"}
+    assert set(jobs) == {"tick"}
+    job = jobs["tick"]
+    (target,) = job["pubsub_target"]
+    assert target["topic_name"] == "${google_pubsub_topic.topic[var.topics.tick].id}"
+    assert target.get("data") or target.get("attributes"), "a Pub/Sub message needs data or an attribute"
+    assert job["schedule"] == "${var.tick_schedule}"
+    assert job["region"] == "${var.region}"
+    assert "${google_cloudfunctions2_function.fn}" in job["depends_on"], "start the clock after on_tick's trigger exists"
+    assert "http_target" not in job and "app_engine_http_target" not in job
+    assert '"cloudscheduler.googleapis.com"' in _locals(main)["apis"]
+
+    (tick_schedule,) = [item["tick_schedule"] for item in parsed["variables.tf"]["variable"] if "tick_schedule" in item]
+    assert tick_schedule["default"] == "* * * * *"
+    # The topic it targets is the one on_tick listens to.
+    (tick,) = [t for t in render(Settings())["triggers"] if t["function"] == "on_tick"]
+    assert tick["kind"] == "pubsub" and tick["topic"] == render(Settings())["topics"]["tick"]
+
+
+def test_parsed_functions_publish_round_broadcasts_but_not_ticks(parsed):
+    main = parsed["main.tf"]
+    publish = _resources(main)[("google_pubsub_topic_iam_member", "functions_publish")]
+    assert publish["role"] == "roles/pubsub.publisher" and publish["member"] == "${local.functions_member}"
+    assert publish["for_each"] == "${local.functions_publish_topics}"
+    topics = _locals(main)["functions_publish_topics"]
+    for role in ("shard_ready", "fed_rounds", "dead_letter"):
+        assert f"var.topics.{role}" in topics, role
+    assert "var.topics.tick" not in topics, "only Cloud Scheduler publishes ticks"
+    # The hub code publishes its broadcasts to the fed_rounds topic.
+    assert "settings.fed_rounds_topic" in (REPO / "shared" / "hub.py").read_text()
+
+
+def test_parsed_workers_subscribe_to_round_broadcasts(parsed):
+    main = parsed["main.tf"]
+    resources = _resources(main)
+
+    # Topic level: attachSubscription on fed_rounds only, for every node's worker.
+    topic_grants = {
+        name: body for (rtype, name), body in resources.items() if rtype == "google_pubsub_topic_iam_member" and _worker_member(body)
+    }
+    assert set(topic_grants) == {"worker_fed_rounds"}
+    grant = topic_grants["worker_fed_rounds"]
+    assert grant["topic"] == "${google_pubsub_topic.topic[var.topics.fed_rounds].id}"
+    assert grant["role"] == "roles/pubsub.subscriber"
+    assert grant["for_each"] == "${var.nodes}"
+    assert grant["member"] == "serviceAccount:${google_service_account.worker[each.key].email}"
+
+    # Project level: a custom role with no more than subscription create/consume/get/delete.
+    role = resources[("google_project_iam_custom_role", "round_subscriber")]
+    permissions = set(role["permissions"])
+    assert {"pubsub.subscriptions.create", "pubsub.subscriptions.consume"} <= permissions
+    assert permissions <= {
+        "pubsub.subscriptions.create",
+        "pubsub.subscriptions.consume",
+        "pubsub.subscriptions.get",
+        "pubsub.subscriptions.delete",
+    }
+    project_grants = {
+        name: body for (rtype, name), body in resources.items() if rtype == "google_project_iam_member" and _worker_member(body)
+    }
+    custom = project_grants["worker_round_subscriptions"]
+    assert custom["role"] in (
+        "${google_project_iam_custom_role.round_subscriber.name}",
+        "${google_project_iam_custom_role.round_subscriber.id}",
+    )
+    assert custom["for_each"] == "${var.nodes}"
+    assert custom["member"] == "serviceAccount:${google_service_account.worker[each.key].email}"
+    assert {b["role"] for b in project_grants.values()} == {"roles/datastore.user", custom["role"]}
+
+    # The worker does what these grants allow: it creates fed-<federation>-<node>
+    # on the fed_rounds topic and streams from it (workers/trainer/federated.py).
+    worker = (REPO / "workers" / "trainer" / "federated.py").read_text()
+    assert "create_subscription(" in worker and "settings.fed_rounds_topic" in worker
+    assert ".subscribe(" in worker
+    assert "delete_subscription" not in worker or "pubsub.subscriptions.delete" in permissions
+
+
+def test_parsed_workers_reach_global_models_and_add_updates_in_the_hub(parsed):
+    from shared.federation import REQUEST_PATH, global_model_object, update_object
+
+    main = parsed["main.tf"]
+    local = _locals(main)
+    prefix = local["worker_hub_prefix"]
+    assert global_model_object("f1", 3).startswith(prefix)
+    assert update_object("f1", 3, "us", 1, evaluate=False).startswith(prefix)
+    assert update_object("f1", 3, "us", 1, evaluate=True).startswith(prefix)
+    assert not REQUEST_PATH.match(prefix + "x.json") and REQUEST_PATH.match("requests/x.json")
+    roles = local["worker_bucket_roles"]
+    for key, role in (("read", "objectViewer"), ("create", "objectCreator")):
+        assert re.search(
+            rf'"\$\{{node\}}-hub-{key}"\s*=\s*\{{[^}}]*google_storage_bucket\.hub\.name, '
+            rf'role = "roles/storage\.{role}", prefix = local\.worker_hub_prefix',
+            roles,
+        ), key
+    worker = _resources(main)[("google_storage_bucket_iam_member", "worker")]
+    (dynamic,) = worker["dynamic"]
+    (condition,) = dynamic["condition"]["content"]
+    assert condition["expression"].startswith("resource.name.startsWith(")
+    assert "projects/_/buckets/${each.value.bucket}/objects/${condition.value}" in condition["expression"]
 
 
 def test_parsed_variables_cover_the_render(parsed):

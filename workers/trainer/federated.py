@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore, pubsub_v1, storage
@@ -100,6 +101,7 @@ def train_round(job, config, fed, round_doc, trainer, split, initial, expected, 
         global_params, _ = weights.from_bytes(gcs.bucket(bucket).blob(name).download_as_bytes(), expected=expected)
     else:
         global_params = initial
+    started = time.perf_counter()
     evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
     metrics = {"global_accuracy": evaluated["accuracy"], "global_loss": evaluated["loss"], "test_examples": evaluated["examples"]}
     evaluate_only = round_doc["kind"] == "evaluate"
@@ -115,6 +117,7 @@ def train_round(job, config, fed, round_doc, trainer, split, initial, expected, 
         metrics |= {"train_loss": history[-1]["loss"], "train_accuracy": history[-1]["accuracy"]}
         payload = weights.to_bytes(params, {"federation": ref.id, "round": str(r), "node": ref.node})
         content_type = "application/octet-stream"
+    metrics["compute_s"] = round(time.perf_counter() - started, 4)  # evaluate + train: what is not overhead
     blob = hub.blob(update_object(ref.id, r, ref.node, job.attempt, evaluate_only))
     blob.metadata = {"examples": str(len(split.y_train)), "metrics": json.dumps(metrics)}
     blob.upload_from_string(payload, content_type=content_type)

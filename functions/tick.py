@@ -1,0 +1,25 @@
+"""The clock: Cloud Scheduler publishes to the tick topic every minute; see shared/timekeeper.py."""
+
+from __future__ import annotations
+
+import logging
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from shared import clients
+from shared.ingest import Services
+from shared.jobs import utcnow
+from shared.timekeeper import tick
+
+log = logging.getLogger("fedpipe.functions.tick")
+
+
+@functions_framework.cloud_event
+def on_tick(cloud_event: CloudEvent) -> None:
+    services = Services(clients.settings(), clients.db(), clients.gcs(), clients.publisher())
+    reaped, rounds = tick(services, utcnow())
+    for job, lost in reaped:
+        log.warning("job %s attempt %d lost its lease: now %s", job.id, lost, job.status)
+    for outcome in rounds:
+        log.info("deadline sweep: %s", outcome)
