@@ -1,4 +1,8 @@
-"""Where CLI commands find the cloud: the running local stack, else the real project."""
+"""Where CLI commands find the cloud: the running local stack if there is one, else the real project.
+
+The local stack's endpoints are put into the environment before the first client is
+made, so `shared.clients` (the functions' own clients) serve the CLI too.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from functools import cache
 from google.cloud import firestore, pubsub_v1, storage
 
 from emulators.endpoints import Endpoints, default_state_dir
+from shared import clients
 from shared.config import Settings
 
 
@@ -21,22 +26,21 @@ def local_endpoints() -> Endpoints | None:
     return ep
 
 
-@cache
 def settings() -> Settings:
     local_endpoints()
-    return Settings.from_env()
+    return clients.settings()
 
 
-@cache
 def db() -> firestore.Client:
-    return firestore.Client(project=settings().project)
+    local_endpoints()
+    return clients.db()
 
 
-@cache
 def gcs() -> storage.Client:
-    return storage.Client(project=settings().project)
+    local_endpoints()
+    return clients.gcs()
 
 
-@cache
 def publisher() -> pubsub_v1.PublisherClient:
-    return pubsub_v1.PublisherClient()
+    local_endpoints()
+    return clients.publisher()
