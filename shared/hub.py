@@ -241,13 +241,18 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
     return uri
 
 
-def advance(svc: Services, fid: str, r: int, now: datetime) -> str:
+STALE_CLOSE_S = 15.0  # a close marker this old on a still-open round: its finisher died
+
+
+def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False) -> str:
     """Close round r if it may close now, then open round r+1 or complete the federation.
 
-    The first caller to decide creates the round's close marker, which fixes the
-    participants; anyone (a retried event, the deadline sweep) may then finish the
-    close from the marker. Every finishing write is idempotent, and the federation
-    only moves from round r to r+1 once (a guarded transaction).
+    The caller that creates the round's close marker (which fixes the participants)
+    finishes the close; everyone else leaves it alone, so one delivery aggregates and
+    nobody contends for the federation document. If that finisher died, the deadline
+    sweep (`recover=True`) finishes from the marker once it is STALE_CLOSE_S old.
+    Every finishing write is idempotent, and the federation moves from round r to
+    r+1 once (a guarded transaction).
     """
     fed = fed_ref(svc, fid).get().to_dict()
     round_doc = round_ref(svc, fid, r).get().to_dict()
@@ -256,24 +261,31 @@ def advance(svc: Services, fid: str, r: int, now: datetime) -> str:
     config = FederationConfig.model_validate(fed["config"])
     updates, _, marker = _round_parts(svc, fid, r)
     closing = marker.get().to_dict()
-    if closing is None:
-        reported = {snap.id: snap.to_dict() for snap in updates.stream()}
-        decision = close_decision(round_doc, list(reported), config.quorum, now)
-        if decision is None:
-            return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported"
-        status, reason = decision
-        try:
-            marker.create({"status": status.value, "reason": reason, "participants": sorted(reported), "at": now})
-        except AlreadyExists:
-            pass  # someone else decided first; finish with their decision
-        closing = marker.get().to_dict()
-    return _finish_close(svc, fed, config, round_doc, closing, now)
+    if closing is not None:
+        if recover and (now - closing["at"]).total_seconds() >= STALE_CLOSE_S:
+            return _finish_close(svc, fed, config, round_doc, closing, now)
+        return f"round {r} is being closed by another delivery"
+    reported = {snap.id: snap.to_dict() for snap in updates.stream()}
+    decision = close_decision(round_doc, list(reported), config.quorum, now)
+    if decision is None:
+        return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported"
+    status, reason = decision
+    closing = {"status": status.value, "reason": reason, "participants": sorted(reported), "at": now}
+    try:
+        marker.create(closing)
+    except AlreadyExists:
+        return f"round {r} is being closed by another delivery"
+    return _finish_close(svc, fed, config, round_doc, closing, now, reported)
 
 
-def _finish_close(svc: Services, fed: dict, config: FederationConfig, round_doc: dict, closing: dict, now: datetime) -> str:
+def _finish_close(
+    svc: Services, fed: dict, config: FederationConfig, round_doc: dict, closing: dict, now: datetime, reported: dict | None = None
+) -> str:
     fid, r = config.id, round_doc["round"]
-    updates, _, _ = _round_parts(svc, fid, r)
-    participants = {node: updates.document(node).get().to_dict() for node in closing["participants"]}
+    if reported is None:
+        updates, _, _ = _round_parts(svc, fid, r)
+        reported = {node: updates.document(node).get().to_dict() for node in closing["participants"]}
+    participants = {node: reported[node] for node in closing["participants"]}
     status, training = RoundStatus(closing["status"]), round_doc["kind"] == "train"
     round_update: dict = {"status": status.value, "closed_at": closing["at"], "reason": closing["reason"], "participants": closing["participants"]}
     fed_update: dict = {"updated_at": now}
@@ -315,4 +327,4 @@ def _finish_close(svc: Services, fed: dict, config: FederationConfig, round_doc:
 def sweep_deadlines(svc: Services, now: datetime) -> list[str]:
     """Close rounds whose deadline passed (with quorum) or fail them; run periodically."""
     running = svc.db.collection(svc.settings.federations_collection).where(filter=firestore.FieldFilter("status", "==", "running")).stream()
-    return [f"{snap.id}: {advance(svc, snap.id, snap.get('round'), now)}" for snap in running]
+    return [f"{snap.id}: {advance(svc, snap.id, snap.get('round'), now, recover=True)}" for snap in running]
