@@ -202,7 +202,7 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     closing = marker.get()
     if closing.exists and node not in closing.get("participants"):
         return refuse_late()  # the round closed between our check and our write
-    return f"recorded; {advance(svc, fid, r, now)}"
+    return f"recorded; {advance(svc, fid, r, now, round_doc=round_doc)}"
 
 
 def _download(svc: Services, uri: str) -> bytes:
@@ -244,7 +244,7 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
 STALE_CLOSE_S = 15.0  # a close marker this old on a still-open round: its finisher died
 
 
-def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False) -> str:
+def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False, round_doc: dict | None = None) -> str:
     """Close round r if it may close now, then open round r+1 or complete the federation.
 
     The caller that creates the round's close marker (which fixes the participants)
@@ -255,7 +255,7 @@ def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = Fals
     r+1 once (a guarded transaction).
     """
     fed = fed_ref(svc, fid).get().to_dict()
-    round_doc = round_ref(svc, fid, r).get().to_dict()
+    round_doc = round_doc or round_ref(svc, fid, r).get().to_dict()
     if not fed or not round_doc or fed.get("status") != "running" or fed.get("round") != r:
         return "nothing to do"
     config = FederationConfig.model_validate(fed["config"])
