@@ -39,6 +39,7 @@ from shared.federation import (
     weighted_metrics,
 )
 from shared.ingest import RawObject, Services
+from shared.io_pool import IO, parallel
 from shared.jobs import DatasetRef, FederationRef, Job, JobSpec
 from shared.jobstore import JobStore
 from shared.model_spec import param_spec
@@ -169,7 +170,11 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     Each node's update is its own document, created once (a duplicate event finds it
     there), so nodes reporting together never contend for one document.
     """
-    blob = svc.gcs.bucket(obj.bucket).get_blob(obj.name)
+    updates, late, marker = _round_parts(svc, fid, r)
+    # Independent reads, issued together: each is a round trip, and this is every round's critical path.
+    blob, round_snap, counted, closed = parallel(
+        lambda: svc.gcs.bucket(obj.bucket).get_blob(obj.name), round_ref(svc, fid, r).get, updates.document(node).get, marker.get
+    )
     meta = (blob.metadata if blob else None) or {}
     try:
         update = {
@@ -179,21 +184,19 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     except (KeyError, ValueError) as exc:
         log.error("update %s lacks its metadata (%s); refused", obj.name, exc)
         return "refused: no examples/metrics metadata"
-    round_doc = round_ref(svc, fid, r).get().to_dict()
+    round_doc = round_snap.to_dict()
     if round_doc is None:
         return "refused: unknown round"
     if node not in round_doc["expected"]:
         return f"refused: {node} is not in federation {fid}"
-    updates, late, marker = _round_parts(svc, fid, r)
 
     def refuse_late() -> str:
         late.document(f"{node}-a{attempt}").set(update)
         return f"late: round {r} is closed"
 
-    counted = updates.document(node).get()
     if counted.exists and counted.get("object") == update["object"]:
         return f"duplicate; {advance(svc, fid, r, now)}"  # the same upload delivered again
-    if round_doc["status"] != RoundStatus.OPEN or marker.get().exists:
+    if round_doc["status"] != RoundStatus.OPEN or closed.exists:
         return refuse_late()
     try:
         updates.document(node).create(update)
@@ -221,10 +224,16 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
         return uri  # an earlier try of this round wrote it (same inputs, same bytes)
     expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
     acc = StreamingMean()
-    for node in sorted(participants):  # one update in memory at a time
-        update = participants[node]
-        params, _ = weights.from_bytes(_download(svc, update["object"]), expected=expected)
-        acc.add(params, float(update["examples"]))
+    nodes = sorted(participants)
+    # One update in memory at a time (plus the next one downloading): memory stays about one model.
+    pending = IO.submit(_download, svc, participants[nodes[0]]["object"])
+    for i, node in enumerate(nodes):
+        data = pending.result()
+        if i + 1 < len(nodes):
+            pending = IO.submit(_download, svc, participants[nodes[i + 1]]["object"])
+        params, _ = weights.from_bytes(data, expected=expected)
+        del data
+        acc.add(params, float(participants[node]["examples"]))
         del params
     averaged = acc.result()
     new_global = averaged
@@ -254,18 +263,20 @@ def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = Fals
     Every finishing write is idempotent, and the federation moves from round r to
     r+1 once (a guarded transaction).
     """
-    fed = fed_ref(svc, fid).get().to_dict()
-    round_doc = round_doc or round_ref(svc, fid, r).get().to_dict()
+    updates, _, marker = _round_parts(svc, fid, r)
+    fed_snap, round_snap, marker_snap, reported_snaps = parallel(
+        fed_ref(svc, fid).get, lambda: round_doc or round_ref(svc, fid, r).get().to_dict(), marker.get, lambda: list(updates.stream())
+    )
+    fed, round_doc = fed_snap.to_dict(), round_snap
     if not fed or not round_doc or fed.get("status") != "running" or fed.get("round") != r:
         return "nothing to do"
     config = FederationConfig.model_validate(fed["config"])
-    updates, _, marker = _round_parts(svc, fid, r)
-    closing = marker.get().to_dict()
+    closing = marker_snap.to_dict()
     if closing is not None:
         if recover and (now - closing["at"]).total_seconds() >= STALE_CLOSE_S:
             return _finish_close(svc, fed, config, round_doc, closing, now)
         return f"round {r} is being closed by another delivery"
-    reported = {snap.id: snap.to_dict() for snap in updates.stream()}
+    reported = {snap.id: snap.to_dict() for snap in reported_snaps}
     decision = close_decision(round_doc, list(reported), config.quorum, now)
     if decision is None:
         return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported"
@@ -299,12 +310,13 @@ def _finish_close(
             fed_update |= {"round": r + 1, "global_model_uri": aggregate(svc, fed, r, participants)}
         else:
             fed_update |= {"status": "completed", "final": round_update["global_metrics"], "completed_at": now}
-    round_ref(svc, fid, r).update(round_update)
-    if status is RoundStatus.CLOSED and training:
+    def open_next() -> None:
         try:
             round_ref(svc, fid, r + 1).create(new_round(config, r + 1, now))
         except AlreadyExists:
             pass
+
+    parallel(lambda: round_ref(svc, fid, r).update(round_update), open_next if status is RoundStatus.CLOSED and training else lambda: None)
 
     @firestore.transactional
     def move_on(transaction: firestore.Transaction) -> bool:

@@ -178,3 +178,22 @@ def test_fed_show_and_plot_commands(cloud, clients, shares, tmp_path):
     assert fedpipe("fed", "plot", "fed-cli", "--out", str(plot)).returncode == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fedpipe("fed", "show", "no-such-federation").returncode == 1
+
+
+def test_fedadam_steps_the_server_optimizer_from_round_two(cloud, clients, shares):
+    from shared.federation import server_state_object
+
+    fed, rounds = run(clients, federation("fed-adam", rounds=3, strategy="fedadam", server_lr=0.05))
+    assert fed["status"] == "completed", fed.get("error")
+    hub = clients.gcs.bucket(clients.settings.hub_bucket)
+    assert not hub.blob(server_state_object("fed-adam", 1)).exists()  # round 1 is a plain average
+    state, _ = weights.from_bytes(hub.blob(server_state_object("fed-adam", 3)).download_as_bytes())
+    assert state["step"].tolist() == [2]  # rounds 2 and 3
+    # The round-2 model is the optimizer's step, not the plain average of the round-2 updates.
+    updates = rounds[1]["updates"]
+    params = {n: weights.from_bytes(read(clients, u["object"]))[0] for n, u in updates.items()}
+    total = sum(u["examples"] for u in updates.values())
+    average = {k: sum(params[n][k] * updates[n]["examples"] for n in params) / total for k in params["us"]}
+    global_2, _ = weights.from_bytes(hub.blob(global_model_object("fed-adam", 2)).download_as_bytes())
+    assert max(float(np.abs(global_2[k] - average[k]).max()) for k in average) > 1e-3
+    assert fed["final"]["accuracy"] > 0.5

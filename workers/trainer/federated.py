@@ -22,6 +22,7 @@ from shared import weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
 from shared.federation import FederationConfig, round_key, update_object
+from shared.io_pool import parallel
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
 from workers.trainer.training import TrainConfig, Trainer
@@ -82,25 +83,34 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
                     return {"federation": ref.id, "rounds": config.rounds, **fed["final"], "global_model_uri": fed["global_model_uri"]}
                 raise RuntimeError(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
             r = fed["round"]
-            round_ref = fed_ref.collection("rounds").document(round_key(r))
-            round_doc = round_ref.get().to_dict()
-            reported = r in done or round_ref.collection("updates").document(ref.node).get().exists
-            if reported or round_doc is None or round_doc["status"] != "open":
+            if r in done:
                 broadcasts.wait(POLL_S)
                 continue
-            train_round(job, config, fed, round_doc, trainer, split, initial, expected, hub, gcs, beat, lost_error)
+            round_ref = fed_ref.collection("rounds").document(round_key(r))
+            # Independent reads at once: they sit between the broadcast and this round's training.
+            round_snap, mine, global_params = parallel(
+                round_ref.get,
+                round_ref.collection("updates").document(ref.node).get,
+                lambda uri=fed["global_model_uri"]: load_global(gcs, uri, expected) if uri else initial,
+            )
+            round_doc = round_snap.to_dict()
+            if mine.exists or round_doc is None or round_doc["status"] != "open":
+                broadcasts.wait(POLL_S)  # reported already (e.g. before a relaunch), or the round is closing
+                continue
+            train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error)
             done.add(r)
     finally:
         broadcasts.close()
 
 
-def train_round(job, config, fed, round_doc, trainer, split, initial, expected, hub, gcs, beat, lost_error) -> None:
+def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:
+    """The hub's global model, refused unless it has exactly this model's tensors."""
+    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    return weights.from_bytes(gcs.bucket(bucket).blob(name).download_as_bytes(), expected=expected)[0]
+
+
+def train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error) -> None:
     ref, r = job.spec.federation, round_doc["round"]
-    if fed["global_model_uri"]:
-        bucket, name = fed["global_model_uri"].removeprefix("gs://").split("/", 1)
-        global_params, _ = weights.from_bytes(gcs.bucket(bucket).blob(name).download_as_bytes(), expected=expected)
-    else:
-        global_params = initial
     started = time.perf_counter()
     evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
     metrics = {"global_accuracy": evaluated["accuracy"], "global_loss": evaluated["loss"], "test_examples": evaluated["examples"]}
