@@ -14,18 +14,23 @@ shared/aggregation.py only needs NumPy. Without flwr anywhere, the Flower column
 Cases: N updates of P float32 params split over a few tensors like a real model
 (N=10, P~1.7M and N=100, P~11.1M). On the same arrays, in the same process:
 
-* ours    StreamingMean, fed one update at a time; result() included. Default backend
-          (fused saxpy from NumPy's bundled OpenBLAS when available), plus the pure-NumPy
-          backend reported separately.
+* ours    StreamingMean, fed one update at a time; construction and result() included.
+          Default backend "auto" (fused saxpy from NumPy's bundled OpenBLAS, with a watchdog
+          that falls back to NumPy under CPU oversubscription), plus the explicit "numpy"
+          and "blas" backends reported separately.
 * numpy   ``np.tensordot(w / w.sum(), stacked, axes=1)`` on a [N, P] float32 array. Building
           the stacked array is NOT timed (reported separately as numpy_stack_s); weights are
           float32 (float64 weights make NumPy upcast the whole stack, ~8x slower).
 * flower  ``flwr.server.strategy.aggregate.aggregate([(ndarrays, num_examples), ...])``.
 
 Throughput is bytes of updates read per aggregation (N * P * 4) / median wall time of
-several runs (9 small / 5 large; Flower 4 / 3). Peak extra memory is measured with tracemalloc (NumPy reports its buffers to
-it) on a separate, untimed run, relative to the already-loaded updates; for numpy it
+several rounds (9 small / 5 large) that each run every method once in a shuffled order,
+after one untimed warm-up each. Peak extra memory is measured with tracemalloc (NumPy reports its buffers
+to it) on a separate, untimed run, relative to the already-loaded updates; for numpy it
 includes the stacked copy, which is what that approach needs.
+
+Other processes on the same CPUs skew everything (and can trip the "auto" watchdog): the
+load average at start and end is printed and recorded in the JSON.
 
 The LAST line printed is one JSON object (fields for the largest case, plus all cases).
 """
@@ -37,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -101,15 +107,26 @@ def make_updates(n: int, shapes: dict[str, tuple[int, ...]], seed: int) -> list[
     return [{k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()} for _ in range(n)]
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def interleaved_medians(methods: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median wall time per method: one untimed warm-up each, then `repeats` rounds that run
+    every method once, in a shuffled order (fixed seed), so background noise and position
+    effects (e.g. running right after Flower has freed GBs, when the allocator has to fault
+    fresh pages back in) hit all methods alike."""
+    outs = {}
+    for name, fn in methods.items():
+        outs[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    order = list(methods)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        out = None
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        shuffle(order)
+        for name in order:
+            outs[name] = None
+            gc.collect()
+            t0 = time.perf_counter()
+            outs[name] = methods[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}, outs
 
 
 def peak_extra_bytes(fn) -> int:
@@ -145,34 +162,20 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     print(f"   generated updates in {time.perf_counter() - t0:.1f}s", flush=True)
     row: dict = {"case": name, "n": n, "p": p, "tensors": len(shapes), "bytes_read": nbytes, "repeats": repeats}
 
+    used: list[str] = []
+
     def ours(backend: str):
         def run():
             mean = StreamingMean(backend=backend)
             for u, w in zip(updates, weights, strict=True):
                 mean.add(u, int(w))
+            if backend == "auto":
+                used.append(mean.backend)  # "auto" may have fallen back to numpy mid-run
             return mean.result()
 
         return run
 
-    backends = ["numpy"] + (["blas"] if blas_axpy_available() else [])
-    ours_default = "blas" if blas_axpy_available() else "numpy"
-    results = {}
-    for backend in backends:
-        t, out = median_time(ours(backend), repeats)
-        results[backend] = flat(out[k] for k in shapes)
-        row[f"ours_{backend}_s"] = t
-        row[f"ours_{backend}_gbps"] = nbytes / t / GB
-        print(f"   ours[{backend:5s}] {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
-    row["ours_backend"] = ours_default
-    row["ours_s"] = row[f"ours_{ours_default}_s"]
-    row["ours_gbps"] = row[f"ours_{ours_default}_gbps"]
-    ref = results[ours_default]
-    row["ours_peak_extra_bytes"] = peak_extra_bytes(ours(ours_default))
-    row["ours_numpy_backend_peak_extra_bytes"] = peak_extra_bytes(ours("numpy"))
-    if "blas" in results:
-        row["ours_backends_rel_diff"] = rel_diff(results["numpy"], results["blas"])
-
-    # ---- numpy: tensordot on the stacked [N, P] array (stacking not timed) ----
+    # numpy baseline: tensordot on the stacked [N, P] array; stacking is not timed.
     def build_stacked() -> np.ndarray:
         stacked = np.empty((n, p), dtype=np.float32)
         for i, u in enumerate(updates):
@@ -187,31 +190,47 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     t0 = time.perf_counter()
     stacked = build_stacked()
     row["numpy_stack_s"] = time.perf_counter() - t0
-    t, out = median_time(lambda: np.tensordot(w32, stacked, axes=1), repeats)
-    row["numpy_s"], row["numpy_gbps"] = t, nbytes / t / GB
-    row["numpy_incl_stack_gbps"] = nbytes / (t + row["numpy_stack_s"]) / GB
-    row["numpy_rel_diff_vs_ours"] = rel_diff(out, ref)
-    print(f"   numpy        {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s  "
-          f"(+{row['numpy_stack_s'] * 1e3:.0f} ms to stack, not timed)", flush=True)
-    del out, stacked
-    gc.collect()
-    # Filling a preallocated [N, P] buffer row by row: the least memory this approach needs.
-    row["numpy_peak_extra_bytes"] = peak_extra_bytes(lambda: np.tensordot(w32, build_stacked(), axes=1))
+    fl_in = [([u[k] for k in shapes], int(w)) for u, w in zip(updates, weights, strict=True)]
+
+    # "auto" is what the hub uses (blas + watchdog); explicit backends for reference.
+    methods = {"ours_auto": ours("auto"), "ours_numpy": ours("numpy")}
+    if blas_axpy_available():
+        methods["ours_blas"] = ours("blas")
+    methods["numpy"] = lambda: np.tensordot(w32, stacked, axes=1)
+    if flower_aggregate is not None:
+        methods["flower"] = lambda: flower_aggregate(fl_in)
+    medians, outs = interleaved_medians(methods, repeats)
+    row["ours_backend"] = "+".join(sorted(set(used)))
+    for name, t in medians.items():
+        row[f"{name}_s"], row[f"{name}_gbps"] = t, nbytes / t / GB
+        note = {
+            "ours_auto": f"  (ran on: {row['ours_backend']})",
+            "numpy": f"  (+{row['numpy_stack_s'] * 1e3:.0f} ms to stack, not timed)",
+        }.get(name, "")
+        print(f"   {name:11s} {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s{note}", flush=True)
+    row["ours_s"], row["ours_gbps"] = row["ours_auto_s"], row["ours_auto_gbps"]
+    row["numpy_incl_stack_gbps"] = nbytes / (row["numpy_s"] + row["numpy_stack_s"]) / GB
+
+    ref = flat(outs["ours_auto"][k] for k in shapes)
+    row["numpy_rel_diff_vs_ours"] = rel_diff(outs["numpy"], ref)
+    row["ours_numpy_backend_rel_diff"] = rel_diff(flat(outs["ours_numpy"][k] for k in shapes), ref)
+    if "flower" in outs:
+        row["flower_rel_diff_vs_ours"] = rel_diff(flat(outs["flower"]), ref)
+    del outs, ref, stacked
     gc.collect()
 
-    # ---- flower ----
+    # Peak extra memory, each on its own untimed run.
+    row["ours_peak_extra_bytes"] = peak_extra_bytes(ours("auto"))
+    row["ours_numpy_backend_peak_extra_bytes"] = peak_extra_bytes(ours("numpy"))
+    # Filling a preallocated [N, P] buffer row by row: the least memory this approach needs.
+    row["numpy_peak_extra_bytes"] = peak_extra_bytes(lambda: np.tensordot(w32, build_stacked(), axes=1))
     if flower_aggregate is not None:
-        fl_in = [([u[k] for k in shapes], int(w)) for u, w in zip(updates, weights, strict=True)]
-        t, out = median_time(lambda: flower_aggregate(fl_in), max(3, repeats // 2))
-        row["flower_s"], row["flower_gbps"] = t, nbytes / t / GB
-        row["flower_rel_diff_vs_ours"] = rel_diff(flat(out), ref)
-        print(f"   flower       {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
-        del out
         row["flower_peak_extra_bytes"] = peak_extra_bytes(lambda: flower_aggregate(fl_in))
-        del fl_in
     else:
         row["flower_s"] = row["flower_gbps"] = row["flower_peak_extra_bytes"] = None
-        print("   flower       (flwr not installed: see the module docstring)", flush=True)
+        print("   flower      (flwr not installed: see the module docstring)", flush=True)
+    del fl_in
+    gc.collect()
 
     row["ours_vs_numpy"] = row["ours_gbps"] / row["numpy_gbps"]
     row["ours_vs_flower"] = row["ours_gbps"] / row["flower_gbps"] if row["flower_gbps"] else None
@@ -282,6 +301,8 @@ def main() -> None:
         "p": big["p"],
         "ours_backend": big["ours_backend"],
         "ours_numpy_backend_gbps": round(big["ours_numpy_gbps"], 3),
+        "ours_blas_backend_gbps": round(big["ours_blas_gbps"], 3) if "ours_blas_gbps" in big else None,
+        "numpy_incl_stack_gbps": round(big["numpy_incl_stack_gbps"], 3),
         "ours_peak_extra_bytes": big["ours_peak_extra_bytes"],
         "numpy_peak_extra_bytes": big["numpy_peak_extra_bytes"],
         "machine": mach,

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,11 +50,28 @@ __all__ = [
 
 Params = dict[str, np.ndarray]
 
+_log = logging.getLogger(__name__)
+
 # Elements per scratch block in the NumPy backend: 128 Ki float32 = 512 KiB, which stays
 # in a core's L2 (1 MiB on the AMD EPYC we benchmark on) between the multiply and the add.
 _CHUNK = 1 << 17
 # Below this many elements per update, threading costs more than it saves.
 _MIN_PARALLEL = 1 << 19
+# backend="auto" watchdog: OpenBLAS threads synchronise on every saxpy call (one per tensor),
+# and when other processes keep the CPUs busy with spinning thread pools (measured: a JAX
+# job on the same 2 cores) each sync can take a scheduler time slice, dropping the fused
+# path to ~0.05 GB/s while the NumPy backend (one sync per update) still does ~4 GB/s.
+# _BLAS_SLOW_CALLS_TO_SWITCH consecutive saxpy calls (on tensors of at least
+# _BLAS_WATCH_MIN_ELEMENTS, each taking over _BLAS_MIN_SECONDS) below this floor switch the
+# accumulator to the NumPy backend for the rest of its life; a single stall (page-fault
+# storm, a neighbour's burst) does not. New accumulators created within
+# _BLAS_DISTRUST_SECONDS of such a switch start on NumPy.
+_BLAS_FLOOR_BYTES_PER_S = 1e9
+_BLAS_MIN_SECONDS = 0.005
+_BLAS_WATCH_MIN_ELEMENTS = 1 << 16
+_BLAS_SLOW_CALLS_TO_SWITCH = 3
+_BLAS_DISTRUST_SECONDS = 60.0
+_blas_distrusted_until = 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -173,7 +192,9 @@ class StreamingMean:
 
     Backends: "blas" = fused saxpy from NumPy's bundled OpenBLAS (one pass, threaded by
     OpenBLAS); "numpy" = blocked ``np.multiply(out=scratch)`` + ``np.add(out=acc)`` split
-    over ``threads`` threads (ufuncs release the GIL); "auto" = blas when available.
+    over ``threads`` threads (ufuncs release the GIL); "auto" = blas when available, with
+    a watchdog that moves to numpy after 3 consecutive saxpy calls below 1 GB/s (OpenBLAS's
+    per-call thread syncs collapse when other processes oversubscribe the CPUs).
 
     Idempotency is handled by the caller, which must record the ids of the updates it
     has added and never add the same one twice. One StreamingMean is not meant to be
@@ -185,8 +206,11 @@ class StreamingMean:
             raise ValueError(f"backend must be 'auto', 'blas' or 'numpy', not {backend!r}")
         if backend == "blas" and not blas_axpy_available():
             raise ValueError("backend='blas' requested but NumPy's bundled BLAS saxpy is not available")
-        self._saxpy = _saxpy() if backend in ("auto", "blas") else None
+        use_blas = backend == "blas" or (backend == "auto" and time.monotonic() >= _blas_distrusted_until)
+        self._saxpy = _saxpy() if use_blas else None
         self.backend = "blas" if self._saxpy is not None else "numpy"
+        self._watchdog = backend == "auto"
+        self._slow_calls = 0
         self.threads = _default_threads() if threads is None else max(1, int(threads))
         self._names: tuple[str, ...] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -301,7 +325,6 @@ class StreamingMean:
 
     def _set_schema(self, arrays: dict[str, np.ndarray]) -> None:
         self._names = tuple(arrays)
-        total = 0
         # One accumulator buffer per param dtype (usually exactly one), sliced into flat
         # per-tensor views: a single large allocation is backed by transparent huge pages,
         # many small ones are not, and first-touch page faults are a visible cost here.
@@ -311,7 +334,6 @@ class StreamingMean:
             self._shapes[name] = a.shape
             self._dtypes[name] = a.dtype
             by_dtype.setdefault(a.dtype, []).append(name)
-            total += a.size
         self._groups = []
         for dtype, names in by_dtype.items():
             buf = np.empty(sum(arrays[n].size for n in names), dtype=np.result_type(dtype, np.float32))
@@ -321,7 +343,11 @@ class StreamingMean:
                 self._acc[name] = buf[off : off + size]
                 off += size
             self._groups.append((buf, tuple(names)))
-        # Split the concatenation of all tensors into `threads` equal contiguous ranges.
+        self._make_plan()
+
+    def _make_plan(self) -> None:
+        """Split the concatenation of all tensors into `threads` equal contiguous ranges."""
+        total = sum(a.size for a in self._acc.values())
         workers = self.threads if (self.backend == "numpy" and total >= _MIN_PARALLEL) else 1
         bounds = [total * k // workers for k in range(workers + 1)]
         plan: list[list[tuple[str, int, int]]] = [[] for _ in range(workers)]
@@ -340,16 +366,25 @@ class StreamingMean:
         """acc += alpha * x for every tensor."""
         flat = {name: arrays[name].reshape(-1) for name in self._names}
         if self._saxpy is not None:
-            slow = {}
-            for name, x in flat.items():
+            for i, (name, x) in enumerate(flat.items()):
                 acc = self._acc[name]
-                if acc.dtype == np.float32 and x.dtype == np.float32:
-                    self._saxpy(acc.size, alpha, x, acc)
+                if acc.dtype != np.float32 or x.dtype != np.float32:
+                    self._axpy_range(alpha, x, acc, 0, x.size, 0)
+                    continue
+                start = time.perf_counter()
+                self._saxpy(acc.size, alpha, x, acc)
+                elapsed = time.perf_counter() - start
+                if not self._watchdog or x.size < _BLAS_WATCH_MIN_ELEMENTS:
+                    continue
+                if elapsed > _BLAS_MIN_SECONDS and x.nbytes < _BLAS_FLOOR_BYTES_PER_S * elapsed:
+                    self._slow_calls += 1
                 else:
-                    slow[name] = x
-            if slow:
-                for name, x in slow.items():
-                    self._axpy_range(alpha, x, self._acc[name], 0, x.size, 0)
+                    self._slow_calls = 0
+                if self._slow_calls >= _BLAS_SLOW_CALLS_TO_SWITCH:
+                    self._abandon_blas(x.nbytes / elapsed)
+                    for rest in list(flat)[i + 1 :]:  # finish this update on the NumPy path
+                        self._axpy_range(alpha, flat[rest], self._acc[rest], 0, flat[rest].size, 0)
+                    return
             return
         plan = self._plan
         if len(plan) == 1:
@@ -359,6 +394,18 @@ class StreamingMean:
         futures = [pool.submit(self._run_ranges, alpha, flat, ranges, k) for k, ranges in enumerate(plan)]
         for f in futures:
             f.result()
+
+    def _abandon_blas(self, bytes_per_s: float) -> None:
+        global _blas_distrusted_until
+        _log.warning(
+            "BLAS saxpy ran at %.3f GB/s (CPUs oversubscribed?); using the NumPy backend "
+            "for this aggregation and for new ones in the next %.0f s",
+            bytes_per_s / 1e9, _BLAS_DISTRUST_SECONDS,
+        )
+        _blas_distrusted_until = time.monotonic() + _BLAS_DISTRUST_SECONDS
+        self._saxpy = None
+        self.backend = "numpy"
+        self._make_plan()
 
     def _run_ranges(self, alpha: float, flat: dict[str, np.ndarray], ranges, k: int) -> None:
         for name, lo, hi in ranges:

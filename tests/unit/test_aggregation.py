@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,68 @@ def test_bad_weights_and_empty_inputs_raise():
         StreamingMean().add({"steps": np.arange(3)}, 1)
     with pytest.raises(ValueError, match="backend"):
         StreamingMean(backend="cuda")
+
+
+@pytest.mark.skipif(not blas_axpy_available(), reason="NumPy's bundled BLAS saxpy not found")
+def test_auto_backend_falls_back_to_numpy_when_blas_is_slow(monkeypatch, caplog):
+    ups = make_updates(4, seed=16)
+    counts = [5, 6, 7, 8]
+    monkeypatch.setattr(agg, "_BLAS_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(agg, "_BLAS_FLOOR_BYTES_PER_S", 1e30)  # every call looks pathologically slow
+    monkeypatch.setattr(agg, "_blas_distrusted_until", 0.0)
+    monkeypatch.setattr(agg, "_BLAS_WATCH_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(agg, "_BLAS_SLOW_CALLS_TO_SWITCH", 2)
+    explicit = StreamingMean(backend="blas")
+    auto = StreamingMean(backend="auto", threads=2)
+    assert auto.backend == "blas"
+    with caplog.at_level("WARNING", logger="shared.aggregation"):
+        for u, c in zip(ups, counts):
+            explicit.add(u, c)
+            auto.add(u, c)
+    assert auto.backend == "numpy" and "using the NumPy backend" in caplog.text
+    assert explicit.backend == "blas"  # an explicit choice is kept
+    assert_close_rel(auto.result(), mean64(ups, counts))
+    assert_close_rel(explicit.result(), mean64(ups, counts))
+    # For a while, new "auto" accumulators start on NumPy; explicit "blas" is still honoured.
+    assert StreamingMean().backend == "numpy"
+    assert StreamingMean(backend="blas").backend == "blas"
+    monkeypatch.setattr(agg, "_blas_distrusted_until", 0.0)
+    assert StreamingMean().backend == "blas"
+
+
+@pytest.mark.skipif(not blas_axpy_available(), reason="NumPy's bundled BLAS saxpy not found")
+def test_auto_backend_ignores_a_single_stall(monkeypatch):
+    monkeypatch.setattr(agg, "_blas_distrusted_until", 0.0)
+    monkeypatch.setattr(agg, "_BLAS_WATCH_MIN_ELEMENTS", 0)
+    ups = make_updates(4, seed=17)
+    mean = StreamingMean(backend="auto")
+    real, calls = mean._saxpy, []
+
+    class Clock:
+        """The first timed saxpy takes 1 s, every other one 1 ns: no real timing, so load cannot flake it."""
+
+        now = 0.0
+        reads = 0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.reads += 1
+            cls.now += 1.0 if cls.reads == 2 else 1e-9
+            return cls.now
+
+        monotonic = staticmethod(time.monotonic)
+
+    monkeypatch.setattr(agg, "time", Clock)
+
+    def counted(n, alpha, x, y):
+        calls.append(n)
+        real(n, alpha, x, y)
+
+    mean._saxpy = counted
+    for u, c in zip(ups, [1, 2, 3, 4]):
+        mean.add(u, c)
+    assert calls and mean.backend == "blas"
+    assert_close_rel(mean.result(), mean64(ups, [1, 2, 3, 4]))
 
 
 def test_blas_can_be_disabled_by_env():
