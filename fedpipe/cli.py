@@ -120,7 +120,7 @@ def demo(
     local_epochs: int = 2,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam or fedyogi")] = "fedavg",
     alpha: Annotated[float, typer.Option(help="Dirichlet label skew across nodes (smaller = more skewed)")] = 0.5,
-    model: Annotated[str, typer.Option(help="with --single: logreg or mlp")] = "mlp",
+    model: Annotated[str, typer.Option(help="logreg, mlp, or cnn (square images such as digits' 8x8)")] = "mlp",
     epochs: Annotated[int, typer.Option(help="with --single: training epochs")] = 40,
     results: Annotated[Path, typer.Option(help="where plots and summaries are written")] = Path("results"),
     timeout: float = 600.0,
@@ -143,7 +143,7 @@ def demo(
             if single:
                 code, summary = _single_demo(dataset, model, epochs, timeout)
             else:
-                code, summary = _federated_demo(dataset, rounds, local_epochs, strategy, alpha, results, timeout)
+                code, summary = _federated_demo(dataset, model, rounds, local_epochs, strategy, alpha, results, timeout)
     except (StartupError, ValidationError) as exc:
         raise _fail(str(exc)) from None
     if json_out:
@@ -165,12 +165,12 @@ def _single_demo(dataset: str, model: str, epochs: int, timeout: float) -> tuple
     return (0 if report.status == JobStatus.COMPLETED else 1), report.to_json()
 
 
-def _federated_demo(dataset: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float) -> tuple[int, dict]:
+def _federated_demo(dataset: str, model: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float) -> tuple[int, dict]:
     from fedpipe.fed_demo import run_federated_demo
 
     settings = context.settings()
     report = run_federated_demo(context.db(), context.gcs(), settings, console, source=dataset, nodes=list(settings.nodes), rounds=rounds,
-                                local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout)
+                                local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout, model=model)
     summary = report.to_json()
     if report.status != "completed":
         err.print(f"[red]federation {report.status}[/]: {report.error or ''}")

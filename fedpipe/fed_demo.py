@@ -142,8 +142,9 @@ class FedDemoReport:
 
 
 def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Settings, console: Console, *, source: str, nodes: list[str],
-                       rounds: int, local_epochs: int, strategy: str, alpha: float, results_dir: Path, timeout_s: float) -> FedDemoReport:
-    fid = f"{source.replace('_', '-')}-{strategy}"
+                       rounds: int, local_epochs: int, strategy: str, alpha: float, results_dir: Path, timeout_s: float,
+                       model: str = "mlp") -> FedDemoReport:
+    fid = f"{source.replace('_', '-')}-{model}-{strategy}"
     started = time.monotonic()
     shares = upload_node_shares(gcs, settings, nodes, source, source, alpha, seed=0)
     for node, share in shares.items():
@@ -151,7 +152,7 @@ def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Sett
     wait_datasets(db, settings, nodes, source, timeout_s)
     console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] every node's data set is preprocessed in its own buckets")
     config = FederationConfig(
-        id=fid, nodes=[{"name": n, "dataset": source} for n in nodes], model="mlp", rounds=rounds, local_epochs=local_epochs,
+        id=fid, nodes=[{"name": n, "dataset": source} for n in nodes], model=model, rounds=rounds, local_epochs=local_epochs,
         strategy=strategy, prox_mu=0.01 if strategy == "fedprox" else 0.0, round_deadline_s=120, lease_seconds=60,
     )
     console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] federation {fid}: {rounds} rounds x {local_epochs} local epochs, {strategy}; "
