@@ -23,7 +23,11 @@ from shared.jobs import TrainSpec
 
 # Anchored with \Z: `$` would also accept a trailing newline.
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
-UPDATE_PATH = re.compile(r"^federations/(?P<fid>[a-z0-9][a-z0-9-]*)/round-(?P<round>\d{4})/(?P<node>[A-Za-z0-9_-]+)-a(?P<attempt>\d+)\.(?P<kind>safetensors|json)\Z")
+# Each node writes under its own prefix, so the hub can trust the node a name claims:
+# the node's identity may create objects under updates/<node>/ only (infra/main.tf).
+UPDATE_PATH = re.compile(
+    r"^updates/(?P<node>[A-Za-z0-9_-]+)/(?P<fid>[a-z0-9][a-z0-9-]*)/round-(?P<round>\d{4})-a(?P<attempt>\d+)\.(?P<kind>safetensors|json)\Z"
+)
 REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9][a-z0-9-]*)\.json\Z")
 
 
@@ -94,7 +98,7 @@ def round_key(r: int) -> str:
 
 def update_object(fid: str, r: int, node: str, attempt: int, evaluate: bool) -> str:
     """Where a node's worker uploads its update; the attempt keeps a retry from overwriting."""
-    return f"federations/{fid}/round-{round_key(r)}/{node}-a{attempt}.{'json' if evaluate else 'safetensors'}"
+    return f"updates/{node}/{fid}/round-{round_key(r)}-a{attempt}.{'json' if evaluate else 'safetensors'}"
 
 
 def global_model_object(fid: str, r: int) -> str:

@@ -1,8 +1,8 @@
 """The hub of a federation: start it, record node updates, close rounds, aggregate, broadcast.
 
 `handle_hub_object` is what happens when an object lands in the hub bucket:
-`requests/{id}.json` starts a federation, and an update under
-`federations/{id}/round-{r}/` is recorded in the round document. Once every node
+`requests/{id}.json` starts a federation, and a node's update under
+`updates/{node}/{id}/` is recorded in the round document. Once every node
 (or a quorum, after the deadline) has reported, `advance` aggregates the updates
 one at a time into a single accumulator (memory stays one model's size), writes the
 new global model, and opens and broadcasts the next round.

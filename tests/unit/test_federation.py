@@ -166,8 +166,8 @@ class TestObjectNames:
         assert sorted(round_key(r) for r in rounds) == [round_key(r) for r in rounds]
 
     def test_update_object_names(self):
-        assert update_object("fed-1", 3, "us", 1, evaluate=False) == "federations/fed-1/round-0003/us-a1.safetensors"
-        assert update_object("fed-1", 11, "eu", 2, evaluate=True) == "federations/fed-1/round-0011/eu-a2.json"
+        assert update_object("fed-1", 3, "us", 1, evaluate=False) == "updates/us/fed-1/round-0003-a1.safetensors"
+        assert update_object("fed-1", 11, "eu", 2, evaluate=True) == "updates/eu/fed-1/round-0011-a2.json"
 
     @pytest.mark.parametrize(
         "fid,r,node,attempt,evaluate",
@@ -195,19 +195,20 @@ class TestObjectNames:
             "federations/x/global/round-0001.safetensors",
             "federations/x/global/server-state-0001.safetensors",
             "requests/x.json",
-            "federations/x/round-0001/us-a1.npz",
-            "federations/x/round-0001/us.safetensors",  # no attempt
-            "federations/x/round-0001/us-a.json",
-            "federations/x/round-1/us-a1.json",  # round not padded
-            "federations/x/round-00001/us-a1.json",
-            "federations/X/round-0001/us-a1.json",  # upper-case federation id
-            "federations/x/round-0001/sub/us-a1.json",
-            "federations/x/round-0001/u.s-a1.json",
-            "other/federations/x/round-0001/us-a1.json",
-            "x/round-0001/us-a1.json",
-            "federation/x/round-0001/us-a1.json",
-            "federations/x/round-0001/us-a1.json.tmp",
-            "federations//round-0001/us-a1.json",
+            "federations/x/round-0001/us-a1.json",  # the old layout: no per-node prefix
+            "updates/us/x/round-0001-a1.npz",
+            "updates/us/x/round-0001.safetensors",  # no attempt
+            "updates/us/x/round-0001-a.json",
+            "updates/us/x/round-1-a1.json",  # round not padded
+            "updates/us/x/round-00001-a1.json",
+            "updates/us/X/round-0001-a1.json",  # upper-case federation id
+            "updates/us/x/sub/round-0001-a1.json",
+            "updates/u.s/x/round-0001-a1.json",
+            "other/updates/us/x/round-0001-a1.json",
+            "updates/x/round-0001-a1.json",  # no node
+            "update/us/x/round-0001-a1.json",
+            "updates/us/x/round-0001-a1.json.tmp",
+            "updates/us//round-0001-a1.json",
             "",
         ],
     )
@@ -234,13 +235,13 @@ class TestObjectNames:
     @pytest.mark.parametrize(
         "name",
         ["requests/Fed.json", "requests/x.yaml", "requests/x.json.bak", "requests/a/b.json", "requests/.json",
-         "other/requests/x.json", "federations/x/round-0001/us-a1.json", "requests/x_y.json"],
+         "other/requests/x.json", "updates/us/x/round-0001-a1.json", "requests/x_y.json"],
     )
     def test_request_path_refuses(self, name):
         assert REQUEST_PATH.match(name) is None
 
     def test_update_path_refuses_trailing_newline(self):
-        assert UPDATE_PATH.match("federations/x/round-0001/us-a1.json\n") is None
+        assert UPDATE_PATH.match("updates/us/x/round-0001-a1.json\n") is None
 
     def test_request_path_refuses_trailing_newline(self):
         assert REQUEST_PATH.match("requests/x.json\n") is None
