@@ -307,8 +307,10 @@ resource "google_firestore_database" "db" {
 # ---------------------------------------------------------------------------
 # Three identities, each with only what its code does:
 #   functions       runs every function and is the Eventarc trigger identity;
-#   worker-<node>   one per node: reads only its own node's processed shards,
-#                   follows round broadcasts on fed_rounds;
+#   worker-<node>   one per node: reads only its own node's processed shards
+#                   and the hub's global models, adds updates only under
+#                   updates/<node>/ in the hub, follows round broadcasts on
+#                   fed_rounds;
 #   build           builds function containers (Cloud Build).
 # No service-account keys: everything runs as an attached identity.
 
@@ -356,17 +358,29 @@ locals {
   # and weight update (hub) as new objects: create only, so it cannot alter
   # shards or other attempts' results. Its update's custom metadata (examples,
   # metrics) travels in the upload itself, which objects.create covers.
-  # In the hub a worker only touches federations/ (global models it reads,
-  # federations/<id>/round-<r>/<node>-a<n>.* it writes, shared.federation): the
-  # prefix condition keeps it from reading or dropping federation requests
-  # (requests/), which would start a federation over every node's data.
-  worker_hub_prefix = "federations/"
+  # In the hub (object names: shared.federation) a worker gets two prefixes:
+  #   read    federations/        global models federations/<id>/global/round-<r>
+  #                               (the prefix also covers the hub's server state
+  #                               federations/<id>/global/server-state-<r>, which
+  #                               is derived from aggregates only; the id sits
+  #                               first, so startsWith cannot exclude it);
+  #   create  updates/<node>/     its own updates updates/<node>/<id>/round-<r>-a<n>.*
+  #                               and nothing else.
+  # The hub takes an update's node from its object name, so the per-node create
+  # prefix is what stops a compromised worker from uploading an update in
+  # another node's name; the trailing "/" keeps node "us" out of "us-east".
+  # Neither prefix covers requests/: a worker can neither read nor drop a
+  # federation request, which would start a federation over every node's data.
+  # Nor can a worker read updates/ at all, its own or other nodes' (a single
+  # node's update says more about its data than the aggregate does).
+  worker_hub_read_prefix   = "federations/"
+  worker_hub_update_prefix = { for node, _ in var.nodes : node => "updates/${node}/" }
   worker_bucket_roles = merge([
     for node, _ in var.nodes : {
       "${node}-processed-read"   = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectViewer", prefix = null }
       "${node}-processed-create" = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectCreator", prefix = null }
-      "${node}-hub-read"         = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectViewer", prefix = local.worker_hub_prefix }
-      "${node}-hub-create"       = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectCreator", prefix = local.worker_hub_prefix }
+      "${node}-hub-read"         = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectViewer", prefix = local.worker_hub_read_prefix }
+      "${node}-hub-create"       = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectCreator", prefix = local.worker_hub_update_prefix[node] }
     }
   ]...)
 }
@@ -387,6 +401,10 @@ resource "google_storage_bucket_iam_member" "worker" {
   # Object-name prefix (IAM Conditions on Cloud Storage need uniform
   # bucket-level access, which every bucket here has). Listing is evaluated on
   # the bucket, so it is denied under a condition; workers fetch by name only.
+  # Not verified on a real bucket: that the condition admits the resumable
+  # upload google-cloud-storage switches to above 8 MiB (larger models; the
+  # object name is only in the request that opens the session) as it admits a
+  # single-request upload.
   dynamic "condition" {
     for_each = each.value.prefix == null ? [] : [each.value.prefix]
     content {

@@ -22,6 +22,13 @@ variable "nodes" {
     processed_bucket  = string
     quarantine_bucket = string
   }))
+
+  validation {
+    # A node's name is spliced into its worker's IAM condition (updates/<node>/
+    # in the hub) and must be one shared.federation.UPDATE_PATH can parse back.
+    condition     = alltrue([for node in keys(var.nodes) : can(regex("^[A-Za-z0-9_-]+$", node))])
+    error_message = "Node names: letters, digits, '_' and '-' only (they appear in update object names and IAM conditions)."
+  }
 }
 
 variable "hub_bucket" {

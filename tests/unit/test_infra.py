@@ -532,28 +532,87 @@ def test_parsed_workers_subscribe_to_round_broadcasts(parsed):
     assert "delete_subscription" not in worker or "pubsub.subscriptions.delete" in permissions
 
 
-def test_parsed_workers_reach_global_models_and_add_updates_in_the_hub(parsed):
-    from shared.federation import REQUEST_PATH, global_model_object, update_object
+def _hub_grants(roles: str) -> dict[str, tuple[str, str]]:
+    """worker_bucket_roles (parsed) -> {key: (role, prefix expression)} for the hub bucket's grants."""
+    entries = re.findall(
+        r'"\$\{node\}-([a-z-]+)"\s*=\s*\{node = node, bucket = ([^,]+), role = "([^"]+)", prefix = ([^,}]+)\}', roles
+    )
+    assert len(entries) == 4, roles  # processed read/create, hub read/create
+    return {key: (role, prefix.strip()) for key, bucket, role, prefix in entries if bucket == "google_storage_bucket.hub.name"}
+
+
+def _node_prefix(template_expr: str, node: str) -> str:
+    """The per-node prefix local (`{ for node, _ in var.nodes : node => "updates/${node}/" }`) rendered for `node`."""
+    m = re.fullmatch(r'\$\{\{for node, _ in var\.nodes : node => "([^"]*)"\}\}', template_expr)
+    assert m, template_expr
+    assert "${node}" in m.group(1), "the write prefix must be per node"
+    return m.group(1).replace("${node}", node)
+
+
+def test_parsed_workers_read_global_models_and_create_only_their_own_updates_in_the_hub(parsed):
+    from shared.federation import REQUEST_PATH, UPDATE_PATH, global_model_object, server_state_object, update_object
 
     main = parsed["main.tf"]
     local = _locals(main)
-    prefix = local["worker_hub_prefix"]
-    assert global_model_object("f1", 3).startswith(prefix)
-    assert update_object("f1", 3, "us", 1, evaluate=False).startswith(prefix)
-    assert update_object("f1", 3, "us", 1, evaluate=True).startswith(prefix)
-    assert not REQUEST_PATH.match(prefix + "x.json") and REQUEST_PATH.match("requests/x.json")
-    roles = local["worker_bucket_roles"]
-    for key, role in (("read", "objectViewer"), ("create", "objectCreator")):
-        assert re.search(
-            rf'"\$\{{node\}}-hub-{key}"\s*=\s*\{{[^}}]*google_storage_bucket\.hub\.name, '
-            rf'role = "roles/storage\.{role}", prefix = local\.worker_hub_prefix',
-            roles,
-        ), key
+    read_prefix = local["worker_hub_read_prefix"]
+    write_prefix = {node: _node_prefix(local["worker_hub_update_prefix"], node) for node in ("us", "eu", "us-east")}
+
+    # The names shared.federation uses are the ones the conditions admit.
+    assert read_prefix == "federations/"
+    assert global_model_object("f", 1).startswith(read_prefix)
+    assert server_state_object("f", 1).startswith(read_prefix)  # covered too (see main.tf)
+    for evaluate in (False, True):
+        update = update_object("f", 1, "us", 1, evaluate)
+        assert update.startswith(write_prefix["us"]), (update, write_prefix["us"])
+        assert UPDATE_PATH.match(update)["node"] == "us"  # the node the hub reads is the one the prefix pins
+        # Not in another node's name, a node sharing its first letters included ...
+        assert not update.startswith(write_prefix["eu"]) and not update.startswith(write_prefix["us-east"])
+        assert not update_object("f", 1, "us-east", 1, evaluate).startswith(write_prefix["us"])
+        # ... and workers cannot read updates, their own or others'.
+        assert not update.startswith(read_prefix)
+    # Neither prefix reaches federation requests, and global models are not writable.
+    for prefix in (read_prefix, *write_prefix.values()):
+        assert not REQUEST_PATH.match(prefix + "x.json") and not prefix.startswith("requests/")
+        assert REQUEST_PATH.match("requests/x.json")
+    for prefix in write_prefix.values():
+        assert not global_model_object("f", 1).startswith(prefix) and not server_state_object("f", 1).startswith(prefix)
+
+    # The grants: in the hub, view under the read prefix, create under the node's own prefix, nothing else.
+    hub = _hub_grants(local["worker_bucket_roles"])
+    assert hub == {
+        "hub-read": ("roles/storage.objectViewer", "local.worker_hub_read_prefix"),
+        "hub-create": ("roles/storage.objectCreator", "local.worker_hub_update_prefix[node]"),
+    }
+    # No worker gets create on federations/: its only create in the hub is under updates/<node>/,
+    # which neither contains nor is contained in federations/.
+    for node, value in write_prefix.items():
+        assert value == f"updates/{node}/"
+        assert not value.startswith("federations/") and not "federations/".startswith(value), (node, value)
+
+    # The condition pins the object name to that prefix.
     worker = _resources(main)[("google_storage_bucket_iam_member", "worker")]
     (dynamic,) = worker["dynamic"]
     (condition,) = dynamic["condition"]["content"]
-    assert condition["expression"].startswith("resource.name.startsWith(")
-    assert "projects/_/buckets/${each.value.bucket}/objects/${condition.value}" in condition["expression"]
+    # (python-hcl2 keeps the HCL escapes of the inner quotes.)
+    assert condition["expression"] == 'resource.name.startsWith(\\"projects/_/buckets/${each.value.bucket}/objects/${condition.value}\\")'
+    assert dynamic["condition"]["for_each"] == "${each.value.prefix == null ? [] : [each.value.prefix]}"
+
+
+def test_worker_hub_prefixes_as_text():
+    # The same split as the parsed test above, checked without python-hcl2.
+    from shared.federation import global_model_object, update_object
+
+    main = strip_comments(tf_text("main.tf"))
+    read = re.search(r'^  worker_hub_read_prefix\s*=\s*"([^"]+)"$', main, re.MULTILINE)
+    write = re.search(r'^  worker_hub_update_prefix\s*=\s*\{ for node, _ in var\.nodes : node => "([^"]+)" \}$', main, re.MULTILINE)
+    assert read and write
+    assert global_model_object("f", 1).startswith(read.group(1))
+    assert update_object("f", 1, "us", 1, False).startswith(write.group(1).replace("${node}", "us"))
+    assert not update_object("f", 1, "us", 1, False).startswith(write.group(1).replace("${node}", "us-east"))
+    assert "worker_hub_prefix " not in main and "worker_hub_prefix\n" not in main, "the shared read/create prefix is gone"
+    creates = re.findall(r'role = "roles/storage\.objectCreator", prefix = ([^ }]+)', main)
+    assert sorted(creates) == ["local.worker_hub_update_prefix[node]", "null"]
+    assert re.search(r'validation \{[^}]*keys\(var\.nodes\)[^}]*\^\[A-Za-z0-9_-\]\+\$', declared_variables()["nodes"])
 
 
 def test_parsed_variables_cover_the_render(parsed):
