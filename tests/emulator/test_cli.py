@@ -117,3 +117,21 @@ def test_quarantine_and_events_commands(cloud, clients):
     )
     time.sleep(0.5)
     assert fedpipe("events", "replay", "no-such-event").returncode == 1
+
+
+def test_cancel_stops_a_running_worker(cloud, clients):
+    from emulators.launcher import worker_pid_file
+
+    upload_digits(clients, "cli-cancel", parts=1)
+    job_of_dataset(clients, "cli-cancel")
+    submitted = fedpipe("submit", "--node", "us", "--dataset", "cli-cancel", "--epochs", "5000", "--job-id", "cli-cancel-long")
+    assert submitted.returncode == 0, submitted.stderr
+    job = wait_for(lambda: (j := wait_job(clients, "cli-cancel-long", {"running"})) and j.progress.get("epoch", 0) >= 1 and j, 60, "training")
+    pid = int(worker_pid_file(Path(cloud.endpoints.state_dir), job.id, 1).read_text())
+
+    cancelled = fedpipe("jobs", "cancel", "cli-cancel-long")
+    assert cancelled.returncode == 0 and "cancelled cli-cancel-long" in cancelled.stdout
+    wait_for(lambda: not alive(pid), 30, "the worker to stop at its next heartbeat")
+    final = wait_job(clients, "cli-cancel-long", {"cancelled", "completed", "failed"})
+    assert final.status == "cancelled" and not final.results
+    assert fedpipe("jobs", "cancel", "cli-cancel-long").returncode == 1  # already ended
