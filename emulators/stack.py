@@ -218,6 +218,19 @@ class LocalCloud:
             wait_ready(proc, http_ok(f"http://127.0.0.1:{ep.function_ports[name]}/"), 60)
         return proc
 
+    def revive_functions(self) -> list[str]:
+        """Restart any function process that died (as Cloud Run would), telling the user why."""
+        revived = []
+        for proc in [p for p in self.processes if p.name.startswith("function-") and not p.alive()]:
+            name = proc.name.removeprefix("function-")
+            self.on_step(f"function {name} exited (code {proc.popen.returncode}); restarting. Log {proc.log_path}:\n{proc.log_tail(5)}")
+            self.processes.remove(proc)
+            self.start_function(name)
+            revived.append(name)
+        if revived:
+            self._record_pids()
+        return revived
+
     def stop_function(self, name: str) -> None:
         """Take one function down (its events are retried by the router until it is back)."""
         for proc in [p for p in self.processes if p.name == f"function-{name}"]:

@@ -80,7 +80,8 @@ def up(
             _print_endpoints(cloud.endpoints)
             console.print("\nCtrl-C or `fedpipe down` stops everything.")
             try:
-                done.wait()
+                while not done.wait(2.0):
+                    cloud.revive_functions()
             except KeyboardInterrupt:
                 pass
             console.print("stopping...")

@@ -148,3 +148,19 @@ def test_scheduler_tick_reaches_the_tick_function(cloud, clients):
     message_id = clients.publisher.publish(topic, b"{}").result()
     record = wait_for(lambda: deliveries(clients, lambda r: r["event_id"] == message_id), 30, "the tick delivery")[0]
     assert (record["function"], record["status"], record["attempts"]) == ("on_tick", "delivered", 1)
+
+
+def test_a_crashed_function_is_revived_and_its_events_still_arrive(cloud, clients):
+    from emulators.processes import kill_group
+
+    [proc] = [p for p in cloud.processes if p.name == "function-on_shard_ready"]
+    kill_group(proc.pid, grace_s=0)
+    wait_for(lambda: not proc.alive(), 10, "the function to die")
+    topic = clients.publisher.topic_path(clients.settings.project, clients.settings.shard_ready_topic)
+    message_id = clients.publisher.publish(topic, b"not json").result()
+    assert cloud.revive_functions() == ["on_shard_ready"]
+    assert cloud.revive_functions() == []  # nothing else is down
+    record = wait_for(
+        lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == message_id) if r["status"] == "delivered"], 30, "the delivery"
+    )[0]
+    assert record["function"] == "on_shard_ready"
