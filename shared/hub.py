@@ -310,6 +310,7 @@ def _finish_close(
             fed_update |= {"round": r + 1, "global_model_uri": aggregate(svc, fed, r, participants)}
         else:
             fed_update |= {"status": "completed", "final": round_update["global_metrics"], "completed_at": now}
+
     def open_next() -> None:
         try:
             round_ref(svc, fid, r + 1).create(new_round(config, r + 1, now))
@@ -328,6 +329,7 @@ def _finish_close(
 
     if not move_on(svc.db.transaction()):
         return f"round {r} already closed"
+    # Should we die before broadcasting, workers still find round r+1 by polling the federation.
     if status is RoundStatus.FAILED:
         return f"federation failed: {closing['reason']}"
     if training:
