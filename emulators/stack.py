@@ -96,6 +96,8 @@ class LocalCloud:
         self.processes: list[ManagedProcess] = []
         self.endpoints: Endpoints | None = None
         self.watcher: CodeWatcher | None = None
+        # The code watcher's restarts and `up`'s revival of dead functions run on different threads.
+        self._functions_lock = threading.RLock()
 
     def __enter__(self) -> LocalCloud:
         try:
@@ -197,6 +199,10 @@ class LocalCloud:
         ep.save()
 
     def _reload(self, changed: list[Path]) -> None:
+        with self._functions_lock:
+            self._restart_functions(changed)
+
+    def _restart_functions(self, changed: list[Path]) -> None:
         self.on_step(f"code changed ({', '.join(p.name for p in changed[:3])}{', ...' if len(changed) > 3 else ''}): restarting functions")
         names = list(self.endpoints.function_ports)
         for name in names:
@@ -220,6 +226,10 @@ class LocalCloud:
 
     def revive_functions(self) -> list[str]:
         """Restart any function process that died (as Cloud Run would), telling the user why."""
+        with self._functions_lock:
+            return self._revive_functions()
+
+    def _revive_functions(self) -> list[str]:
         revived = []
         for proc in [p for p in self.processes if p.name.startswith("function-") and not p.alive()]:
             name = proc.name.removeprefix("function-")

@@ -442,16 +442,18 @@ resource "google_pubsub_topic_iam_member" "functions_publish" {
 # before the worker creates it, so no subscription-level grant can be made in
 # advance, and Pub/Sub IAM conditions cannot match resource names (only Pub/Sub
 # Lite supports them): consume is granted at project level as well.
-# Not granted: pubsub.subscriptions.delete/update/get/list. The worker never
-# deletes or inspects its subscription; an idle one expires after 31 days
-# (Pub/Sub's default expiration policy, which the worker keeps).
+# The worker deletes its subscription when the federation ends, so finished
+# federations do not leave subscriptions receiving every later broadcast (a crashed
+# worker's expires after 31 days of idleness, Pub/Sub's default).
+# Not granted: pubsub.subscriptions.update/get/list.
 resource "google_project_iam_custom_role" "round_subscriber" {
   role_id     = "${replace(var.name_prefix, "-", "_")}_round_subscriber"
   title       = "${var.name_prefix} round-broadcast subscriber"
-  description = "Create a pull subscription (topic-level pubsub.topics.attachSubscription is granted on the fed-rounds topic only) and consume it."
+  description = "Create a pull subscription (topic-level pubsub.topics.attachSubscription is granted on the fed-rounds topic only), consume it, delete it."
   permissions = [
     "pubsub.subscriptions.create",
     "pubsub.subscriptions.consume",
+    "pubsub.subscriptions.delete",
   ]
 
   depends_on = [google_project_service.api]

@@ -143,13 +143,15 @@ def start_federation(svc: Services, config: FederationConfig, now: datetime) -> 
         transaction.create(round_ref(svc, config.id, 1), new_round(config, 1, now))
         return True
 
-    if not create(svc.db.transaction()):
-        return False
+    created = create(svc.db.transaction())
+    # Also on a redelivery: a first try may have died between the transaction and here.
+    # Creating a job that exists is a no-op, and a repeated broadcast only wakes workers.
     store = JobStore(svc.db, svc.settings)
     for job in jobs.values():
         store.create(job)
-    broadcast(svc, config.id, 1)
-    return True
+    if created or fed_ref(svc, config.id).get().get("round") == 1:
+        broadcast(svc, config.id, 1)
+    return created
 
 
 def broadcast(svc: Services, fid: str, r: int) -> None:
@@ -189,6 +191,10 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         return "refused: unknown round"
     if node not in round_doc["expected"]:
         return f"refused: {node} is not in federation {fid}"
+    if problem := _invalid_update(svc, fid, round_doc, obj, update):
+        late.document(f"{node}-a{attempt}").set({**update, "refused": problem})
+        log.error("update %s refused: %s", obj.name, problem)
+        return f"refused: {problem}"  # recorded, never counted: it could not be aggregated
 
     def refuse_late() -> str:
         late.document(f"{node}-a{attempt}").set(update)
@@ -206,6 +212,34 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     if closing.exists and node not in closing.get("participants"):
         return refuse_late()  # the round closed between our check and our write
     return f"recorded; {advance(svc, fid, r, now, round_doc=round_doc)}"
+
+
+REQUIRED_METRICS = {"global_accuracy", "global_loss", "test_examples"}
+
+
+def _invalid_update(svc: Services, fid: str, round_doc: dict, obj: RawObject, update: dict) -> str | None:
+    """Why this update could not be aggregated (wrong tensors, missing metrics), or None.
+
+    Checked before the update is counted, so a bad upload can never leave a round
+    closed-but-unfinishable.
+    """
+    missing = REQUIRED_METRICS - update["metrics"].keys()
+    if round_doc["kind"] == "train":
+        missing |= {"train_loss", "train_accuracy"} - update["metrics"].keys()
+    if missing:
+        return f"metrics lack {sorted(missing)}"
+    if update["examples"] <= 0 or update["metrics"]["test_examples"] <= 0:
+        return "examples must be positive"
+    if round_doc["kind"] != "train":
+        return None
+    fed = fed_ref(svc, fid).get().to_dict()
+    config = FederationConfig.model_validate(fed["config"])
+    expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
+    try:
+        weights.from_bytes(_download(svc, update["object"]), expected=expected)
+    except weights.WeightsMismatch as exc:
+        return str(exc)
+    return None
 
 
 def _download(svc: Services, uri: str) -> bytes:
@@ -341,4 +375,11 @@ def _finish_close(
 def sweep_deadlines(svc: Services, now: datetime) -> list[str]:
     """Close rounds whose deadline passed (with quorum) or fail them; run periodically."""
     running = svc.db.collection(svc.settings.federations_collection).where(filter=firestore.FieldFilter("status", "==", "running")).stream()
-    return [f"{snap.id}: {advance(svc, snap.id, snap.get('round'), now, recover=True)}" for snap in running]
+    outcomes = []
+    for snap in running:
+        try:
+            outcomes.append(f"{snap.id}: {advance(svc, snap.id, snap.get('round'), now, recover=True)}")
+        except Exception as exc:  # one federation's trouble must not stall every other's clock
+            log.exception("deadline sweep of %s failed", snap.id)
+            outcomes.append(f"{snap.id}: sweep failed: {exc}")
+    return outcomes

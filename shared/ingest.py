@@ -74,15 +74,20 @@ def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, now: da
 
     @firestore.transactional
     def store(transaction: firestore.Transaction) -> bool:
+        """False only for an older declaration arriving late; the same one again catches up below."""
         current = (ref.get(transaction=transaction).to_dict() or {})
-        if current.get("spec_generation", 0) >= obj.generation:
-            return False  # a duplicate or an older declaration arriving late
-        base = {"node": node, "dataset": dataset, "status": "collecting", "files": {}, "created_at": now}
-        transaction.set(ref, {**base, **current, "spec": spec.model_dump(mode="json"), "spec_generation": obj.generation, "updated_at": now})
+        held = current.get("spec_generation", 0)
+        if held > obj.generation:
+            return False
+        if held < obj.generation:
+            base = {"node": node, "dataset": dataset, "status": "collecting", "files": {}, "created_at": now}
+            transaction.set(ref, {**base, **current, "spec": spec.model_dump(mode="json"), "spec_generation": obj.generation, "updated_at": now})
         return True
 
+    # A retried delivery (held == generation) still runs the catch-up: the first try may
+    # have stored the declaration and then failed on a waiting file.
     if not store(svc.db.transaction()):
-        return "duplicate: declaration already stored"
+        return "stale: a newer declaration is stored"
     waiting = [
         b for b in svc.gcs.list_blobs(obj.bucket, prefix=f"{dataset}/")
         if b.name != obj.name and split_object_name(b.name)

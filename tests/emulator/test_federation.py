@@ -197,3 +197,21 @@ def test_fedadam_steps_the_server_optimizer_from_round_two(cloud, clients, share
     global_2, _ = weights.from_bytes(hub.blob(global_model_object("fed-adam", 2)).download_as_bytes())
     assert max(float(np.abs(global_2[k] - average[k]).max()) for k in average) > 1e-3
     assert fed["final"]["accuracy"] > 0.5
+
+
+def test_an_update_of_the_wrong_shape_is_refused_and_the_round_goes_on(cloud, clients, shares):
+    config = federation("fed-badshape", rounds=1)
+    start_by_upload(clients.gcs, clients.settings, config)
+    wait_for(lambda: clients.db.collection("federations").document("fed-badshape").collection("rounds").document("0001").get().exists,
+             30, "round 1")
+    bogus = clients.gcs.bucket(clients.settings.hub_bucket).blob("updates/eu/fed-badshape/round-0001-a9.safetensors")
+    bogus.metadata = {"examples": "10", "metrics": json.dumps(
+        {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5})}
+    bogus.upload_from_string(weights.to_bytes({"dense_0.kernel": np.zeros((3, 3), np.float32)}))
+
+    fed = watch_federation(clients.db, clients.settings, "fed-badshape", QUIET, 120)
+    assert fed["status"] == "completed", fed.get("error")
+    _, rounds = fed_views.load(clients.db, clients.settings, "fed-badshape")
+    assert rounds[0]["participants"] == ["eu", "us"] and rounds[0]["updates"]["eu"]["attempt"] == 1
+    [refused] = [x for x in rounds[0]["late"] if x.get("refused")]
+    assert refused["attempt"] == 9 and refused["refused"] == "missing tensor 'dense_0.bias'"

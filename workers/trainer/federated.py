@@ -43,6 +43,7 @@ class RoundBroadcasts:
             self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=30)
         except AlreadyExists:
             pass
+        self.path = path
         self._wake = threading.Event()
         self._future = self.subscriber.subscribe(path, self._on_message)
 
@@ -55,8 +56,20 @@ class RoundBroadcasts:
         self._wake.wait(timeout_s)
         self._wake.clear()
 
-    def close(self) -> None:
+    def close(self, delete: bool) -> None:
+        """Stop listening; `delete` the subscription once the federation is over (not on a crash:
+        a relaunched worker reuses it)."""
         self._future.cancel()
+        if delete:
+            try:
+                self.subscriber.delete_subscription(subscription=self.path)
+            except Exception:  # it expires by itself after 31 idle days
+                log.warning("could not delete subscription %s", self.path, exc_info=True)
+        self.subscriber.close()
+
+
+class FederationEnded(RuntimeError):
+    """The federation failed or was rejected: this node's job ends with it (no retry)."""
 
 
 def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: storage.Client, beat, lost_error: type[Exception]) -> dict:
@@ -73,15 +86,17 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
     hub = gcs.bucket(settings.hub_bucket)
     broadcasts = RoundBroadcasts(settings, ref.id, ref.node)
     done: set[int] = set()
+    over = False
     try:
         while True:
             if beat.lost.is_set():
                 raise lost_error(job.id)
             fed = fed_ref.get().to_dict()
             if fed["status"] != "running":
+                over = True
                 if fed["status"] == "completed":
                     return {"federation": ref.id, "rounds": config.rounds, **fed["final"], "global_model_uri": fed["global_model_uri"]}
-                raise RuntimeError(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
+                raise FederationEnded(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
             r = fed["round"]
             if r in done:
                 broadcasts.wait(POLL_S)
@@ -100,7 +115,7 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
             train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error)
             done.add(r)
     finally:
-        broadcasts.close()
+        broadcasts.close(delete=over)
 
 
 def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:

@@ -18,10 +18,10 @@ from google.cloud import firestore, storage
 
 from shared import weights
 from shared.config import Settings
-from shared.jobs import Job, JobStatus, utcnow
+from shared.jobs import Job, JobStatus, retry_or_fail, utcnow
 from shared.jobstore import JobStore
 from workers.trainer.data import load_dataset
-from workers.trainer.federated import run_federation
+from workers.trainer.federated import FederationEnded, run_federation
 from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.worker")
@@ -78,7 +78,13 @@ def run_job(job_id: str, attempt: int, settings: Settings, db: firestore.Client,
             return None
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            written = store.finish(job_id, attempt, utcnow(), JobStatus.FAILED, reason="worker error", error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            if job.spec.federation is not None and not isinstance(exc, FederationEnded):
+                # A federation node's error may be transient (a storage or Firestore hiccup): the
+                # next attempt picks up the current round, within the job's attempt limit.
+                written = store.update(job_id, lambda j: retry_or_fail(j, utcnow(), error) if j.attempt == attempt and not j.is_terminal else None)
+                return written.status if written else None
+            written = store.finish(job_id, attempt, utcnow(), JobStatus.FAILED, reason="worker error", error=error)
             return JobStatus.FAILED if written else None
     results["duration_s"] = round(time.monotonic() - started, 3)
     written = store.finish(job_id, attempt, utcnow(), JobStatus.COMPLETED, results=results)
