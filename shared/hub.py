@@ -87,13 +87,13 @@ def reject(svc: Services, fid: str, error: str, now: datetime) -> None:
         ref.set({"status": "rejected", "error": error, "created_at": now, "updated_at": now})
 
 
-def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats]:
+def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats, dict[str, str]]:
     """Check every node's data set is complete and of one schema; merge their statistics.
 
     Only aggregate statistics (count, mean, M2 per feature) leave a node, so every
     node standardizes with the same global mean and std, as centralized training would.
     """
-    schemas, stats = set(), []
+    schemas, stats, versions = set(), [], {}
     for node in config.nodes:
         snap = svc.db.collection(svc.settings.datasets_collection).document(DatasetRef(node=node.name, dataset=node.dataset).id).get()
         if not snap.exists or snap.get("status") != "complete":
@@ -101,6 +101,7 @@ def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, Fea
         spec = DatasetSpec.model_validate(snap.get("spec"))
         schemas.add((tuple(spec.features), spec.num_classes))
         stats.append(FeatureStats.model_validate(snap.get("stats")))
+        versions[node.name] = snap.get("version")
     if len(schemas) != 1:
         raise FederationError(f"the nodes' data sets differ in features or classes: {sorted(schemas)}")
     (features, num_classes), = schemas
@@ -108,20 +109,20 @@ def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, Fea
     for s in stats[1:]:
         merged = merged.merge(s)
     param_spec(config.model, len(features), num_classes, config.hidden)  # raises for e.g. a cnn on non-square data
-    return len(features), num_classes, merged
+    return len(features), num_classes, merged, versions
 
 
 def start_federation(svc: Services, config: FederationConfig, now: datetime) -> bool:
     """Create the federation and round 1, one job per node, and broadcast round 1. False if it exists."""
     try:
-        n_features, num_classes, stats = _node_inputs(svc, config)
+        n_features, num_classes, stats, versions = _node_inputs(svc, config)
     except ValueError as exc:
         raise FederationError(str(exc)) from exc
     jobs = {
         node.name: Job.new(
             f"fed-{config.id}-{node.name}",
             JobSpec(
-                dataset=DatasetRef(node=node.name, dataset=node.dataset), train=config.train_spec(),
+                dataset=DatasetRef(node=node.name, dataset=node.dataset, version=versions[node.name]), train=config.train_spec(),
                 federation=FederationRef(id=config.id, node=node.name),
                 max_attempts=config.max_attempts, lease_seconds=config.lease_seconds,
             ),

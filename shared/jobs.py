@@ -57,8 +57,11 @@ def utcnow() -> datetime:
 
 
 class DatasetRef(BaseModel, frozen=True):
+    """A node's data set; with `version`, exactly that content (a later re-upload does not change it)."""
+
     node: str
     dataset: str
+    version: str | None = None
 
     @property
     def id(self) -> str:

@@ -77,7 +77,7 @@ def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[
     }
     if not spec.train_on_complete:
         return summary, None
-    job = Job.new(f"train-{node}-{name}-{version}", JobSpec(dataset=DatasetRef(node=node, dataset=name), train=spec.train), now)
+    job = Job.new(f"train-{node}-{name}-{version}", JobSpec(dataset=DatasetRef(node=node, dataset=name, version=version), train=spec.train), now)
     return {**summary, "job_id": job.id}, job
 
 
@@ -109,6 +109,9 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
     if outcome is None:
         return changed, None
     summary, job = outcome
+    # The version's own record first: the job trains on exactly this content, whatever is uploaded later.
+    version = {k: summary[k] for k in ("files", "stats", "rows", "completed_at")} | {"spec": dataset.get("spec")}
+    ds_ref.collection("versions").document(summary["version"]).set(version)
     created = job is not None and JobStore(db, settings).create(job)
     ds_ref.set(summary, merge=True)
     return changed, job if created else None

@@ -108,4 +108,13 @@ def test_reupload_of_a_file_makes_a_new_version_and_job(cloud, clients):
     bucket.blob("reup/part-1.csv").upload_from_string(data)  # same bytes, new generation
 
     second = wait_for(lambda: (j := dataset_doc(clients, "us", "reup").get("job_id")) != first and j, 60, "a second job")
-    assert {j.id for j in jobs_for_dataset(clients, "reup")} == {first, second}
+    jobs = {j.id: j for j in jobs_for_dataset(clients, "reup")}
+    assert set(jobs) == {first, second}
+    # Each job is pinned to the content that completed it, whichever version is current.
+    v1, v2 = jobs[first].spec.dataset.version, jobs[second].spec.dataset.version
+    assert first.endswith(v1) and second.endswith(v2) and v1 != v2
+    versions = clients.db.collection("datasets").document("us~reup").collection("versions")
+    gens = {v: versions.document(v).get().get("files")["part-1.csv"]["generation"] for v in (v1, v2)}
+    assert gens[v1] < gens[v2]
+    done = [wait_job(clients, j, {"completed", "failed"}) for j in (first, second)]
+    assert [j.status for j in done] == ["completed", "completed"]

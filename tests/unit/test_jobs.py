@@ -244,7 +244,7 @@ def test_doc_round_trip():
     doc = job.to_doc()
     assert "id" not in doc
     assert doc["status"] == "running"
-    assert doc["spec"]["dataset"] == {"node": "us", "dataset": "iris"}
+    assert doc["spec"]["dataset"] == {"node": "us", "dataset": "iris", "version": None}
     assert len(doc["history"]) == 3
     back = Job.from_doc("job-1", doc)
     assert back == job

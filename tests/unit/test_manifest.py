@@ -110,7 +110,7 @@ def test_complete_data_set_gives_summary_and_job():
     assert job.id == f"train-us-iris-{version}"
     assert job.status is JobStatus.PENDING and job.attempt == 1
     assert job.created_at == NOW
-    assert job.spec.dataset == DatasetRef(node="us", dataset="iris")
+    assert job.spec.dataset == DatasetRef(node="us", dataset="iris", version=version)  # pinned to this content
     assert job.spec.train == TRAIN
     assert summary["status"] == "complete"
     assert summary["version"] == version

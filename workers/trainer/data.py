@@ -33,14 +33,20 @@ def load_dataset(
     db: firestore.Client, gcs: storage.Client, settings: Settings, ref: DatasetRef, test_fraction: float, seed: int,
     stats: FeatureStats | None = None,
 ) -> Split:
-    """All shards of the data set's current version, standardized with its merged statistics
-    (or `stats`, e.g. a federation's statistics over every node).
+    """All shards of the data set (the pinned `ref.version`, else the current complete one),
+    standardized with its merged statistics (or `stats`, e.g. a federation's over every node).
 
     The held-out split is a seeded permutation, so every attempt of a job sees the same split.
     """
-    doc = db.collection(settings.datasets_collection).document(ref.id).get().to_dict()
-    if not doc or doc.get("status") != "complete":
-        raise RuntimeError(f"data set {ref.node}/{ref.dataset} is not complete")
+    ds_ref = db.collection(settings.datasets_collection).document(ref.id)
+    if ref.version:
+        doc = ds_ref.collection("versions").document(ref.version).get().to_dict()
+        if not doc:
+            raise RuntimeError(f"data set {ref.node}/{ref.dataset} has no version {ref.version}")
+    else:
+        doc = ds_ref.get().to_dict()
+        if not doc or doc.get("status") != "complete":
+            raise RuntimeError(f"data set {ref.node}/{ref.dataset} is not complete")
     spec = DatasetSpec.model_validate(doc["spec"])
     uris = [uri for name in spec.expected_files for uri in doc["files"][name]["shards"]]
     with ThreadPoolExecutor(max_workers=8) as pool:
