@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.datasets import SPEC_OBJECT, DatasetSpec, split_object_name
-from shared.manifest import ShardReady, dataset_doc_id
+from shared.manifest import ShardReady, complete_if_ready, dataset_doc_id
 from shared.preprocess import RejectedFile, preprocess_file
 
 log = logging.getLogger("fedpipe.ingest")
@@ -80,8 +80,12 @@ def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, now: da
         if held > obj.generation:
             return False
         if held < obj.generation:
-            base = {"node": node, "dataset": dataset, "status": "collecting", "files": {}, "created_at": now}
-            transaction.set(ref, {**base, **current, "spec": spec.model_dump(mode="json"), "spec_generation": obj.generation, "updated_at": now})
+            # A new declaration starts collecting again; its files may already all be in (checked below).
+            base = {"node": node, "dataset": dataset, "files": {}, "created_at": now}
+            transaction.set(ref, {
+                **base, **current, "status": "collecting", "spec": spec.model_dump(mode="json"),
+                "spec_generation": obj.generation, "updated_at": now,
+            })
         return True
 
     # A retried delivery (held == generation) still runs the catch-up: the first try may
@@ -94,20 +98,26 @@ def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, now: da
     ]
     for blob in waiting:
         process_data_file(svc, node, dataset, blob.name.split("/", 1)[1], RawObject(obj.bucket, blob.name, blob.generation, blob.size), now)
+    # A re-declaration of files that are all in already gets no new shard-ready message.
+    complete_if_ready(svc.db, svc.settings, ref, now)
     return f"declaration stored; {len(waiting)} earlier file(s) processed"
 
 
 def process_data_file(svc: Services, node: str, dataset: str, file_name: str, obj: RawObject, now: datetime) -> str:
     record_ref = _files(svc, node, dataset).document(file_name)
     record = record_ref.get().to_dict() or {}
-    if record.get("generation", 0) > obj.generation or (
-        record.get("generation") == obj.generation and record.get("status") in ("processed", "quarantined")
-    ):
-        return "duplicate: this upload was already handled"
+    if record.get("generation", 0) > obj.generation:
+        return "stale: a newer upload of this file was handled"
     ds = svc.db.collection(svc.settings.datasets_collection).document(dataset_doc_id(node, dataset)).get()
     if not ds.exists:
         record_ref.set({"generation": obj.generation, "status": "awaiting_declaration", "updated_at": now})
         return f"waiting: no {dataset}/{SPEC_OBJECT} yet"
+    # A file is handled once per (upload, declaration): a new declaration processes it again.
+    spec_generation = ds.get("spec_generation")
+    if (record.get("generation"), record.get("spec_generation")) == (obj.generation, spec_generation) and record.get("status") in (
+        "processed", "quarantined"
+    ):
+        return "duplicate: this upload was already handled"
     spec = DatasetSpec.model_validate(ds.to_dict()["spec"])
     try:
         if file_name not in spec.expected_files:
@@ -118,24 +128,27 @@ def process_data_file(svc: Services, node: str, dataset: str, file_name: str, ob
         processed = preprocess_file(data, file_name, spec, svc.settings.max_upload_bytes)
     except RejectedFile as rejected:
         quarantine(svc, node, obj, dataset, rejected, now)
-        record_ref.set({"generation": obj.generation, "status": "quarantined", "reason": str(rejected), "updated_at": now})
+        record_ref.set({"generation": obj.generation, "spec_generation": spec_generation, "status": "quarantined", "reason": str(rejected), "updated_at": now})
         return f"quarantined: {rejected}"
 
     out_bucket = svc.gcs.bucket(svc.settings.processed_bucket(node))
-    prefix = f"{dataset}/{file_name}/g{obj.generation}"
+    prefix = f"{dataset}/{file_name}/g{obj.generation}-s{spec_generation}"
     shard_uris = []
     for i, shard in enumerate(processed.shards):
         name = f"{prefix}/shard-{i:05d}.parquet"
         out_bucket.blob(name).upload_from_string(shard, content_type="application/vnd.apache.parquet")
         shard_uris.append(f"gs://{out_bucket.name}/{name}")
     ready = ShardReady(
-        node=node, dataset=dataset, file=file_name, generation=obj.generation,
+        node=node, dataset=dataset, file=file_name, generation=obj.generation, spec_generation=spec_generation,
         source=f"gs://{obj.bucket}/{obj.name}", rows=processed.rows, shards=shard_uris, stats=processed.stats,
     )
     out_bucket.blob(f"{prefix}/manifest.json").upload_from_string(ready.model_dump_json(indent=2), content_type="application/json")
     topic = svc.publisher.topic_path(svc.settings.project, svc.settings.shard_ready_topic)
     svc.publisher.publish(topic, ready.model_dump_json().encode(), node=node, dataset=dataset).result(timeout=30)
-    record_ref.set({"generation": obj.generation, "status": "processed", "rows": processed.rows, "shards": len(shard_uris), "updated_at": now})
+    record_ref.set({
+        "generation": obj.generation, "spec_generation": spec_generation, "status": "processed",
+        "rows": processed.rows, "shards": len(shard_uris), "updated_at": now,
+    })
     return f"processed: {processed.rows} rows in {len(shard_uris)} shard(s)"
 
 

@@ -28,6 +28,7 @@ class ShardReady(BaseModel, frozen=True):
     dataset: str
     file: str
     generation: int
+    spec_generation: int = 0  # the declaration the file was processed under
     source: str
     rows: int
     shards: list[str]
@@ -38,9 +39,11 @@ def dataset_doc_id(node: str, dataset: str) -> str:
     return DatasetRef(node=node, dataset=dataset).id
 
 
-def version_of(files: dict[str, dict]) -> str:
-    """A short digest of which generation of each file the data set holds."""
+def version_of(files: dict[str, dict], spec_generation: int | None = None) -> str:
+    """A short digest of which generation of each file (and of the declaration) the data set holds."""
     key = ",".join(f"{name}@{files[name]['generation']}" for name in sorted(files))
+    if spec_generation is not None:
+        key += f";spec@{spec_generation}"
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -54,7 +57,7 @@ def merged_stats(files: dict[str, dict]) -> FeatureStats:
 
 def entry_of(ready: ShardReady) -> dict:
     return {
-        "generation": ready.generation, "rows": ready.rows, "shards": ready.shards,
+        "generation": ready.generation, "spec_generation": ready.spec_generation, "rows": ready.rows, "shards": ready.shards,
         "stats": ready.stats.model_dump(), "source": ready.source,
     }
 
@@ -63,10 +66,12 @@ def completion(dataset: dict, entries: dict[str, dict], now: datetime) -> tuple[
     """Pure: if every expected file is in and this content is new, the data set's new
     summary and its training job (None if the declaration asks for none); else None."""
     spec = DatasetSpec.model_validate(dataset["spec"])
+    # Only files processed under the current declaration count (a re-declaration reprocesses them).
+    entries = {k: v for k, v in entries.items() if v.get("spec_generation", 0) == dataset.get("spec_generation", 0)}
     if not set(spec.expected_files) <= entries.keys():
         return None
     files = {name: entries[name] for name in spec.expected_files}
-    version = version_of(files)
+    version = version_of(files, dataset.get("spec_generation"))
     if dataset.get("version") == version:
         return None
     stats = merged_stats(files)
@@ -93,25 +98,31 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
 
     @firestore.transactional
     def put(transaction: firestore.Transaction) -> bool:
-        held = entry_ref.get(transaction=transaction)
-        if held.exists and held.get("generation") >= ready.generation:
+        held = (entry_ref.get(transaction=transaction).to_dict() or {})
+        if (held.get("generation", -1), held.get("spec_generation", 0)) >= (ready.generation, ready.spec_generation):
             return False  # a duplicate, or older than what is held
         transaction.set(entry_ref, entry_of(ready))
         return True
 
     changed = put(db.transaction())
     # Checked even for a duplicate: the delivery that recorded it may have crashed right after.
-    dataset = ds_ref.get()
-    if not dataset.exists:
+    if not ds_ref.get().exists:
         raise LookupError(f"data set {ready.node}/{ready.dataset} has no declaration")
+    return changed, complete_if_ready(db, settings, ds_ref, now)
+
+
+def complete_if_ready(db: firestore.Client, settings: Settings, ds_ref: firestore.DocumentReference, now: datetime) -> Job | None:
+    """If the data set's files and declaration make a new complete version, record it and
+    create its job (returned if this call created it)."""
+    dataset = ds_ref.get().to_dict()
     entries = {snap.id: snap.to_dict() for snap in ds_ref.collection("manifest").stream()}
-    outcome = completion(dataset.to_dict(), entries, now)
+    outcome = completion(dataset, entries, now)
     if outcome is None:
-        return changed, None
+        return None
     summary, job = outcome
     # The version's own record first: the job trains on exactly this content, whatever is uploaded later.
     version = {k: summary[k] for k in ("files", "stats", "rows", "completed_at")} | {"spec": dataset.get("spec")}
     ds_ref.collection("versions").document(summary["version"]).set(version)
     created = job is not None and JobStore(db, settings).create(job)
     ds_ref.set(summary, merge=True)
-    return changed, job if created else None
+    return job if created else None

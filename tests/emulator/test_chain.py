@@ -118,3 +118,18 @@ def test_reupload_of_a_file_makes_a_new_version_and_job(cloud, clients):
     assert gens[v1] < gens[v2]
     done = [wait_job(clients, j, {"completed", "failed"}) for j in (first, second)]
     assert [j.status for j in done] == ["completed", "completed"]
+
+
+def test_redeclaring_a_complete_data_set_reprocesses_it_under_the_new_declaration(cloud, clients):
+    upload_digits(clients, "redecl", parts=2)
+    first = job_of_dataset(clients, "redecl")
+    bucket = clients.gcs.bucket(clients.settings.raw_bucket("us"))
+    spec = json.loads(bucket.blob(f"redecl/{SPEC_OBJECT}").download_as_bytes())
+    bucket.blob(f"redecl/{SPEC_OBJECT}").upload_from_string(json.dumps({**spec, "features": spec["features"][:32]}))
+
+    second = wait_for(lambda: (j := dataset_doc(clients, "us", "redecl").get("job_id")) != first and j, 60, "a job for the new declaration")
+    job = wait_job(clients, second, {"completed", "failed"})
+    assert job.status is JobStatus.COMPLETED, job.error
+    version = clients.db.collection("datasets").document("us~redecl").collection("versions").document(job.spec.dataset.version).get()
+    assert len(version.get("spec")["features"]) == 32 and version.get("rows") == 1797
+    assert dataset_doc(clients, "us", "redecl")["status"] == "complete"

@@ -88,7 +88,18 @@ def test_dataset_doc_id():
 def test_entry_of_a_shard_ready_message():
     ready = ShardReady(node="us", dataset="iris", file="a.csv", generation=5, source="gs://b/iris/a.csv",
                        rows=3, shards=["s0"], stats=STATS_A)
-    assert entry_of(ready) == {"generation": 5, "rows": 3, "shards": ["s0"], "stats": STATS_A.model_dump(), "source": "gs://b/iris/a.csv"}
+    assert entry_of(ready) == {
+        "generation": 5, "spec_generation": 0, "rows": 3, "shards": ["s0"], "stats": STATS_A.model_dump(), "source": "gs://b/iris/a.csv"
+    }
+
+
+def test_only_files_processed_under_the_current_declaration_complete_it():
+    doc = {**dataset_doc(), "spec_generation": 2}
+    old = {"a.csv": {**entry(11, STATS_A), "spec_generation": 1}, "b.csv": {**entry(22, STATS_B, "b.csv"), "spec_generation": 1}}
+    assert completion(doc, old, NOW) is None
+    new = {name: {**e, "spec_generation": 2} for name, e in old.items()}
+    summary, job = completion(doc, new, NOW)
+    assert summary["version"] == version_of({n: new[n] for n in ("a.csv", "b.csv")}, 2) != version_of(new)
 
 
 # -- completion ---------------------------------------------------------------
