@@ -14,7 +14,6 @@ from cloudevents.http import CloudEvent
 from shared import clients
 from shared.events import storage_object
 from shared.hub import handle_hub_object
-from shared.ingest import Services
 from shared.jobs import utcnow
 
 log = logging.getLogger("fedpipe.functions.hub_upload")
@@ -23,5 +22,5 @@ log = logging.getLogger("fedpipe.functions.hub_upload")
 @functions_framework.cloud_event
 def on_hub_upload(cloud_event: CloudEvent) -> None:
     obj = storage_object(cloud_event.data)
-    services = Services(clients.settings(), clients.db(), clients.gcs(), clients.publisher())
+    services = clients.services()
     log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, handle_hub_object(services, obj, utcnow()))

@@ -14,7 +14,7 @@ from cloudevents.http import CloudEvent
 
 from shared import clients
 from shared.events import storage_object
-from shared.ingest import Services, handle_raw_object
+from shared.ingest import handle_raw_object
 from shared.jobs import utcnow
 
 log = logging.getLogger("fedpipe.functions.raw_upload")
@@ -23,6 +23,6 @@ log = logging.getLogger("fedpipe.functions.raw_upload")
 @functions_framework.cloud_event
 def on_raw_upload(cloud_event: CloudEvent) -> None:
     obj = storage_object(cloud_event.data)
-    services = Services(clients.settings(), clients.db(), clients.gcs(), clients.publisher())
+    services = clients.services()
     outcome = handle_raw_object(services, obj, utcnow())
     log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, outcome)

@@ -8,7 +8,6 @@ import functions_framework
 from cloudevents.http import CloudEvent
 
 from shared import clients
-from shared.ingest import Services
 from shared.jobs import utcnow
 from shared.timekeeper import tick
 
@@ -17,7 +16,7 @@ log = logging.getLogger("fedpipe.functions.tick")
 
 @functions_framework.cloud_event
 def on_tick(cloud_event: CloudEvent) -> None:
-    services = Services(clients.settings(), clients.db(), clients.gcs(), clients.publisher())
+    services = clients.services()
     reaped, rounds = tick(services, utcnow())
     for job, lost in reaped:
         log.warning("job %s attempt %d lost its lease: now %s", job.id, lost, job.status)

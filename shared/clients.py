@@ -11,6 +11,7 @@ from functools import cache
 from google.cloud import firestore, pubsub_v1, storage
 
 from shared.config import Settings
+from shared.ingest import Services
 
 
 @cache
@@ -33,3 +34,8 @@ def publisher() -> pubsub_v1.PublisherClient:
     # Functions publish one message and wait for it: the default 10 ms batching window
     # would only add latency to every hop of the chain.
     return pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001))
+
+
+def services() -> Services:
+    """All of the above, as the domain logic takes them."""
+    return Services(settings(), db(), gcs(), publisher())

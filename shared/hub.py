@@ -23,7 +23,7 @@ from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore
 from pydantic import ValidationError
 
-from shared import weights
+from shared import gcs_uri, weights
 from shared.aggregation import ServerOptimizer, StreamingMean
 from shared.datasets import DatasetSpec, FeatureStats
 from shared.federation import (
@@ -237,15 +237,10 @@ def _invalid_update(svc: Services, fid: str, round_doc: dict, obj: RawObject, up
     config = FederationConfig.model_validate(fed["config"])
     expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
     try:
-        weights.from_bytes(_download(svc, update["object"]), expected=expected)
+        weights.from_bytes(gcs_uri.read(svc.gcs, update["object"]), expected=expected)
     except weights.WeightsMismatch as exc:
         return str(exc)
     return None
-
-
-def _download(svc: Services, uri: str) -> bytes:
-    bucket, name = uri.removeprefix("gs://").split("/", 1)
-    return svc.gcs.bucket(bucket).blob(name).download_as_bytes()
 
 
 def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -> str:
@@ -261,11 +256,11 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
     acc = StreamingMean()
     nodes = sorted(participants)
     # One update in memory at a time (plus the next one downloading): memory stays about one model.
-    pending = IO.submit(_download, svc, participants[nodes[0]]["object"])
+    pending = IO.submit(gcs_uri.read, svc.gcs, participants[nodes[0]]["object"])
     for i, node in enumerate(nodes):
         data = pending.result()
         if i + 1 < len(nodes):
-            pending = IO.submit(_download, svc, participants[nodes[i + 1]]["object"])
+            pending = IO.submit(gcs_uri.read, svc.gcs, participants[nodes[i + 1]]["object"])
         params, _ = weights.from_bytes(data, expected=expected)
         del data
         acc.add(params, float(participants[node]["examples"]))
@@ -275,7 +270,7 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
     if config.strategy in ("fedadam", "fedyogi") and r > 1:
         # Round 1 has no previous global model at the hub (nodes start from the shared seed),
         # so the server optimizer steps from round 2 on.
-        previous, _ = weights.from_bytes(_download(svc, fed["global_model_uri"]), expected=expected)
+        previous, _ = weights.from_bytes(gcs_uri.read(svc.gcs, fed["global_model_uri"]), expected=expected)
         state_blob = hub.blob(server_state_object(fid, r - 1))
         state = weights.from_bytes(state_blob.download_as_bytes())[0] if state_blob.exists() else None
         optimizer = ServerOptimizer(config.strategy, server_lr=config.server_lr)

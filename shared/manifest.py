@@ -106,8 +106,6 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
 
     changed = put(db.transaction())
     # Checked even for a duplicate: the delivery that recorded it may have crashed right after.
-    if not ds_ref.get().exists:
-        raise LookupError(f"data set {ready.node}/{ready.dataset} has no declaration")
     return changed, complete_if_ready(db, settings, ds_ref, now)
 
 
@@ -115,6 +113,8 @@ def complete_if_ready(db: firestore.Client, settings: Settings, ds_ref: firestor
     """If the data set's files and declaration make a new complete version, record it and
     create its job (returned if this call created it)."""
     dataset = ds_ref.get().to_dict()
+    if dataset is None:
+        raise LookupError(f"data set {ds_ref.id} has no declaration")
     entries = {snap.id: snap.to_dict() for snap in ds_ref.collection("manifest").stream()}
     outcome = completion(dataset, entries, now)
     if outcome is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.cloud import firestore, storage
 
+from shared import gcs_uri
 from shared.config import Settings
 from shared.datasets import DatasetSpec, FeatureStats
 from shared.jobs import DatasetRef
@@ -22,11 +23,6 @@ class Split:
     x_test: np.ndarray
     y_test: np.ndarray
     n_classes: int
-
-
-def _read_uri(gcs: storage.Client, uri: str) -> bytes:
-    bucket, name = uri.removeprefix("gs://").split("/", 1)
-    return gcs.bucket(bucket).blob(name).download_as_bytes()
 
 
 def load_dataset(
@@ -50,7 +46,7 @@ def load_dataset(
     spec = DatasetSpec.model_validate(doc["spec"])
     uris = [uri for name in spec.expected_files for uri in doc["files"][name]["shards"]]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        blobs = list(pool.map(lambda u: _read_uri(gcs, u), uris))
+        blobs = list(pool.map(lambda u: gcs_uri.read(gcs, u), uris))
     parts = [read_shard(b, spec) for b in blobs]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])

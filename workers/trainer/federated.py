@@ -18,7 +18,7 @@ import time
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore, pubsub_v1, storage
 
-from shared import weights
+from shared import gcs_uri, weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
 from shared.federation import FederationConfig, round_key, update_object
@@ -120,8 +120,7 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
 
 def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:
     """The hub's global model, refused unless it has exactly this model's tensors."""
-    bucket, name = uri.removeprefix("gs://").split("/", 1)
-    return weights.from_bytes(gcs.bucket(bucket).blob(name).download_as_bytes(), expected=expected)[0]
+    return weights.from_bytes(gcs_uri.read(gcs, uri), expected=expected)[0]
 
 
 def train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error) -> None:
