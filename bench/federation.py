@@ -202,7 +202,7 @@ def run_ours(n_nodes: int, rounds: int, local_epochs: int, alpha: float, state_d
         log(f"ours: federation completed (seen after {observed_s:.1f}s)")
 
         fed, round_docs = fed_views.load(db, settings, config.id)
-        blobs = {b.name: b.time_created for b in gcs.bucket(settings.hub_bucket).list_blobs(prefix=f"federations/{config.id}/")}
+        blobs = {b.name: b.time_created for b in gcs.bucket(settings.hub_bucket).list_blobs() if f"/{config.id}/" in b.name}
         jobs = {}
         for node, job_id in fed["jobs"].items():
             jd = db.collection(settings.jobs_collection).document(job_id).get().to_dict()
@@ -239,7 +239,7 @@ def stack_log_events(logs: Path, fid: str) -> dict:
         except ValueError:
             continue
         msg = entry.get("message", "")
-        if f"/federations/{fid}/" not in msg:
+        if f"/{fid}/" not in msg:  # federations/{fid}/... (hub's own writes) and updates/{node}/{fid}/...
             continue
         if "/global/" in msg:
             counts["global_model_writes"] += 1

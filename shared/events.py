@@ -20,7 +20,7 @@ def storage_object(data: dict | bytes | str) -> RawObject:
     """The object of a `google.cloud.storage.object.v1.*` event."""
     raw = data if isinstance(data, (str, bytes)) else json.dumps(data)
     obj = StorageObjectData.from_json(raw, ignore_unknown_fields=True)
-    return RawObject(bucket=obj.bucket, name=obj.name, generation=obj.generation, size=obj.size)
+    return RawObject(bucket=obj.bucket, name=obj.name, generation=obj.generation, size=obj.size, metadata=dict(obj.metadata))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import json
 import logging
 from datetime import datetime
 
-from google.api_core.exceptions import AlreadyExists
+from google.api_core.exceptions import AlreadyExists, FailedPrecondition, NotFound, PreconditionFailed
 from google.cloud import firestore
 from pydantic import ValidationError
 
@@ -161,6 +161,12 @@ def broadcast(svc: Services, fid: str, r: int) -> None:
     svc.publisher.publish(topic, data, federation=fid, round=str(r)).result(timeout=30)
 
 
+def get_documents(svc: Services, *refs: firestore.DocumentReference) -> list[firestore.DocumentSnapshot]:
+    """Several documents in one round trip, in the order asked."""
+    by_path = {snap.reference.path: snap for snap in svc.db.get_all(list(refs))}
+    return [by_path[ref.path] for ref in refs]
+
+
 def _round_parts(svc: Services, fid: str, r: int) -> tuple[firestore.CollectionReference, firestore.CollectionReference, firestore.DocumentReference]:
     """A round's update documents (one per node), late updates, and its close marker."""
     ref = round_ref(svc, fid, r)
@@ -174,25 +180,33 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     there), so nodes reporting together never contend for one document.
     """
     updates, late, marker = _round_parts(svc, fid, r)
-    # Independent reads, issued together: each is a round trip, and this is every round's critical path.
-    blob, round_snap, counted, closed = parallel(
-        lambda: svc.gcs.bucket(obj.bucket).get_blob(obj.name), round_ref(svc, fid, r).get, updates.document(node).get, marker.get
+
+    def download() -> bytes | None:
+        try:
+            return svc.gcs.bucket(obj.bucket).blob(obj.name).download_as_bytes(if_generation_match=obj.generation)
+        except (NotFound, PreconditionFailed):
+            return None
+
+    # Every round's critical path: the reads go out together, the documents in one batched get.
+    data, (round_snap, counted, closed, fed_snap) = parallel(
+        download, lambda: get_documents(svc, round_ref(svc, fid, r), updates.document(node), marker, fed_ref(svc, fid))
     )
-    meta = (blob.metadata if blob else None) or {}
+    if data is None:
+        return "ignored: the update is gone"  # deleted or replaced since; a replacement has its own event
     try:
         update = {
             "node": node, "object": f"gs://{obj.bucket}/{obj.name}", "generation": obj.generation, "attempt": attempt,
-            "examples": int(meta["examples"]), "metrics": json.loads(meta["metrics"]), "at": now,
+            "examples": int(obj.metadata["examples"]), "metrics": json.loads(obj.metadata["metrics"]), "at": now,
         }
     except (KeyError, ValueError) as exc:
         log.error("update %s lacks its metadata (%s); refused", obj.name, exc)
         return "refused: no examples/metrics metadata"
     round_doc = round_snap.to_dict()
-    if round_doc is None:
+    if round_doc is None or not fed_snap.exists:
         return "refused: unknown round"
     if node not in round_doc["expected"]:
         return f"refused: {node} is not in federation {fid}"
-    if problem := _invalid_update(svc, fid, round_doc, obj, update):
+    if problem := _invalid_update(fed_snap.to_dict(), round_doc, data, update):
         late.document(f"{node}-a{attempt}").set({**update, "refused": problem})
         log.error("update %s refused: %s", obj.name, problem)
         return f"refused: {problem}"  # recorded, never counted: it could not be aggregated
@@ -209,16 +223,16 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         updates.document(node).create(update)
     except AlreadyExists:
         return f"duplicate; {advance(svc, fid, r, now)}"
-    closing = marker.get()
-    if closing.exists and node not in closing.get("participants"):
-        return refuse_late()  # the round closed between our check and our write
-    return f"recorded; {advance(svc, fid, r, now, round_doc=round_doc)}"
+    outcome, closing = _advance(svc, fid, r, now, downloaded={update["object"]: data})
+    if closing is not None and node not in closing["participants"]:
+        return refuse_late()  # the round was closed without us between our checks and our write
+    return f"recorded; {outcome}"
 
 
 REQUIRED_METRICS = {"global_accuracy", "global_loss", "test_examples"}
 
 
-def _invalid_update(svc: Services, fid: str, round_doc: dict, obj: RawObject, update: dict) -> str | None:
+def _invalid_update(fed: dict, round_doc: dict, data: bytes, update: dict) -> str | None:
     """Why this update could not be aggregated (wrong tensors, missing metrics), or None.
 
     Checked before the update is counted, so a bad upload can never leave a round
@@ -233,34 +247,44 @@ def _invalid_update(svc: Services, fid: str, round_doc: dict, obj: RawObject, up
         return "examples must be positive"
     if round_doc["kind"] != "train":
         return None
-    fed = fed_ref(svc, fid).get().to_dict()
-    config = FederationConfig.model_validate(fed["config"])
-    expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
     try:
-        weights.from_bytes(gcs_uri.read(svc.gcs, update["object"]), expected=expected)
+        weights.from_bytes(data, expected=_param_spec(fed))
     except weights.WeightsMismatch as exc:
         return str(exc)
     return None
 
 
-def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -> str:
-    """The global model after training round r, written once to a fixed path; returns its URI."""
+def _param_spec(fed: dict) -> dict:
+    config = FederationConfig.model_validate(fed["config"])
+    return param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
+
+
+def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict], downloaded: dict[str, bytes], recover: bool) -> str:
+    """The global model after training round r, written once to a fixed path; returns its URI.
+
+    `downloaded` holds updates the caller already read (the update that closed the
+    round); the others are read here. Only a recovering closer can find the model
+    written already (by the closer that died after writing it).
+    """
     config = FederationConfig.model_validate(fed["config"])
     fid = config.id
     hub = svc.gcs.bucket(svc.settings.hub_bucket)
     target = hub.blob(global_model_object(fid, r))
     uri = f"gs://{hub.name}/{target.name}"
-    if target.exists():
-        return uri  # an earlier try of this round wrote it (same inputs, same bytes)
-    expected = param_spec(config.model, fed["n_features"], fed["num_classes"], config.hidden)
+    if recover and target.exists():
+        return uri  # same inputs, same bytes
+    expected = _param_spec(fed)
     acc = StreamingMean()
-    nodes = sorted(participants)
+    uris = [participants[node]["object"] for node in sorted(participants)]
     # One update in memory at a time (plus the next one downloading): memory stays about one model.
-    pending = IO.submit(gcs_uri.read, svc.gcs, participants[nodes[0]]["object"])
-    for i, node in enumerate(nodes):
+    def fetch(i: int):
+        return IO.submit(lambda: downloaded.pop(uris[i], None) or gcs_uri.read(svc.gcs, uris[i]))
+
+    pending = fetch(0)
+    for i, node in enumerate(sorted(participants)):
         data = pending.result()
-        if i + 1 < len(nodes):
-            pending = IO.submit(gcs_uri.read, svc.gcs, participants[nodes[i + 1]]["object"])
+        if i + 1 < len(uris):
+            pending = fetch(i + 1)
         params, _ = weights.from_bytes(data, expected=expected)
         del data
         acc.add(params, float(participants[node]["examples"]))
@@ -283,7 +307,7 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict]) -
 STALE_CLOSE_S = 15.0  # a close marker this old on a still-open round: its finisher died
 
 
-def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False, round_doc: dict | None = None) -> str:
+def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False) -> str:
     """Close round r if it may close now, then open round r+1 or complete the federation.
 
     The caller that creates the round's close marker (which fixes the participants)
@@ -291,38 +315,45 @@ def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = Fals
     nobody contends for the federation document. If that finisher died, the deadline
     sweep (`recover=True`) finishes from the marker once it is STALE_CLOSE_S old.
     Every finishing write is idempotent, and the federation moves from round r to
-    r+1 once (a guarded transaction).
+    r+1 once (one atomic write, guarded by the federation document's update time).
     """
+    return _advance(svc, fid, r, now, recover=recover)[0]
+
+
+def _advance(
+    svc: Services, fid: str, r: int, now: datetime, recover: bool = False, downloaded: dict | None = None
+) -> tuple[str, dict | None]:
+    """`advance`, also returning the round's close marker when there is one (who is in the round)."""
     updates, _, marker = _round_parts(svc, fid, r)
-    fed_snap, round_snap, marker_snap, reported_snaps = parallel(
-        fed_ref(svc, fid).get, lambda: round_doc or round_ref(svc, fid, r).get().to_dict(), marker.get, lambda: list(updates.stream())
+    (fed_snap, marker_snap, round_snap), reported_snaps = parallel(
+        lambda: get_documents(svc, fed_ref(svc, fid), marker, round_ref(svc, fid, r)), lambda: list(updates.stream())
     )
-    fed, round_doc = fed_snap.to_dict(), round_snap
+    fed, closing, round_doc = fed_snap.to_dict(), marker_snap.to_dict(), round_snap.to_dict()
     if not fed or not round_doc or fed.get("status") != "running" or fed.get("round") != r:
-        return "nothing to do"
+        return "nothing to do", closing
     config = FederationConfig.model_validate(fed["config"])
-    closing = marker_snap.to_dict()
     if closing is not None:
         if recover and (now - closing["at"]).total_seconds() >= STALE_CLOSE_S:
-            return _finish_close(svc, fed, config, round_doc, closing, now)
-        return f"round {r} is being closed by another delivery"
+            return _finish_close(svc, fed_snap, config, round_doc, closing, now, recover=True), closing
+        return f"round {r} is being closed by another delivery", closing
     reported = {snap.id: snap.to_dict() for snap in reported_snaps}
     decision = close_decision(round_doc, list(reported), config.quorum, now)
     if decision is None:
-        return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported"
+        return f"round {r}: {len(reported)} of {len(round_doc['expected'])} reported", None
     status, reason = decision
     closing = {"status": status.value, "reason": reason, "participants": sorted(reported), "at": now}
     try:
         marker.create(closing)
     except AlreadyExists:
-        return f"round {r} is being closed by another delivery"
-    return _finish_close(svc, fed, config, round_doc, closing, now, reported)
+        return f"round {r} is being closed by another delivery", marker.get().to_dict()
+    return _finish_close(svc, fed_snap, config, round_doc, closing, now, reported, downloaded or {}), closing
 
 
 def _finish_close(
-    svc: Services, fed: dict, config: FederationConfig, round_doc: dict, closing: dict, now: datetime, reported: dict | None = None
+    svc: Services, fed_snap: firestore.DocumentSnapshot, config: FederationConfig, round_doc: dict, closing: dict, now: datetime,
+    reported: dict | None = None, downloaded: dict | None = None, recover: bool = False,
 ) -> str:
-    fid, r = config.id, round_doc["round"]
+    fid, r, fed = config.id, round_doc["round"], fed_snap.to_dict()
     if reported is None:
         updates, _, _ = _round_parts(svc, fid, r)
         reported = {node: updates.document(node).get().to_dict() for node in closing["participants"]}
@@ -337,29 +368,23 @@ def _finish_close(
         round_update["global_metrics"] = {"round": r - 1, **weighted_metrics(participants, "global_")}
         if training:
             round_update["train_metrics"] = weighted_metrics(participants, "train_")
-            fed_update |= {"round": r + 1, "global_model_uri": aggregate(svc, fed, r, participants)}
+            fed_update |= {"round": r + 1, "global_model_uri": aggregate(svc, fed, r, participants, downloaded or {}, recover)}
         else:
             fed_update |= {"status": "completed", "final": round_update["global_metrics"], "completed_at": now}
 
-    def open_next() -> None:
-        try:
-            round_ref(svc, fid, r + 1).create(new_round(config, r + 1, now))
-        except AlreadyExists:
-            pass
-
-    parallel(lambda: round_ref(svc, fid, r).update(round_update), open_next if status is RoundStatus.CLOSED and training else lambda: None)
-
-    @firestore.transactional
-    def move_on(transaction: firestore.Transaction) -> bool:
-        current = fed_ref(svc, fid).get(transaction=transaction).to_dict()
-        if current["status"] != "running" or current["round"] != r:
-            return False
-        transaction.update(fed_ref(svc, fid), fed_update)
-        return True
-
-    if not move_on(svc.db.transaction()):
+    # One atomic write moves the federation on, guarded by the federation document being
+    # as we read it: a finisher that lost a race (or a recovery after the finisher came
+    # back) changes nothing.
+    batch = svc.db.batch()
+    batch.update(round_ref(svc, fid, r), round_update)
+    if status is RoundStatus.CLOSED and training:
+        batch.create(round_ref(svc, fid, r + 1), new_round(config, r + 1, now))
+    batch.update(fed_ref(svc, fid), fed_update, option=svc.db.write_option(last_update_time=fed_snap.update_time))
+    try:
+        batch.commit()
+    except (AlreadyExists, FailedPrecondition):
         return f"round {r} already closed"
-    # Should we die before broadcasting, workers still find round r+1 by polling the federation.
+    # Should we die before broadcasting, workers still see round r+1 in the federation document.
     if status is RoundStatus.FAILED:
         return f"federation failed: {closing['reason']}"
     if training:

@@ -13,7 +13,7 @@ same upload does nothing, and a retry after a crash rewrites the same bytes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from google.cloud import firestore, pubsub_v1, storage
@@ -33,6 +33,7 @@ class RawObject:
     name: str
     generation: int
     size: int
+    metadata: dict[str, str] = field(default_factory=dict)  # the object's custom metadata, as the event carries it
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,53 @@ def test_an_update_of_the_wrong_shape_is_refused_and_the_round_goes_on(cloud, cl
     assert rounds[0]["participants"] == ["eu", "us"] and rounds[0]["updates"]["eu"]["attempt"] == 1
     [refused] = [x for x in rounds[0]["late"] if x.get("refused")]
     assert refused["attempt"] == 9 and refused["refused"] == "missing tensor 'dense_0.bias'"
+
+
+@pytest.mark.parametrize("closed_when", ["before our write", "after our write", "as we close"])
+def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeypatch, closed_when):
+    """A closer fixes the participants from the updates it read; an update written around that
+    moment is either among them or recorded as late, never silently dropped."""
+    from google.cloud.firestore import DocumentReference
+
+    from shared import hub
+    from shared.ingest import RawObject, Services
+
+    fid, now = f"fed-race-{closed_when.split()[0]}", utcnow()
+    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
+    config = federation(fid, rounds=1, min_nodes=1)
+    hub.fed_ref(svc, fid).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
+                               "num_classes": 10, "created_at": now, "updated_at": now})
+    round_doc = {"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
+                 "deadline_at": now + timedelta(hours=1)}  # so the stack's own deadline sweep stays out of it
+    hub.round_ref(svc, fid, 2).set(round_doc)
+    metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
+    updates, late, marker = hub._round_parts(svc, fid, 2)
+    updates.document("us").set({"node": "us", "object": "gs://x/us", "examples": 10, "metrics": metrics, "at": now})
+    # Written where no trigger fires, so only this call handles it.
+    bucket = clients.settings.processed_bucket("eu")
+    name = f"updates/eu/{fid}/round-0002-a1.json"
+    blob = clients.gcs.bucket(bucket).blob(name)
+    blob.upload_from_string(json.dumps(metrics))
+    obj = RawObject(bucket, name, blob.generation, blob.size, {"examples": "10", "metrics": json.dumps(metrics)})
+
+    real_create = DocumentReference.create
+    closing = {"status": "closed", "reason": "deadline passed with 1 of 2 nodes (quorum 1)", "participants": ["us"], "at": now}
+
+    def create_racing_the_closer(self, data, *args, **kwargs):
+        if closed_when == "as we close" and self.path == marker.path and data["participants"] == ["eu", "us"]:
+            real_create(marker, closing)  # the closer's marker lands first; ours then fails
+        if self.path != updates.document("eu").path or closed_when == "as we close":
+            return real_create(self, data, *args, **kwargs)
+        if closed_when == "before our write":
+            real_create(marker, closing)
+            return real_create(self, data, *args, **kwargs)
+        result = real_create(self, data, *args, **kwargs)
+        real_create(marker, closing)
+        return result
+
+    monkeypatch.setattr(DocumentReference, "create", create_racing_the_closer)
+    outcome = hub.record_update(svc, obj, fid, 2, "eu", 1, now)
+
+    assert outcome == "late: round 2 is closed"
+    assert [snap.get("node") for snap in late.stream()] == ["eu"]
+    assert marker.get().get("participants") == ["us"]

@@ -106,6 +106,13 @@ def test_storage_event_decodes_with_the_real_type(gcs_object, gcs_attributes):
     assert storage_object(json.loads(event.body)) == obj
 
 
+def test_storage_event_carries_the_objects_custom_metadata(gcs_object, gcs_attributes):
+    """The hub reads an update's example count and metrics from the event, not from a second request."""
+    with_meta = {**gcs_object, "metadata": {"examples": "120", "metrics": '{"global_loss": 0.5}'}}
+    obj = storage_object(storage_event(json.dumps(with_meta).encode(), gcs_attributes, "1", PUBLISHED).body)
+    assert obj.metadata == {"examples": "120", "metrics": '{"global_loss": 0.5}'}
+
+
 # -- pubsub -------------------------------------------------------------------
 
 

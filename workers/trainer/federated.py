@@ -1,7 +1,8 @@
 """A node's worker in a federation: launched once, it trains every round without restarting.
 
 It follows the hub's rounds through the federation document, woken by the round
-broadcasts on Pub/Sub (and, should a broadcast be missed, by a short poll). Each
+broadcasts on Pub/Sub or by a listener on that document (and, should both miss, by a
+short poll). Each
 round it evaluates the global model it received on its own held-out split, trains
 from it on its own shards only, and uploads the weights with its example count to
 the hub. The Trainer is built once, so rounds after the first reuse the compiled
@@ -28,13 +29,18 @@ from workers.trainer.data import load_dataset
 from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.worker.federated")
-POLL_S = 2.0  # fallback when a broadcast is missed: the federation document is the truth
+POLL_S = 2.0  # fallback should both signals miss: the federation document is the truth
 
 
-class RoundBroadcasts:
-    """Wakes the worker when the hub broadcasts a round of its federation."""
+class RoundSignals:
+    """Wakes the worker when its federation moves: the hub's round broadcast on Pub/Sub, or
+    the federation document changing (a Firestore listener), whichever comes first.
 
-    def __init__(self, settings: Settings, fid: str, node: str) -> None:
+    The listener also hands over the document it saw, which saves a read per round, and
+    it keeps the worker going should a broadcast be lost.
+    """
+
+    def __init__(self, settings: Settings, fed_ref: firestore.DocumentReference, fid: str, node: str) -> None:
         self.fid = fid
         self.subscriber = pubsub_v1.SubscriberClient()
         path = self.subscriber.subscription_path(settings.project, f"fed-{fid}-{node}")
@@ -45,20 +51,34 @@ class RoundBroadcasts:
             pass
         self.path = path
         self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: dict | None = None
         self._future = self.subscriber.subscribe(path, self._on_message)
+        self._watch = fed_ref.on_snapshot(self._on_snapshot)
 
     def _on_message(self, message) -> None:
         message.ack()
         if message.attributes.get("federation") == self.fid:
             self._wake.set()
 
-    def wait(self, timeout_s: float) -> None:
+    def _on_snapshot(self, snapshots, _changes, _read_time) -> None:
+        if snapshots and snapshots[0].exists:
+            with self._lock:
+                self._seen = snapshots[0].to_dict()
+            self._wake.set()
+
+    def wait(self, timeout_s: float) -> dict | None:
+        """Block until woken (or `timeout_s`); the federation document if the listener saw a newer one."""
         self._wake.wait(timeout_s)
         self._wake.clear()
+        with self._lock:
+            seen, self._seen = self._seen, None
+        return seen
 
     def close(self, delete: bool) -> None:
         """Stop listening; `delete` the subscription once the federation is over (not on a crash:
         a relaunched worker reuses it)."""
+        self._watch.unsubscribe()
         self._future.cancel()
         if delete:
             try:
@@ -84,14 +104,15 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
     initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
     expected = weights.spec_of(initial)
     hub = gcs.bucket(settings.hub_bucket)
-    broadcasts = RoundBroadcasts(settings, ref.id, ref.node)
+    signals = RoundSignals(settings, fed_ref, ref.id, ref.node)
     done: set[int] = set()
     over = False
+    seen: dict | None = None
     try:
         while True:
             if beat.lost.is_set():
                 raise lost_error(job.id)
-            fed = fed_ref.get().to_dict()
+            fed = seen or fed_ref.get().to_dict()
             if fed["status"] != "running":
                 over = True
                 if fed["status"] == "completed":
@@ -99,7 +120,7 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
                 raise FederationEnded(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
             r = fed["round"]
             if r in done:
-                broadcasts.wait(POLL_S)
+                seen = signals.wait(POLL_S)
                 continue
             round_ref = fed_ref.collection("rounds").document(round_key(r))
             # Independent reads at once: they sit between the broadcast and this round's training.
@@ -110,12 +131,13 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
             )
             round_doc = round_snap.to_dict()
             if mine.exists or round_doc is None or round_doc["status"] != "open":
-                broadcasts.wait(POLL_S)  # reported already (e.g. before a relaunch), or the round is closing
+                seen = signals.wait(POLL_S)  # reported already (e.g. before a relaunch), or the round is closing
                 continue
             train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error)
             done.add(r)
+            seen = None
     finally:
-        broadcasts.close(delete=over)
+        signals.close(delete=over)
 
 
 def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:
