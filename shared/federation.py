@@ -109,10 +109,15 @@ def server_state_object(fid: str, r: int) -> str:
     return f"federations/{fid}/global/server-state-{round_key(r)}.safetensors"
 
 
+def round_kind(config: FederationConfig, r: int) -> Literal["train", "evaluate"]:
+    """Rounds 1..R train; round R+1 only evaluates the final model."""
+    return "evaluate" if r > config.rounds else "train"
+
+
 def new_round(config: FederationConfig, r: int, now: datetime) -> dict:
     return {
         "round": r,
-        "kind": "evaluate" if r > config.rounds else "train",
+        "kind": round_kind(config, r),
         "status": RoundStatus.OPEN.value,
         "expected": config.node_names,
         "opened_at": now,

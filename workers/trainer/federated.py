@@ -22,7 +22,7 @@ from google.cloud import firestore, pubsub_v1, storage
 from shared import gcs_uri, weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
-from shared.federation import FederationConfig, round_key, update_object
+from shared.federation import FederationConfig, round_key, round_kind, update_object
 from shared.io_pool import parallel
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
@@ -53,12 +53,15 @@ class RoundSignals:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._seen: dict | None = None
+        self._announced = 0  # the latest round a broadcast announced
         self._future = self.subscriber.subscribe(path, self._on_message)
         self._watch = fed_ref.on_snapshot(self._on_snapshot)
 
     def _on_message(self, message) -> None:
         message.ack()
         if message.attributes.get("federation") == self.fid:
+            with self._lock:
+                self._announced = max(self._announced, int(message.attributes.get("round", 0)))
             self._wake.set()
 
     def _on_snapshot(self, snapshots, _changes, _read_time) -> None:
@@ -67,13 +70,23 @@ class RoundSignals:
                 self._seen = snapshots[0].to_dict()
             self._wake.set()
 
-    def wait(self, timeout_s: float) -> dict | None:
-        """Block until woken (or `timeout_s`); the federation document if the listener saw a newer one."""
-        self._wake.wait(timeout_s)
-        self._wake.clear()
-        with self._lock:
-            seen, self._seen = self._seen, None
-        return seen
+    def wait(self, timeout_s: float, past_round: int) -> dict | None:
+        """Block until the federation moves beyond `past_round` (or `timeout_s` passes).
+
+        Returns the federation document the listener saw, or None when only a broadcast
+        (or the timeout) says so: then the caller reads the document itself.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._wake.wait(max(0.0, deadline - time.monotonic())):
+            self._wake.clear()
+            with self._lock:
+                seen, self._seen = self._seen, None
+                announced = self._announced
+            if seen is not None:
+                return seen
+            if announced > past_round:
+                return None
+        return None
 
     def close(self, delete: bool) -> None:
         """Stop listening; `delete` the subscription once the federation is over (not on a crash:
@@ -120,22 +133,18 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
                 raise FederationEnded(f"federation {ref.id} {fed['status']}: {fed.get('error')}")
             r = fed["round"]
             if r in done:
-                seen = signals.wait(POLL_S)
+                seen = signals.wait(POLL_S, past_round=r)
                 continue
-            round_ref = fed_ref.collection("rounds").document(round_key(r))
-            # Independent reads at once: they sit between the broadcast and this round's training.
-            round_snap, mine, global_params = parallel(
-                round_ref.get,
-                round_ref.collection("updates").document(ref.node).get,
+            # A round the federation document names is open: the hub closes it and opens the
+            # next in one write. Only a relaunched worker may have reported it already.
+            global_params, mine = parallel(
                 lambda uri=fed["global_model_uri"]: load_global(gcs, uri, expected) if uri else initial,
+                lambda key=round_key(r): None if done else fed_ref.collection("rounds").document(key).collection("updates").document(ref.node).get(),
             )
-            round_doc = round_snap.to_dict()
-            if mine.exists or round_doc is None or round_doc["status"] != "open":
-                seen = signals.wait(POLL_S)  # reported already (e.g. before a relaunch), or the round is closing
-                continue
-            train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error)
+            if mine is None or not mine.exists:
+                train_round(job, config, r, global_params, trainer, split, hub, beat, lost_error)
             done.add(r)
-            seen = None
+            seen = signals.wait(POLL_S, past_round=r)
     finally:
         signals.close(delete=over)
 
@@ -145,12 +154,12 @@ def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:
     return weights.from_bytes(gcs_uri.read(gcs, uri), expected=expected)[0]
 
 
-def train_round(job, config, round_doc, global_params, trainer, split, hub, beat, lost_error) -> None:
-    ref, r = job.spec.federation, round_doc["round"]
+def train_round(job, config, r: int, global_params, trainer, split, hub, beat, lost_error) -> None:
+    ref = job.spec.federation
     started = time.perf_counter()
     evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
     metrics = {"global_accuracy": evaluated["accuracy"], "global_loss": evaluated["loss"], "test_examples": evaluated["examples"]}
-    evaluate_only = round_doc["kind"] == "evaluate"
+    evaluate_only = round_kind(config, r) == "evaluate"
     if evaluate_only:
         payload, content_type = json.dumps(metrics).encode(), "application/json"
     else:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from shared.model_spec import CNN_CHANNELS, CNN_DENSE, CNN_KERNEL, MODELS, image_side, pooled_side  # one definition of the shapes
 
-Params = dict[str, jax.Array]
+Params = dict[str, jax.Array]  # init_params returns NumPy arrays (drawn on the host)
 
 
 def _check_model(model: str) -> None:
@@ -23,47 +24,41 @@ def _check_model(model: str) -> None:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
 
 
-def _dense(key: jax.Array, name: str, fan_in: int, fan_out: int) -> Params:
+def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in))).astype(np.float32)
+
+
+def _dense(rng: np.random.Generator, name: str, fan_in: int, fan_out: int) -> Params:
     """He-normal kernel (suits relu; harmless for the linear output layer), zero bias."""
-    kernel = jax.random.normal(key, (fan_in, fan_out), jnp.float32) * jnp.sqrt(2.0 / fan_in)
-    return {f"{name}.kernel": kernel, f"{name}.bias": jnp.zeros((fan_out,), jnp.float32)}
+    return {f"{name}.kernel": _he_normal(rng, (fan_in, fan_out), fan_in), f"{name}.bias": np.zeros((fan_out,), np.float32)}
 
 
-def _conv(key: jax.Array, name: str, size: int, c_in: int, c_out: int) -> Params:
+def _conv(rng: np.random.Generator, name: str, size: int, c_in: int, c_out: int) -> Params:
     """HWIO kernel, He-normal over the receptive field."""
-    fan_in = size * size * c_in
-    kernel = jax.random.normal(key, (size, size, c_in, c_out), jnp.float32) * jnp.sqrt(2.0 / fan_in)
-    return {f"{name}.kernel": kernel, f"{name}.bias": jnp.zeros((c_out,), jnp.float32)}
-
-
-def _init_cnn(key: jax.Array, n_features: int, n_classes: int) -> Params:
-    side = image_side(n_features)
-    keys = jax.random.split(key, len(CNN_CHANNELS) + 2)
-    params: Params = {}
-    c_in = 1
-    for i, c_out in enumerate(CNN_CHANNELS):
-        params |= _conv(keys[i], f"conv_{i}", CNN_KERNEL, c_in, c_out)
-        c_in, side = c_out, pooled_side(side)
-    flat = side * side * c_in
-    params |= _dense(keys[-2], "dense_0", flat, CNN_DENSE)
-    params |= _dense(keys[-1], "dense_1", CNN_DENSE, n_classes)
-    return params
+    kernel = _he_normal(rng, (size, size, c_in, c_out), size * size * c_in)
+    return {f"{name}.kernel": kernel, f"{name}.bias": np.zeros((c_out,), np.float32)}
 
 
 def init_params(model: str, n_features: int, n_classes: int, hidden: tuple[int, ...], seed: int) -> Params:
     """Fresh params for `model`; deterministic in `seed` so every site can start identically.
 
+    Drawn on the host with NumPy: in JAX each eager random op is its own XLA compile,
+    which made initialisation the slowest part of a worker's start-up. Every layer has
+    its own stream (seed, layer index).
     `hidden` is used by "mlp" only (logreg has no hidden layer, the cnn's shape is fixed).
     """
     _check_model(model)
-    key = jax.random.key(seed)
-    if model == "cnn":
-        return _init_cnn(key, n_features, n_classes)
-    sizes = [n_features, *(hidden if model == "mlp" else ()), n_classes]
-    keys = jax.random.split(key, len(sizes) - 1)
     params: Params = {}
+    if model == "cnn":
+        side, c_in = image_side(n_features), 1
+        for i, c_out in enumerate(CNN_CHANNELS):
+            params |= _conv(np.random.default_rng([seed, i]), f"conv_{i}", CNN_KERNEL, c_in, c_out)
+            c_in, side = c_out, pooled_side(side)
+        sizes, first = [side * side * c_in, CNN_DENSE, n_classes], len(CNN_CHANNELS)
+    else:
+        sizes, first = [n_features, *(hidden if model == "mlp" else ()), n_classes], 0
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params |= _dense(keys[i], f"dense_{i}", fan_in, fan_out)
+        params |= _dense(np.random.default_rng([seed, first + i]), f"dense_{i}", fan_in, fan_out)
     return params
 
 

@@ -159,6 +159,7 @@ class Trainer:
         self._train_epoch = jax.jit(self._train_epoch_impl)  # scan mode: one call per epoch
         self._train_step = jax.jit(self._train_step_impl)  # step-loop mode: one call per batch
         self._eval = jax.jit(self._eval_impl)  # always a scan: forward-only convs are fine in it
+        self._opt_init = jax.jit(self.optimizer.init)  # one compile, where eager zeros compile one per shape
 
     @property
     def n_devices(self) -> int:
@@ -281,7 +282,7 @@ class Trainer:
         x, y, n = self._put_data(x, y)
         params = self._put_params(params)
         anchor = params if global_params is None else self._put_params(global_params)
-        opt_state = self._put(self.optimizer.init(params))  # committed like later epochs: one cache entry
+        opt_state = self._put(self._opt_init(params))  # committed like later epochs: one cache entry
         pending: list[tuple[jax.Array, jax.Array]] = []
         history: list[Metrics] = []
         for epoch in range(epochs):
