@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
+from google.api_core.exceptions import FailedPrecondition
 from google.cloud import firestore
 from pydantic import BaseModel
 
@@ -111,18 +112,33 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
 
 def complete_if_ready(db: firestore.Client, settings: Settings, ds_ref: firestore.DocumentReference, now: datetime) -> Job | None:
     """If the data set's files and declaration make a new complete version, record it and
-    create its job (returned if this call created it)."""
-    dataset = ds_ref.get().to_dict()
-    if dataset is None:
-        raise LookupError(f"data set {ds_ref.id} has no declaration")
-    entries = {snap.id: snap.to_dict() for snap in ds_ref.collection("manifest").stream()}
-    outcome = completion(dataset, entries, now)
-    if outcome is None:
-        return None
-    summary, job = outcome
-    # The version's own record first: the job trains on exactly this content, whatever is uploaded later.
-    version = {k: summary[k] for k in ("files", "stats", "rows", "completed_at")} | {"spec": dataset.get("spec")}
-    ds_ref.collection("versions").document(summary["version"]).set(version)
-    created = job is not None and JobStore(db, settings).create(job)
-    ds_ref.set(summary, merge=True)
-    return job if created else None
+    create its job (returned if this call created it).
+
+    The summary is written only over the document as it was read: should another
+    delivery have moved it on meanwhile, this one starts over from what it wrote, so
+    the summary never steps back to an older version.
+    """
+    created = None
+    for _ in range(SUMMARY_ATTEMPTS):
+        snap = ds_ref.get()
+        if not snap.exists:
+            raise LookupError(f"data set {ds_ref.id} has no declaration")
+        entries = {entry.id: entry.to_dict() for entry in ds_ref.collection("manifest").stream()}
+        outcome = completion(snap.to_dict(), entries, now)
+        if outcome is None:
+            return created
+        summary, job = outcome
+        # The version's own record first: the job trains on exactly this content, whatever is uploaded later.
+        version = {k: summary[k] for k in ("files", "stats", "rows", "completed_at")} | {"spec": snap.get("spec")}
+        ds_ref.collection("versions").document(summary["version"]).set(version)
+        if job is not None and JobStore(db, settings).create(job):
+            created = job
+        try:
+            ds_ref.update(summary, option=db.write_option(last_update_time=snap.update_time))
+        except FailedPrecondition:
+            continue
+        return created
+    raise RuntimeError(f"data set {ds_ref.id} kept changing while its summary was written; the event will be retried")
+
+
+SUMMARY_ATTEMPTS = 5

@@ -133,3 +133,38 @@ def test_redeclaring_a_complete_data_set_reprocesses_it_under_the_new_declaratio
     version = clients.db.collection("datasets").document("us~redecl").collection("versions").document(job.spec.dataset.version).get()
     assert len(version.get("spec")["features"]) == 32 and version.get("rows") == 1797
     assert dataset_doc(clients, "us", "redecl")["status"] == "complete"
+
+
+def test_a_slow_completion_never_steps_the_summary_back_to_an_older_version(cloud, clients, monkeypatch):
+    """Two deliveries complete the same data set with different content; the slower one
+    (holding the older version) must not overwrite the newer summary."""
+    from google.cloud.firestore import DocumentReference
+
+    from shared import manifest
+
+    now = utcnow()
+    spec = {"features": ["a"], "label": "y", "num_classes": 2, "expected_files": ["part.csv"], "train_on_complete": False}
+    ds_ref = clients.db.collection(clients.settings.datasets_collection).document(manifest.dataset_doc_id("us", "race-summary"))
+    ds_ref.set({"node": "us", "dataset": "race-summary", "spec": spec, "status": "pending"})
+    stats = {"count": 4, "mean": [0.5], "m2": [1.0], "label_counts": [2, 2]}
+    entry = ds_ref.collection("manifest").document("part.csv")
+    entry.set({"generation": 1, "spec_generation": 0, "rows": 4, "shards": ["gs://x/1"], "stats": stats, "source": "gs://x/part.csv"})
+    v1 = manifest.version_of({"part.csv": {"generation": 1}}, None)
+
+    real_set, raced = DocumentReference.set, []
+
+    def newer_delivery_lands_first(self, data, *args, **kwargs):
+        result = real_set(self, data, *args, **kwargs)
+        if self.path.endswith(f"/versions/{v1}") and not raced:
+            raced.append(True)  # while the v1 delivery is between its reads and its summary write:
+            real_set(entry, {**entry.get().to_dict(), "generation": 2, "shards": ["gs://x/2"]})
+            manifest.complete_if_ready(clients.db, clients.settings, ds_ref, now)
+        return result
+
+    monkeypatch.setattr(DocumentReference, "set", newer_delivery_lands_first)
+    manifest.complete_if_ready(clients.db, clients.settings, ds_ref, now)
+
+    summary = ds_ref.get().to_dict()
+    assert raced and summary["status"] == "complete"
+    assert summary["version"] == manifest.version_of({"part.csv": {"generation": 2}}, None) != v1
+    assert summary["files"]["part.csv"]["shards"] == ["gs://x/2"]
