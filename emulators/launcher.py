@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from emulators.provision import node_key_file
+from shared import signing
 from shared.jobs import Job
 from shared.launchers import LaunchError
 
@@ -36,6 +38,9 @@ class LocalProcessLauncher:
         pid_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "FEDPIPE_JOB_ID": job.id, "FEDPIPE_JOB_ATTEMPT": str(job.attempt)}
         env.pop("K_SERVICE", None)
+        key = node_key_file(self.state_dir, job.spec.dataset.node)
+        if key.exists():
+            env[signing.ENV_VAR] = str(key)  # the node's own key: the hub admits only updates it signed
         try:
             with open(log_path, "ab") as log:
                 # Its own session: the worker outlives the function's request, and `fedpipe down` stops its group.

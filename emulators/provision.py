@@ -1,16 +1,22 @@
-"""Create the buckets and topics a fedpipe deployment has (Terraform does this in production)."""
+"""Create the buckets, topics and node keys a fedpipe deployment has (Terraform and
+`fedpipe nodes register` do this in production)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.api_core.exceptions import AlreadyExists, Conflict
-from google.cloud import pubsub_v1, storage
+from google.cloud import firestore, pubsub_v1, storage
 
 from emulators.endpoints import (
     FIRESTORE_EVENTS_TOPIC,
     GCS_NOTIFICATIONS_TOPIC,
     REPLAY_TOPIC,
 )
+from shared import node_keys
 from shared.config import Settings
+from shared.jobs import utcnow
+from shared.signing import create_node_key
 
 
 def topics(settings: Settings) -> list[str]:
@@ -34,3 +40,17 @@ def ensure_buckets(settings: Settings) -> None:
             client.create_bucket(bucket)
         except Conflict:
             pass
+
+
+def node_key_file(state_dir: Path, node: str) -> Path:
+    """Where the local stack keeps `node`'s update-signing key (Cloud KMS holds it in production)."""
+    return state_dir / "keys" / f"{node}.pem"
+
+
+def ensure_node_keys(settings: Settings, state_dir: Path) -> None:
+    """One signing key per node, registered so the hub admits that node's updates."""
+    db = firestore.Client(project=settings.project)
+    for node in settings.nodes:
+        path = node_key_file(state_dir, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        node_keys.register(db, settings, node, create_node_key(path), f"local:{path}", utcnow())

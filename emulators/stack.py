@@ -167,6 +167,7 @@ class LocalCloud:
         wait_ready(gcs, http_ok(f"http://127.0.0.1:{ep.gcs_port}/storage/v1/b"), 30)
         wait_ready(firestore, http_ok(f"http://127.0.0.1:{ep.firestore_port}/"), 60)
         provision.ensure_buckets(settings)
+        provision.ensure_node_keys(settings, state_dir)
 
         self.on_step("starting functions")
         self._env = env

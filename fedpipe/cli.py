@@ -383,3 +383,43 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+nodes_app = typer.Typer(help="Nodes and the keys their updates must be signed with.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+
+
+@nodes_app.command("register")
+def nodes_register(
+    node: str,
+    public_key: Annotated[str | None, typer.Option(help="base64 of the node's 32-byte Ed25519 public key")] = None,
+    kms: Annotated[str | None, typer.Option(help="the node's Cloud KMS key version (projects/.../cryptoKeyVersions/N); its public key is fetched")] = None,
+) -> None:
+    """Admit NODE's updates: the hub counts only updates signed with the key registered here."""
+    from shared import node_keys, signing
+
+    if (public_key is None) == (kms is None):
+        raise _fail("give exactly one of --public-key and --kms")
+    source = "cli"
+    if kms is not None:
+        try:
+            public_key, source = signing.KmsSigner(kms).public_key(), f"kms:{kms}"
+        except Exception as exc:  # the KMS error as the user should see it
+            raise _fail(f"could not read the public key of {kms}: {exc}") from exc
+    try:
+        node_keys.register(context.db(), context.settings(), node, public_key, source, utcnow())
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"registered {node}'s signing key {public_key} ({source})")
+
+
+@nodes_app.command("list")
+def nodes_list() -> None:
+    """Every node with a registered signing key."""
+    from rich.table import Table
+
+    table = Table("node", "public key", "source", "registered")
+    for snap in context.db().collection(context.settings().nodes_collection).stream():
+        doc = snap.to_dict()
+        table.add_row(snap.id, doc.get("public_key", ""), doc.get("source", ""), str(doc.get("registered_at", "")))
+    console.print(table)

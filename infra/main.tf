@@ -115,6 +115,33 @@ resource "google_kms_crypto_key_iam_member" "gcs_uses_data_key" {
   member        = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
 }
 
+# Each node signs its weight updates with its own Ed25519 key, held in KMS in the
+# node's region: the private key never leaves KMS, only the node's worker may
+# sign with it, and the hub admits an update only if it verifies against the key
+# registered for that node (`fedpipe nodes register NODE --kms <version>`).
+resource "google_kms_crypto_key" "signing" {
+  for_each = var.nodes
+  name     = "${var.name_prefix}-${each.key}-signing"
+  key_ring = google_kms_key_ring.data[local.node_region[each.key]].id
+  purpose  = "ASYMMETRIC_SIGN"
+  labels   = merge(var.labels, { node = each.key })
+
+  version_template {
+    algorithm = "EC_SIGN_ED25519"
+  }
+
+  lifecycle {
+    prevent_destroy = true
+  }
+}
+
+resource "google_kms_crypto_key_iam_member" "worker_signs_updates" {
+  for_each      = var.nodes
+  crypto_key_id = google_kms_crypto_key.signing[each.key].id
+  role          = "roles/cloudkms.signer"
+  member        = "serviceAccount:${google_service_account.worker[each.key].email}"
+}
+
 # ---------------------------------------------------------------------------
 # 3. Buckets
 # ---------------------------------------------------------------------------
@@ -731,7 +758,7 @@ resource "google_cloud_run_v2_job" "worker" {
         }
 
         dynamic "env" {
-          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key })
+          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key, FEDPIPE_SIGNING_KEY = "${google_kms_crypto_key.signing[each.key].id}/cryptoKeyVersions/1" })
           content {
             name  = env.key
             value = env.value
@@ -782,7 +809,7 @@ resource "google_cloud_run_v2_job" "worker_gpu" {
         }
 
         dynamic "env" {
-          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key })
+          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key, FEDPIPE_SIGNING_KEY = "${google_kms_crypto_key.signing[each.key].id}/cryptoKeyVersions/1" })
           content {
             name  = env.key
             value = env.value

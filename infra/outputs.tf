@@ -66,3 +66,8 @@ output "worker_images" {
     gpu = local.worker_gpu_image
   }
 }
+
+output "signing_key_versions" {
+  description = "Each node's update-signing key version: register it with `fedpipe nodes register NODE --kms <version>`."
+  value       = { for node, key in google_kms_crypto_key.signing : node => "${key.id}/cryptoKeyVersions/1" }
+}

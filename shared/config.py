@@ -63,6 +63,7 @@ class Settings(BaseModel, frozen=True):
     datasets_collection: str = "datasets"
     quarantine_collection: str = "quarantine"
     federations_collection: str = "federations"
+    nodes_collection: str = "nodes"  # each node's registered update-signing key (shared/node_keys.py)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

@@ -56,6 +56,7 @@ class FederationConfig(BaseModel, frozen=True):
     round_deadline_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: float = Field(default=120.0, gt=0)
+    signed_updates: bool = Field(default=True, description="count only updates signed with the node's registered key")
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:

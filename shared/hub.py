@@ -23,7 +23,7 @@ from google.api_core.exceptions import AlreadyExists, FailedPrecondition, NotFou
 from google.cloud import firestore
 from pydantic import ValidationError
 
-from shared import gcs_uri, weights
+from shared import gcs_uri, node_keys, signing, weights
 from shared.aggregation import ServerOptimizer, StreamingMean
 from shared.datasets import DatasetSpec, FeatureStats
 from shared.federation import (
@@ -88,12 +88,16 @@ def reject(svc: Services, fid: str, error: str, now: datetime) -> None:
 
 
 def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats, dict[str, str]]:
-    """Check every node's data set is complete and of one schema; merge their statistics.
+    """Check every node has a signing key (if required) and a complete data set of one schema; merge their statistics.
 
     Only aggregate statistics (count, mean, M2 per feature) leave a node, so every
     node standardizes with the same global mean and std, as centralized training would.
     """
     schemas, stats, versions = set(), [], {}
+    if config.signed_updates:
+        unregistered = [n.name for n in config.nodes if not node_keys.node_ref(svc.db, svc.settings, n.name).get().exists]
+        if unregistered:
+            raise FederationError(f"no registered signing key for {', '.join(unregistered)} (fedpipe nodes register)")
     for node in config.nodes:
         snap = svc.db.collection(svc.settings.datasets_collection).document(DatasetRef(node=node.name, dataset=node.dataset).id).get()
         if not snap.exists or snap.get("status") != "complete":
@@ -188,8 +192,11 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
             return None
 
     # Every round's critical path: the reads go out together, the documents in one batched get.
-    data, (round_snap, counted, closed, fed_snap) = parallel(
-        download, lambda: get_documents(svc, round_ref(svc, fid, r), updates.document(node), marker, fed_ref(svc, fid))
+    data, (round_snap, counted, closed, fed_snap, key_snap) = parallel(
+        download,
+        lambda: get_documents(
+            svc, round_ref(svc, fid, r), updates.document(node), marker, fed_ref(svc, fid), node_keys.node_ref(svc.db, svc.settings, node)
+        ),
     )
     if data is None:
         return "ignored: the update is gone"  # deleted or replaced since; a replacement has its own event
@@ -206,7 +213,8 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         return "refused: unknown round"
     if node not in round_doc["expected"]:
         return f"refused: {node} is not in federation {fid}"
-    if problem := _invalid_update(fed_snap.to_dict(), round_doc, data, update):
+    fed = fed_snap.to_dict()
+    if problem := _unsigned(fed, fid, r, node, attempt, update, data, obj.metadata, key_snap) or _invalid_update(fed, round_doc, data, update):
         late.document(f"{node}-a{attempt}").set({**update, "refused": problem})
         log.error("update %s refused: %s", obj.name, problem)
         return f"refused: {problem}"  # recorded, never counted: it could not be aggregated
@@ -230,6 +238,33 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
 
 
 REQUIRED_METRICS = {"global_accuracy", "global_loss", "test_examples"}
+
+
+def _unsigned(
+    fed: dict, fid: str, r: int, node: str, attempt: int, update: dict, data: bytes, metadata: dict, key_snap: firestore.DocumentSnapshot
+) -> str | None:
+    """Why the update's signature does not admit it (None if it does, or the federation takes unsigned updates).
+
+    The signature covers the weights and the claims the hub acts on (example count,
+    metrics, round, node, attempt), and is checked against the node's registered key,
+    never a key the upload names.
+    """
+    if not fed["config"].get("signed_updates", True):
+        return None
+    if not key_snap.exists:
+        return f"node {node} has no registered signing key"
+    try:
+        signed = signing.read_metadata(metadata)
+        claims = signing.update_claims(
+            federation=fid, round=r, node=node, attempt=attempt, examples=update["examples"], metrics=update["metrics"], payload=data
+        )
+    except (TypeError, ValueError) as exc:
+        return f"unverifiable update: {exc}"
+    if signed is None:
+        return "unsigned update"
+    if not signing.verify(key_snap.get("public_key"), claims, signed[1]):
+        return f"bad signature: not signed with {node}'s registered key"
+    return None
 
 
 def _invalid_update(fed: dict, round_doc: dict, data: bytes, update: dict) -> str | None:

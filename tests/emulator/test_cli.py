@@ -135,3 +135,22 @@ def test_cancel_stops_a_running_worker(cloud, clients):
     final = wait_job(clients, "cli-cancel-long", {"cancelled", "completed", "failed"})
     assert final.status == "cancelled" and not final.results
     assert fedpipe("jobs", "cancel", "cli-cancel-long").returncode == 1  # already ended
+
+
+def test_nodes_register_and_list(cloud, clients):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.signing import public_key_b64
+
+    key = public_key_b64(Ed25519PrivateKey.generate().public_key())
+    done = fedpipe("nodes", "register", "lab-3", "--public-key", key)
+    assert done.returncode == 0, done.stderr
+    assert clients.db.collection("nodes").document("lab-3").get().get("public_key") == key
+    listed = fedpipe("nodes", "list")
+    assert "lab-3" in listed.stdout and key in listed.stdout and "us" in listed.stdout  # the local stack registered its own nodes
+
+    short = fedpipe("nodes", "register", "lab-4", "--public-key", "AAAA")
+    assert short.returncode == 1 and "an Ed25519 public key has 32 bytes, this one 3" in short.stderr
+    both = fedpipe("nodes", "register", "lab-4", "--public-key", key, "--kms", "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1")
+    assert both.returncode == 1 and "exactly one of --public-key and --kms" in both.stderr
+    assert not clients.db.collection("nodes").document("lab-4").get().exists

@@ -16,11 +16,13 @@ from rich.console import Console
 
 from emulators.endpoints import REPLAY_TOPIC
 from emulators.launcher import worker_pid_file
+from emulators.provision import node_key_file
 from fedpipe import fed_views
 from fedpipe.fed_demo import start_by_upload, upload_node_shares, wait_datasets, watch_federation
 from shared import weights
 from shared.federation import FederationConfig, global_model_object
 from shared.jobs import utcnow
+from shared.signing import LocalKeySigner, signature_metadata, update_claims
 from tests.conftest import wait_for
 from tests.emulator.helpers import deliveries, wait_job
 
@@ -46,6 +48,13 @@ def run(clients, config: FederationConfig, timeout_s: float = 180) -> tuple[dict
     start_by_upload(clients.gcs, clients.settings, config)
     watch_federation(clients.db, clients.settings, config.id, QUIET, timeout_s)
     return fed_views.load(clients.db, clients.settings, config.id)
+
+
+def signed_metadata(cloud, node: str, fid: str, r: int, attempt: int, examples: int, metrics: dict, payload: bytes) -> dict:
+    """Object metadata for an update as `node`'s worker writes it: counts, metrics and its signature."""
+    signer = LocalKeySigner.from_file(node_key_file(Path(cloud.endpoints.state_dir), node))
+    claims = update_claims(federation=fid, round=r, node=node, attempt=attempt, examples=examples, metrics=metrics, payload=payload)
+    return {"examples": str(examples), "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
 
 
 def read(clients, uri: str) -> bytes:
@@ -106,14 +115,16 @@ def test_duplicate_and_late_updates_change_nothing(cloud, clients, shares):
 
     # A node uploading to a closed round is refused and recorded as late.
     late = hub.blob("updates/us/fed-dups/round-0001-a9.safetensors")
-    late.metadata = {"examples": "10", "metrics": json.dumps({"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5})}
-    late.upload_from_string(hub.blob(global_model_object("fed-dups", 1)).download_as_bytes())
+    payload = hub.blob(global_model_object("fed-dups", 1)).download_as_bytes()
+    metrics = {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5}
+    late.metadata = signed_metadata(cloud, "us", "fed-dups", 1, 9, 10, metrics, payload)
+    late.upload_from_string(payload)
     wait_for(lambda: fed_views.load(clients.db, clients.settings, "fed-dups")[1][0]["late"], 30, "the late update to be recorded")
 
     fed_after, rounds_after = fed_views.load(clients.db, clients.settings, "fed-dups")
     assert [rd["participants"] for rd in rounds_after] == [rd["participants"] for rd in rounds]
     assert len(rounds_after) == 3 and fed_after["final"] == fed["final"]
-    assert [x["node"] for x in rounds_after[0]["late"]] == ["us"]
+    assert [(x["node"], x["attempt"], x.get("refused")) for x in rounds_after[0]["late"]] == [("us", 9, None)]  # late, not invalid
     assert hub.get_blob(global_model_object("fed-dups", 1)).generation == global_gen  # not re-aggregated
 
 
@@ -206,9 +217,10 @@ def test_an_update_of_the_wrong_shape_is_refused_and_the_round_goes_on(cloud, cl
     wait_for(lambda: clients.db.collection("federations").document("fed-badshape").collection("rounds").document("0001").get().exists,
              30, "round 1")
     bogus = clients.gcs.bucket(clients.settings.hub_bucket).blob("updates/eu/fed-badshape/round-0001-a9.safetensors")
-    bogus.metadata = {"examples": "10", "metrics": json.dumps(
-        {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5})}
-    bogus.upload_from_string(weights.to_bytes({"dense_0.kernel": np.zeros((3, 3), np.float32)}))
+    payload = weights.to_bytes({"dense_0.kernel": np.zeros((3, 3), np.float32)})
+    metrics = {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5}
+    bogus.metadata = signed_metadata(cloud, "eu", "fed-badshape", 1, 9, 10, metrics, payload)  # signed, yet unusable
+    bogus.upload_from_string(payload)
 
     fed = watch_federation(clients.db, clients.settings, "fed-badshape", QUIET, 120)
     assert fed["status"] == "completed", fed.get("error")
@@ -243,7 +255,7 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     name = f"updates/eu/{fid}/round-0002-a1.json"
     blob = clients.gcs.bucket(bucket).blob(name)
     blob.upload_from_string(json.dumps(metrics))
-    obj = RawObject(bucket, name, blob.generation, blob.size, {"examples": "10", "metrics": json.dumps(metrics)})
+    obj = RawObject(bucket, name, blob.generation, blob.size, signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, json.dumps(metrics).encode()))
 
     real_create = DocumentReference.create
     closing = {"status": "closed", "reason": "deadline passed with 1 of 2 nodes (quorum 1)", "participants": ["us"], "at": now}
@@ -266,3 +278,61 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     assert outcome == "late: round 2 is closed"
     assert [snap.get("node") for snap in late.stream()] == ["eu"]
     assert marker.get().get("participants") == ["us"]
+
+
+@pytest.mark.parametrize(("forgery", "reason"), [
+    ("unsigned", "unsigned update"),
+    ("another node's key", "bad signature: not signed with eu's registered key"),
+    ("inflated example count", "bad signature: not signed with eu's registered key"),
+    ("swapped payload", "bad signature: not signed with eu's registered key"),
+])
+def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, clients, forgery, reason):
+    from shared import hub
+    from shared.ingest import RawObject, Services
+
+    fid, now = f"fed-sig-{forgery.split()[0].replace(chr(39), '')}", utcnow()
+    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
+    config = federation(fid, rounds=1)
+    hub.fed_ref(svc, fid).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
+                               "num_classes": 10, "created_at": now, "updated_at": now})
+    hub.round_ref(svc, fid, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
+                                    "deadline_at": now + timedelta(hours=1)})
+    metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
+    payload = json.dumps(metrics).encode()
+    meta = {
+        "unsigned": {"examples": "10", "metrics": json.dumps(metrics)},
+        "another node's key": signed_metadata(cloud, "us", fid, 2, 1, 10, metrics, payload) | {},
+        "inflated example count": signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, payload) | {"examples": "1000"},
+        "swapped payload": signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, payload.replace(b"0.5", b"0.9")),
+    }[forgery]
+    if forgery == "another node's key":  # us signs claims naming eu: the key is wrong, not the claims
+        signer = LocalKeySigner.from_file(node_key_file(Path(cloud.endpoints.state_dir), "us"))
+        claims = update_claims(federation=fid, round=2, node="eu", attempt=1, examples=10, metrics=metrics, payload=payload)
+        meta = {"examples": "10", "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
+    bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
+    blob = clients.gcs.bucket(bucket).blob(name)
+    blob.upload_from_string(payload)
+
+    outcome = hub.record_update(svc, RawObject(bucket, name, blob.generation, blob.size, meta), fid, 2, "eu", 1, now)
+
+    updates, late, _ = hub._round_parts(svc, fid, 2)
+    assert outcome == f"refused: {reason}"
+    assert [(snap.get("node"), snap.get("refused")) for snap in late.stream()] == [("eu", reason)]
+    assert not updates.document("eu").get().exists  # never counted
+    assert hub.round_ref(svc, fid, 2).get().get("status") == "open"
+
+
+def test_a_federation_with_a_node_that_has_no_signing_key_is_refused(cloud, clients, shares):
+    from shared import node_keys
+
+    saved = node_keys.node_ref(clients.db, clients.settings, "eu").get().to_dict()
+    node_keys.node_ref(clients.db, clients.settings, "eu").delete()
+    try:
+        start_by_upload(clients.gcs, clients.settings, federation("fed-nokey"))
+        ref = clients.db.collection(clients.settings.federations_collection).document("fed-nokey")
+        wait_for(lambda: ref.get().exists, 30, "the request to be handled")
+    finally:
+        node_keys.node_ref(clients.db, clients.settings, "eu").set(saved)
+    fed = ref.get().to_dict()
+    assert fed["status"] == "rejected"
+    assert fed["error"] == "no registered signing key for eu (fedpipe nodes register)"

@@ -262,6 +262,23 @@ def test_keys_rotate_and_the_storage_agent_may_use_them():
     )
 
 
+def test_each_node_signs_with_its_own_kms_key_that_only_its_worker_may_use():
+    from shared import signing
+
+    main = tf_text("main.tf")
+    key = re.search(r'^resource "google_kms_crypto_key" "signing" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL).group(1)
+    assert "for_each = var.nodes" in key and 'purpose  = "ASYMMETRIC_SIGN"' in key
+    assert 'algorithm = "EC_SIGN_ED25519"' in key and "prevent_destroy = true" in key
+    assert "key_ring = google_kms_key_ring.data[local.node_region[each.key]].id" in key  # in the node's own region
+    grant = re.search(r'^resource "google_kms_crypto_key_iam_member" "worker_signs_updates" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL).group(1)
+    assert "google_kms_crypto_key.signing[each.key].id" in grant and 'role          = "roles/cloudkms.signer"' in grant
+    assert "google_service_account.worker[each.key].email" in grant
+    # Both worker jobs hand the node's key version to the worker under the name signer_from_env reads.
+    env = f'{signing.ENV_VAR} = "${{google_kms_crypto_key.signing[each.key].id}}/cryptoKeyVersions/1"'
+    assert main.count(env) == 2
+    assert "signing_key_versions" in tf_text("outputs.tf")
+
+
 def test_worker_jobs_match_the_launcher():
     from shared.launchers import cloud_run
 
@@ -288,6 +305,7 @@ def test_service_accounts_get_only_named_roles():
     roles = set(re.findall(r'"(roles/[A-Za-z.]+)"', main))
     assert roles == {
         "roles/cloudkms.cryptoKeyEncrypterDecrypter",
+        "roles/cloudkms.signer",
         "roles/storage.objectViewer",
         "roles/storage.objectUser",
         "roles/storage.objectCreator",

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore, pubsub_v1, storage
 
-from shared import gcs_uri, weights
+from shared import gcs_uri, signing, weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
 from shared.federation import FederationConfig, round_key, round_kind, update_object
@@ -117,6 +118,7 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
     initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
     expected = weights.spec_of(initial)
     hub = gcs.bucket(settings.hub_bucket)
+    signer = signing.signer_from_env(os.environ)
     signals = RoundSignals(settings, fed_ref, ref.id, ref.node)
     done: set[int] = set()
     over = False
@@ -142,7 +144,7 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
                 lambda key=round_key(r): None if done else fed_ref.collection("rounds").document(key).collection("updates").document(ref.node).get(),
             )
             if mine is None or not mine.exists:
-                train_round(job, config, r, global_params, trainer, split, hub, beat, lost_error)
+                train_round(job, config, r, global_params, trainer, split, hub, beat, lost_error, signer)
             done.add(r)
             seen = signals.wait(POLL_S, past_round=r)
     finally:
@@ -154,7 +156,7 @@ def load_global(gcs: storage.Client, uri: str, expected: dict) -> dict:
     return weights.from_bytes(gcs_uri.read(gcs, uri), expected=expected)[0]
 
 
-def train_round(job, config, r: int, global_params, trainer, split, hub, beat, lost_error) -> None:
+def train_round(job, config, r: int, global_params, trainer, split, hub, beat, lost_error, signer: signing.Signer | None) -> None:
     ref = job.spec.federation
     started = time.perf_counter()
     evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
@@ -174,6 +176,12 @@ def train_round(job, config, r: int, global_params, trainer, split, hub, beat, l
         content_type = "application/octet-stream"
     metrics["compute_s"] = round(time.perf_counter() - started, 4)  # evaluate + train: what is not overhead
     blob = hub.blob(update_object(ref.id, r, ref.node, job.attempt, evaluate_only))
-    blob.metadata = {"examples": str(len(split.y_train)), "metrics": json.dumps(metrics)}
+    examples = len(split.y_train)
+    blob.metadata = {"examples": str(examples), "metrics": json.dumps(metrics)}
+    if signer is not None:  # the hub admits only updates signed with this node's registered key
+        claims = signing.update_claims(
+            federation=ref.id, round=r, node=ref.node, attempt=job.attempt, examples=examples, metrics=metrics, payload=payload
+        )
+        blob.metadata |= signing.signature_metadata(signer, claims)
     blob.upload_from_string(payload, content_type=content_type)
     log.info("federation %s round %d: %s uploaded (%s)", ref.id, r, "evaluation" if evaluate_only else "update", metrics)
