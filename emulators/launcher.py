@@ -1,12 +1,16 @@
 """The local launcher: runs a job's worker as a process on this machine, logs kept.
 
 It stands in for Cloud Run Jobs / Vertex AI / GKE with the same contract: start the
-worker for one attempt and return a handle, without waiting for it.
+worker for one attempt and return a handle, without waiting for it. The stack's
+worker zygote (`emulators/worker_zygote.py`) forks it with its imports already
+loaded; without one, it is a plain `python -m workers.trainer` process.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +24,24 @@ from shared.launchers import LaunchError
 
 def worker_pid_file(state_dir: Path, job_id: str, attempt: int) -> Path:
     return state_dir / "workers" / f"{job_id}.{attempt}.pid"
+
+
+def zygote_socket(state_dir: Path) -> Path:
+    """Where `emulators.worker_zygote` (started by the stack) listens."""
+    return state_dir / "worker-zygote.sock"
+
+
+def spawn_from_zygote(socket_path: Path, env: dict[str, str], log_path: Path, timeout_s: float = 5.0) -> int | None:
+    """A worker forked by the zygote at `socket_path`: its pid, or None (no zygote, or its code is stale)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout_s)
+            conn.connect(str(socket_path))
+            conn.sendall(json.dumps({"env": env, "log": str(log_path)}).encode() + b"\n")
+            reply = json.loads(conn.makefile().readline() or "{}")
+    except (OSError, ValueError):
+        return None
+    return reply.get("pid")
 
 
 def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:
@@ -41,6 +63,11 @@ class LocalProcessLauncher:
         key = node_key_file(self.state_dir, job.spec.dataset.node)
         if key.exists():
             env[signing.ENV_VAR] = str(key)  # the node's own key: the hub admits only updates it signed
+        pid = spawn_from_zygote(zygote_socket(self.state_dir), env, log_path) or self._start_process(env, log_path)
+        pid_path.write_text(str(pid))
+        return f"local:pid={pid}:log={log_path}"
+
+    def _start_process(self, env: dict[str, str], log_path: Path) -> int:
         try:
             with open(log_path, "ab") as log:
                 # Its own session: the worker outlives the function's request, and `fedpipe down` stops its group.
@@ -50,6 +77,5 @@ class LocalProcessLauncher:
                 )
         except OSError as exc:
             raise LaunchError(f"could not start the worker process: {exc}") from exc
-        pid_path.write_text(str(proc.pid))
         threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it exits: no zombies
-        return f"local:pid={proc.pid}:log={log_path}"
+        return proc.pid

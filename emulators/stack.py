@@ -24,6 +24,7 @@ import functions
 from emulators import provision
 from emulators.code_watch import CodeWatcher
 from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
+from emulators.launcher import zygote_socket
 from emulators.processes import (
     ManagedProcess,
     StartupError,
@@ -168,6 +169,9 @@ class LocalCloud:
         wait_ready(firestore, http_ok(f"http://127.0.0.1:{ep.firestore_port}/"), 60)
         provision.ensure_buckets(settings)
         provision.ensure_node_keys(settings, state_dir)
+
+        # Workers fork from here with their imports loaded (emulators/worker_zygote.py).
+        self._spawn("worker-zygote", [sys.executable, "-m", "emulators.worker_zygote", str(zygote_socket(state_dir))], env)
 
         self.on_step("starting functions")
         self._env = env

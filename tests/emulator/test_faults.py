@@ -164,3 +164,25 @@ def test_a_crashed_function_is_revived_and_its_events_still_arrive(cloud, client
         lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == message_id) if r["status"] == "delivered"], 30, "the delivery"
     )[0]
     assert record["function"] == "on_shard_ready"
+
+
+def test_workers_fork_from_the_warm_zygote_each_in_its_own_session(cloud, clients, tmp_path):
+    from emulators.launcher import spawn_from_zygote
+
+    upload_digits(clients, "zygote", parts=1, train=TrainSpec(epochs=1))
+    wait_job(clients, job_of_dataset(clients, "zygote"), {"completed"})
+    store = JobStore(clients.db, clients.settings)
+    job = Job.new("zygote-child", JobSpec(dataset=DatasetRef(node="us", dataset="zygote"), train=TrainSpec(epochs=400)), utcnow())
+    assert store.create(job)
+    wait_for(lambda: (j := store.get(job.id)) and j.status is JobStatus.RUNNING, 60, "the worker running")
+
+    pid = int(worker_pid_file(Path(cloud.endpoints.state_dir), job.id, 1).read_text())
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid == cloud.endpoints.pids["worker-zygote"]
+    assert os.getsid(pid) == pid  # its own session: stopped by group, apart from the zygote
+    assert f"job {job.id} attempt 1 running" in (Path(cloud.endpoints.state_dir) / "logs" / "jobs" / f"{job.id}.1.log").read_text()
+    store.cancel(job.id, utcnow())
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0],
+             30, "the cancelled worker to exit")
+    # No zygote there: the launcher starts a plain process instead.
+    assert spawn_from_zygote(tmp_path / "none.sock", {}, tmp_path / "log") is None
