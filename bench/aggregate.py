@@ -14,10 +14,12 @@ shared/aggregation.py only needs NumPy. Without flwr anywhere, the Flower column
 Cases: N updates of P float32 params split over a few tensors like a real model
 (N=10, P~1.7M and N=100, P~11.1M). On the same arrays, in the same process:
 
-* ours    StreamingMean, fed one update at a time; construction and result() included.
-          Default backend "auto" (fused saxpy from NumPy's bundled OpenBLAS, with a watchdog
-          that falls back to NumPy under CPU oversubscription), plus the explicit "numpy"
-          and "blas" backends reported separately.
+* ours    StreamingMean.extend over the updates, as the hub calls it: groups of K updates
+          (K = GROUP_BYTES // model bytes, at most N), each accumulated in one cache-blocked
+          pass; construction and result() included. Default backend "auto" (fused saxpy from
+          NumPy's bundled OpenBLAS, with a watchdog that falls back to NumPy under CPU
+          oversubscription), plus the explicit "numpy" and "blas" backends reported
+          separately, and ours_add: StreamingMean.add one update at a time, for reference.
 * numpy   ``np.tensordot(w / w.sum(), stacked, axes=1)`` on a [N, P] float32 array. Building
           the stacked array is NOT timed (reported separately as numpy_stack_s); weights are
           float32 (float64 weights make NumPy upcast the whole stack, ~8x slower).
@@ -27,7 +29,10 @@ Throughput is bytes of updates read per aggregation (N * P * 4) / median wall ti
 several rounds (9 small / 5 large) that each run every method once in a shuffled order,
 after one untimed warm-up each. Peak extra memory is measured with tracemalloc (NumPy reports its buffers
 to it) on a separate, untimed run, relative to the already-loaded updates; for numpy it
-includes the stacked copy, which is what that approach needs.
+includes the stacked copy, which is what that approach needs. For ours it is also measured
+streamed (ours_streamed_peak_bytes): each update materialised (copied) only when extend asks
+for it, as the hub reads them from the bucket, so it counts the group extend holds: a
+constant number of models (about K + 1: the group and the accumulator), not N.
 
 Other processes on the same CPUs skew everything (and can trip the "auto" watchdog): the
 load average at start and end is printed and recorded in the JSON.
@@ -68,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from shared.aggregation import StreamingMean, blas_axpy_available  # noqa: E402
+from shared.aggregation import GROUP_BYTES, StreamingMean, blas_axpy_available  # noqa: E402
 
 try:
     from flwr.server.strategy.aggregate import aggregate as flower_aggregate
@@ -163,17 +168,28 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     row: dict = {"case": name, "n": n, "p": p, "tensors": len(shapes), "bytes_read": nbytes, "repeats": repeats}
 
     used: list[str] = []
+    row["ours_group"] = min(n, max(1, GROUP_BYTES // (p * 4)))  # updates per group: extend's rule
 
-    def ours(backend: str):
+    def ours(backend: str, source=lambda: zip(updates, weights.tolist(), strict=True)):
         def run():
             mean = StreamingMean(backend=backend)
-            for u, w in zip(updates, weights, strict=True):
-                mean.add(u, int(w))
+            mean.extend(source())  # the hub's call: default group_bytes
             if backend == "auto":
                 used.append(mean.backend)  # "auto" may have fallen back to numpy mid-run
             return mean.result()
 
         return run
+
+    def ours_add():
+        mean = StreamingMean()
+        for u, w in zip(updates, weights, strict=True):
+            mean.add(u, int(w))
+        return mean.result()
+
+    def streamed():
+        """Each update copied only when extend asks for it, like a read from the bucket."""
+        for u, w in zip(updates, weights.tolist(), strict=True):
+            yield {k: a.copy() for k, a in u.items()}, w
 
     # numpy baseline: tensordot on the stacked [N, P] array; stacking is not timed.
     def build_stacked() -> np.ndarray:
@@ -196,6 +212,7 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     methods = {"ours_auto": ours("auto"), "ours_numpy": ours("numpy")}
     if blas_axpy_available():
         methods["ours_blas"] = ours("blas")
+    methods["ours_add"] = ours_add
     methods["numpy"] = lambda: np.tensordot(w32, stacked, axes=1)
     if flower_aggregate is not None:
         methods["flower"] = lambda: flower_aggregate(fl_in)
@@ -204,7 +221,8 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     for name, t in medians.items():
         row[f"{name}_s"], row[f"{name}_gbps"] = t, nbytes / t / GB
         note = {
-            "ours_auto": f"  (ran on: {row['ours_backend']})",
+            "ours_auto": f"  (groups of {row['ours_group']}, ran on: {row['ours_backend']})",
+            "ours_add": "  (StreamingMean.add, one update at a time)",
             "numpy": f"  (+{row['numpy_stack_s'] * 1e3:.0f} ms to stack, not timed)",
         }.get(name, "")
         print(f"   {name:11s} {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s{note}", flush=True)
@@ -223,6 +241,7 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     # Peak extra memory, each on its own untimed run.
     row["ours_peak_extra_bytes"] = peak_extra_bytes(ours("auto"))
     row["ours_numpy_backend_peak_extra_bytes"] = peak_extra_bytes(ours("numpy"))
+    row["ours_streamed_peak_bytes"] = peak_extra_bytes(ours("auto", streamed))
     # Filling a preallocated [N, P] buffer row by row: the least memory this approach needs.
     row["numpy_peak_extra_bytes"] = peak_extra_bytes(lambda: np.tensordot(w32, build_stacked(), axes=1))
     if flower_aggregate is not None:
@@ -238,7 +257,9 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     print(f"   ours/numpy = {row['ours_vs_numpy']:.2f}x, ours/flower = "
           + (f"{row['ours_vs_flower']:.1f}x" if row["ours_vs_flower"] else "n/a"), flush=True)
     mib = 1 << 20
-    print(f"   peak extra memory: ours {row['ours_peak_extra_bytes'] / mib:,.0f} MiB, "
+    print(f"   peak extra memory: ours {row['ours_peak_extra_bytes'] / mib:,.0f} MiB "
+          f"({row['ours_streamed_peak_bytes'] / mib:,.0f} MiB = "
+          f"{row['ours_streamed_peak_bytes'] / (p * 4):.1f} models streamed, groups of {row['ours_group']} for N={n}), "
           f"numpy (stacked) {row['numpy_peak_extra_bytes'] / mib:,.0f} MiB"
           + (f", flower {row['flower_peak_extra_bytes'] / mib:,.0f} MiB" if row["flower_peak_extra_bytes"] else "")
           + f"  (one model = {p * 4 / mib:,.0f} MiB)", flush=True)
@@ -304,7 +325,10 @@ def main() -> None:
         "ours_numpy_backend_gbps": round(big["ours_numpy_gbps"], 3),
         "ours_blas_backend_gbps": round(big["ours_blas_gbps"], 3) if "ours_blas_gbps" in big else None,
         "numpy_incl_stack_gbps": round(big["numpy_incl_stack_gbps"], 3),
+        "ours_group": big["ours_group"],
+        "ours_add_gbps": round(big["ours_add_gbps"], 3),
         "ours_peak_extra_bytes": big["ours_peak_extra_bytes"],
+        "ours_streamed_peak_bytes": big["ours_streamed_peak_bytes"],
         "numpy_peak_extra_bytes": big["numpy_peak_extra_bytes"],
         "machine": mach,
         "cases": cases,

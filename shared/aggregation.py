@@ -7,13 +7,17 @@ dtypes (float32 in fedpipe).
 
 StreamingMean
     A FedAvg accumulator whose memory is one model (plus a small per-thread scratch
-    buffer), however many updates arrive: updates are read one at a time, e.g. straight
-    from the bucket, and can be dropped as soon as ``add`` returns.
+    buffer), however many updates arrive. ``extend`` takes updates lazily from an
+    iterable (e.g. read straight from the bucket) and holds at most ``group_bytes`` of
+    them at a time (default ``GROUP_BYTES``, 256 MiB), so the caller's memory is
+    bounded too: a constant number of models, not one per node. Each group is
+    accumulated in one cache-blocked pass, which costs about one read of each update;
+    ``add`` (one update at a time) also reads and writes the whole accumulator per update.
 
-    Idempotency is the CALLER's job: ``add`` has no notion of update ids, so adding
-    the same update twice counts it twice. The hub records which update ids it has
-    added (alongside the accumulator, or by rebuilding from the list of ids) and
-    skips redeliveries before calling ``add``.
+    Idempotency is the CALLER's job: nothing here knows update ids, so adding the same
+    update twice counts it twice. The hub records which update ids it has added
+    (alongside the accumulator, or by rebuilding from the list of ids) and skips
+    redeliveries before handing updates over.
 
 ServerOptimizer
     FedOpt (Reddi et al., "Adaptive Federated Optimization", ICLR 2021,
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "GROUP_BYTES",
     "SERVER_OPTIMIZERS",
     "ServerOptimizer",
     "StreamingMean",
@@ -52,20 +57,33 @@ Params = dict[str, np.ndarray]
 
 _log = logging.getLogger(__name__)
 
-# Elements per scratch block in the NumPy backend: 128 Ki float32 = 512 KiB, which stays
-# in a core's L2 (1 MiB on the AMD EPYC we benchmark on) between the multiply and the add.
-_CHUNK = 1 << 17
+# StreamingMean.extend's default: at most this many bytes of updates held at once (and
+# so the size of a group accumulated in one pass): 6 updates of an 11M-param float32
+# model, all of them for small models. A Cloud Function has 1 GiB by default.
+GROUP_BYTES = 256 << 20
+# A group is applied chunk by chunk of the flat parameter space: every update of the
+# group into one chunk of the accumulator, then the next chunk, so the chunk stays in
+# cache while the group streams through it (main-memory traffic per group: one read of
+# each update, one read and one write of the accumulator).
+# blas backend: elements per chunk, 8 MiB of float32 (in L3). OpenBLAS splits each saxpy
+# over its threads and syncs them per call, so chunks are big. Measured on the 2-core AMD
+# EPYC of bench/aggregate.py, groups of 6: 1-2 Mi elements per chunk did best; our own
+# threads each calling a single-threaded saxpy on smaller (L2) chunks were no faster and
+# far less steady.
+_BLAS_CHUNK = 1 << 21
+# NumPy backend: elements per chunk and thread, and per scratch block (multiply into it,
+# then add): 128 Ki float32 = 512 KiB, so chunk and scratch stay in a core's L2.
+_NUMPY_CHUNK = 1 << 17
 # Below this many elements per update, threading costs more than it saves.
 _MIN_PARALLEL = 1 << 19
-# backend="auto" watchdog: OpenBLAS threads synchronise on every saxpy call (one per tensor),
-# and when other processes keep the CPUs busy with spinning thread pools (measured: a JAX
-# job on the same 2 cores) each sync can take a scheduler time slice, dropping the fused
-# path to ~0.05 GB/s while the NumPy backend (one sync per update) still does ~4 GB/s.
-# _BLAS_SLOW_CALLS_TO_SWITCH consecutive saxpy calls (on tensors of at least
-# _BLAS_WATCH_MIN_ELEMENTS, each taking over _BLAS_MIN_SECONDS) below this floor switch the
-# accumulator to the NumPy backend for the rest of its life; a single stall (page-fault
-# storm, a neighbour's burst) does not. New accumulators created within
-# _BLAS_DISTRUST_SECONDS of such a switch start on NumPy.
+# backend="auto" watchdog: a saxpy call that should take milliseconds can crawl when
+# OpenBLAS threads its calls and other processes keep the CPUs busy (measured: a JAX job
+# on the same 2 cores made each per-call thread sync take a scheduler time slice, ~0.05
+# GB/s, while the NumPy backend still did ~4 GB/s). _BLAS_SLOW_CALLS_TO_SWITCH consecutive
+# saxpy calls (on at least _BLAS_WATCH_MIN_ELEMENTS elements, each taking over
+# _BLAS_MIN_SECONDS) below this floor switch the accumulator to the NumPy backend for the
+# rest of its life; a single stall (page-fault storm, a neighbour's burst) does not. New
+# accumulators created within _BLAS_DISTRUST_SECONDS of such a switch start on NumPy.
 _BLAS_FLOOR_BYTES_PER_S = 1e9
 _BLAS_MIN_SECONDS = 0.005
 _BLAS_WATCH_MIN_ELEMENTS = 1 << 16
@@ -80,7 +98,7 @@ _blas_distrusted_until = 0.0
 # NumPy has no fused multiply-add ufunc, so the NumPy backend needs two passes per block
 # (multiply into an L2-resident scratch, then add). The manylinux NumPy wheels (which is
 # what Cloud Functions installs) bundle OpenBLAS; its cblas_saxpy does the update in a
-# single multi-threaded pass and is ~2x faster here (see bench/aggregate.py). It is found
+# single multi-threaded pass and is faster here (see bench/aggregate.py). It is found
 # by exact symbol name, checked against NumPy on a small array before first use, and any
 # failure falls back to the NumPy backend. FEDPIPE_AGG_BLAS=0 turns it off.
 # --------------------------------------------------------------------------------------
@@ -95,7 +113,7 @@ _BLAS_CANDIDATES = (
 
 @functools.lru_cache(maxsize=1)
 def _saxpy():
-    """Return ``saxpy(n, alpha, x_ptr, y_ptr)`` or None when unavailable/untrusted."""
+    """Return ``saxpy(n, alpha, x_address, y_address)`` or None when unavailable/untrusted."""
     if os.environ.get("FEDPIPE_AGG_BLAS", "1") == "0":
         return None
     libdir = Path(np.__file__).resolve().parent.parent / "numpy.libs"
@@ -108,8 +126,8 @@ def _saxpy():
             fn.restype = None
             fn.argtypes = [int_t, ctypes.c_float, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t]
 
-            def saxpy(n: int, alpha: float, x: np.ndarray, y: np.ndarray, _fn=fn) -> None:
-                _fn(n, alpha, x.ctypes.data, 1, y.ctypes.data, 1)
+            def saxpy(n: int, alpha: float, x: int, y: int, _fn=fn) -> None:
+                _fn(n, alpha, x, 1, y, 1)
 
             if _blas_self_test(saxpy):
                 return saxpy
@@ -124,7 +142,7 @@ def _blas_self_test(saxpy) -> bool:
         want = y + np.float32(0.37) * x
         got = y.copy()
         try:
-            saxpy(n, 0.37, x, got)
+            saxpy(n, 0.37, x.ctypes.data, got.ctypes.data)
         except Exception:  # noqa: BLE001 - any ctypes failure means "don't use it"
             return False
         if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
@@ -164,14 +182,30 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 # StreamingMean
 # --------------------------------------------------------------------------------------
 
+Schema = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+class _Staged:
+    """Updates validated (against the accumulator's schema, or the first staged one's if it
+    has none yet) but not accumulated yet. ``ops`` holds ``(alpha, flat arrays)`` for the
+    positive weights, alpha None for the very first one (a copy)."""
+
+    def __init__(self, schema: Schema | None, w0: float) -> None:
+        self.schema = schema
+        self.w0 = w0
+        self.weights: list[float] = []
+        self.ops: list[tuple[float | None, dict[str, np.ndarray]]] = []
+
 
 class StreamingMean:
-    """Weighted mean of parameter dicts, accumulated in place one update at a time.
+    """Weighted mean of parameter dicts, accumulated in place.
 
-    ``add(update, weight)`` accumulates; ``result()`` returns ``sum(w_i x_i) / sum(w_i)``.
-    The first update (with a positive weight) fixes the names, shapes and dtypes; later
-    updates that differ raise ``ValueError`` naming the tensor, before anything is
-    accumulated (a rejected update leaves the accumulator unchanged).
+    ``add(update, weight)`` accumulates one update; ``add_group(pairs)`` and
+    ``extend(pairs)`` accumulate ``(update, weight)`` pairs a group at a time, in one
+    cache-blocked pass per group (same result: bit for bit on the NumPy backend).
+    ``result()`` returns ``sum(w_i x_i) / sum(w_i)``. The first update fixes the names,
+    shapes and dtypes; a later update that differs raises ``ValueError`` naming the
+    tensor, before anything of it (or of its group, for ``add_group``) is accumulated.
 
     Accumulation precision: float32 for float32 (or float16/bfloat16-like) params,
     float64 for float64 params. float32 is enough: for N=100 updates the normwise
@@ -184,21 +218,24 @@ class StreamingMean:
     Numerics: updates are accumulated relative to the first positive weight w0, i.e.
     ``acc = x_0 + sum_{i>0} (w_i / w0) x_i`` and ``result = acc * (w0 / W)``. So the first
     update is a plain copy, equal weights need no multiply at all, and one update gives
-    back exactly its own values (bit for bit).
+    back exactly its own values (bit for bit). Every element sees the same operations in
+    the same order however the updates are grouped.
 
     Memory: one accumulator the size of the model (a single buffer), plus one 512 KiB
     scratch per thread for the NumPy backend; nothing per update (an update that is not
-    C-contiguous is copied once, which is unavoidable for a blocked pass).
+    C-contiguous is copied once, which is unavoidable for a blocked pass). ``add_group``
+    reads a group the caller already holds; ``extend`` holds at most ``group_bytes``.
 
-    Backends: "blas" = fused saxpy from NumPy's bundled OpenBLAS (one pass, threaded by
-    OpenBLAS); "numpy" = blocked ``np.multiply(out=scratch)`` + ``np.add(out=acc)`` split
-    over ``threads`` threads (ufuncs release the GIL); "auto" = blas when available, with
-    a watchdog that moves to numpy after 3 consecutive saxpy calls below 1 GB/s (OpenBLAS's
-    per-call thread syncs collapse when other processes oversubscribe the CPUs).
+    Backends: "blas" = fused saxpy from NumPy's bundled OpenBLAS (threaded by OpenBLAS);
+    "numpy" = ``np.multiply(out=scratch)`` + ``np.add(out=acc)`` over L2-sized chunks,
+    split over ``threads`` threads (ufuncs release the GIL); "auto" = blas when
+    available, with a watchdog that moves to numpy after 3 consecutive saxpy calls below
+    1 GB/s (OpenBLAS's per-call thread syncs collapse when other processes oversubscribe
+    the CPUs).
 
     Idempotency is handled by the caller, which must record the ids of the updates it
     has added and never add the same one twice. One StreamingMean is not meant to be
-    fed from several threads at once (it parallelises each ``add`` internally).
+    fed from several threads at once (it parallelises each group internally).
     """
 
     def __init__(self, *, backend: str = "auto", threads: int | None = None) -> None:
@@ -212,16 +249,15 @@ class StreamingMean:
         self._watchdog = backend == "auto"
         self._slow_calls = 0
         self.threads = _default_threads() if threads is None else max(1, int(threads))
-        self._names: tuple[str, ...] | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, np.dtype] = {}
-        self._acc: dict[str, np.ndarray] = {}  # flat, C-contiguous views into _groups' buffers
-        self._groups: list[tuple[np.ndarray, tuple[str, ...]]] = []
+        self._schema: Schema | None = None
+        self._names: tuple[str, ...] = ()
+        self._acc: dict[str, np.ndarray] = {}  # flat, C-contiguous views into _bufs' buffers
+        self._offset: dict[str, int] = {}  # where each tensor starts in its buffer
+        self._bufs: list[tuple[np.ndarray, tuple[str, ...]]] = []  # one per dtype
         self._w0 = 0.0  # first positive weight; 0 while nothing has been accumulated
         self._total = 0.0
         self._count = 0
-        self._plan: list[list[tuple[str, int, int]]] | None = None
-        self._scratch: list[dict[np.dtype, np.ndarray]] = []
+        self._scratch: list[dict[np.dtype, np.ndarray]] = [{} for _ in range(self.threads)]
 
     # ---- introspection ---------------------------------------------------------------
 
@@ -236,32 +272,52 @@ class StreamingMean:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return self._names or ()
+        return self._names
 
     # ---- accumulation ----------------------------------------------------------------
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
         """Accumulate ``weight * update``. ``weight`` is usually the node's example count."""
-        w = float(weight)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
-        arrays = self._validate(update)
-        alpha = w / self._w0 if (w > 0.0 and self._w0 > 0.0) else None
-        if alpha is not None:
-            with np.errstate(over="ignore", under="ignore"):
-                a32 = np.float32(alpha)
-            if not math.isfinite(float(a32)) or a32 == 0:
-                raise ValueError(f"weight {w!r} is too far from the first weight {self._w0!r} for float32")
-        self._count += 1
-        if w == 0.0:
-            return
-        if alpha is None:  # first update with positive weight: a plain copy
-            for name in self._names:
-                np.copyto(self._acc[name], arrays[name].reshape(-1))
-            self._w0 = w
-        else:
-            self._axpy(alpha, arrays)
-        self._total += w
+        self.add_group([(update, weight)])
+
+    def add_group(self, updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> None:
+        """Accumulate ``(update, weight)`` pairs the caller holds, in one pass.
+
+        All or nothing: every pair is validated before anything is accumulated, so a
+        ``ValueError`` leaves the accumulator unchanged.
+        """
+        staged = _Staged(self._schema, self._w0)
+        for update, weight in updates:
+            self._stage(staged, update, weight)
+        self._commit(staged)
+
+    def extend(
+        self, updates: Iterable[tuple[Mapping[str, np.ndarray], float]], *, group_bytes: int = GROUP_BYTES
+    ) -> None:
+        """Accumulate every ``(update, weight)`` pair of an iterable, drawn lazily.
+
+        Holds at most ``group_bytes`` of updates (at least one update) and accumulates them
+        as a group before drawing more, so a generator that reads each update when asked
+        keeps the caller's memory at a constant number of models however long it is.
+        Same mean and same errors as ``add`` for each pair in turn: whatever stops the
+        iteration (a rejected update, an exception from the iterable), the pairs before
+        it are accumulated, it and the rest are not.
+        """
+        staged = _Staged(self._schema, self._w0)
+        per_group = 0
+        try:
+            for update, weight in updates:
+                nbytes = self._stage(staged, update, weight)
+                del update  # the group holds it; don't keep it past the group
+                per_group = per_group or max(1, group_bytes // max(nbytes, 1))
+                if len(staged.weights) >= per_group:
+                    group, staged = staged, None  # so that a failed commit is not retried below
+                    self._commit(group)
+                    del group  # drop the group's updates before drawing the next ones
+                    staged = _Staged(self._schema, self._w0)
+        finally:
+            if staged is not None:  # None only if a commit itself failed: never commit twice
+                self._commit(staged)
 
     def result(self) -> Params:
         """The weighted mean, as new arrays in the params' dtype (the accumulator is kept).
@@ -269,14 +325,14 @@ class StreamingMean:
         The returned arrays are views into one buffer per dtype (one allocation, so large
         models get transparent huge pages); each is C-contiguous with the param's shape.
         """
-        if self._names is None:
+        if self._schema is None:
             raise ValueError("no updates were added")
         if self._total <= 0.0:
             raise ValueError("total weight is zero: nothing to average")
         scale = self._w0 / self._total
         out: Params = {}
-        for buf, names in self._groups:
-            res_dtype = self._dtypes[names[0]]
+        for buf, names in self._bufs:
+            res_dtype = self._schema[names[0]][1]
             if scale == 1.0:  # exactly one update carries all the weight: an exact copy
                 res = buf.astype(res_dtype, copy=True)
             else:
@@ -284,116 +340,136 @@ class StreamingMean:
                 np.multiply(buf, buf.dtype.type(scale), out=res)
                 if res.dtype != res_dtype:
                     res = res.astype(res_dtype)
-            off = 0
             for name in names:
-                size = self._acc[name].size
-                out[name] = res[off : off + size].reshape(self._shapes[name])
-                off += size
+                off, size = self._offset[name], self._acc[name].size
+                out[name] = res[off : off + size].reshape(self._schema[name][0])
         return {name: out[name] for name in self._names}
 
-    # ---- internals -------------------------------------------------------------------
+    # ---- validation ------------------------------------------------------------------
 
-    def _validate(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not isinstance(update, Mapping):
-            raise ValueError(f"update must be a mapping of name -> array, got {type(update).__name__}")
-        arrays = {name: np.asarray(a) for name, a in update.items()}
-        if self._names is None:
-            if not arrays:
-                raise ValueError("update has no tensors")
-            for name, a in arrays.items():
-                if not np.issubdtype(a.dtype, np.floating):
-                    raise ValueError(f"tensor {name!r}: dtype {a.dtype} is not floating point")
-            self._set_schema(arrays)
-        else:
-            missing = [n for n in self._names if n not in arrays]
-            if missing:
-                raise ValueError(f"update is missing tensor {missing[0]!r} (missing: {missing})")
-            extra = [n for n in arrays if n not in self._shapes]
-            if extra:
-                raise ValueError(f"update has unexpected tensor {extra[0]!r} (unexpected: {extra})")
-            for name in self._names:
-                a = arrays[name]
-                if a.shape != self._shapes[name]:
-                    raise ValueError(f"tensor {name!r}: shape {a.shape} != expected {self._shapes[name]}")
-                if a.dtype != self._dtypes[name]:
-                    raise ValueError(f"tensor {name!r}: dtype {a.dtype} != expected {self._dtypes[name]}")
-        for name in self._names:
-            a = arrays[name]
-            if not a.flags.c_contiguous:
-                arrays[name] = np.ascontiguousarray(a)
-        return arrays
+    def _stage(self, staged: _Staged, update: Mapping[str, np.ndarray], weight: float) -> int:
+        """Validate one pair into ``staged`` (which is left as it was if it is rejected); returns the update's bytes."""
+        w = float(weight)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        flat, schema = _flatten(update, staged.schema)
+        alpha = None
+        if w > 0.0 and staged.w0 > 0.0:
+            alpha = w / staged.w0
+            with np.errstate(over="ignore", under="ignore"):
+                a32 = np.float32(alpha)
+            if not math.isfinite(float(a32)) or a32 == 0:
+                raise ValueError(f"weight {w!r} is too far from the first weight {staged.w0!r} for float32")
+        staged.schema = schema
+        staged.weights.append(w)
+        if w > 0.0:
+            staged.ops.append((alpha, flat))
+            staged.w0 = staged.w0 or w
+        return sum(a.nbytes for a in flat.values())
 
-    def _set_schema(self, arrays: dict[str, np.ndarray]) -> None:
-        self._names = tuple(arrays)
+    def _commit(self, staged: _Staged) -> None:
+        if not staged.weights:
+            return
+        if self._schema is None:
+            self._set_schema(staged.schema)
+        for buf, names in self._bufs:
+            self._pass(buf, names, staged.ops)
+        self._w0 = staged.w0
+        for w in staged.weights:
+            self._count += 1
+            self._total += w
+
+    def _set_schema(self, schema: Schema) -> None:
+        self._schema = schema
+        self._names = tuple(schema)
         # One accumulator buffer per param dtype (usually exactly one), sliced into flat
         # per-tensor views: a single large allocation is backed by transparent huge pages,
         # many small ones are not, and first-touch page faults are a visible cost here.
         # np.empty is fine: the first positive-weight update overwrites every element.
         by_dtype: dict[np.dtype, list[str]] = {}
-        for name, a in arrays.items():
-            self._shapes[name] = a.shape
-            self._dtypes[name] = a.dtype
-            by_dtype.setdefault(a.dtype, []).append(name)
-        self._groups = []
+        for name, (_, dtype) in schema.items():
+            by_dtype.setdefault(dtype, []).append(name)
         for dtype, names in by_dtype.items():
-            buf = np.empty(sum(arrays[n].size for n in names), dtype=np.result_type(dtype, np.float32))
+            sizes = [math.prod(schema[n][0]) for n in names]
+            buf = np.empty(sum(sizes), dtype=np.result_type(dtype, np.float32))
             off = 0
-            for name in names:
-                size = arrays[name].size
+            for name, size in zip(names, sizes):
                 self._acc[name] = buf[off : off + size]
+                self._offset[name] = off
                 off += size
-            self._groups.append((buf, tuple(names)))
-        self._make_plan()
+            self._bufs.append((buf, tuple(names)))
 
-    def _make_plan(self) -> None:
-        """Split the concatenation of all tensors into `threads` equal contiguous ranges."""
-        total = sum(a.size for a in self._acc.values())
-        workers = self.threads if (self.backend == "numpy" and total >= _MIN_PARALLEL) else 1
-        bounds = [total * k // workers for k in range(workers + 1)]
-        plan: list[list[tuple[str, int, int]]] = [[] for _ in range(workers)]
-        start = 0
-        for name in self._names:
-            size = self._acc[name].size
-            for k in range(workers):
-                lo, hi = max(bounds[k], start), min(bounds[k + 1], start + size)
-                if lo < hi:
-                    plan[k].append((name, lo - start, hi - start))
-            start += size
-        self._plan = plan
-        self._scratch = [{} for _ in plan]
+    # ---- the blocked pass ------------------------------------------------------------
 
-    def _axpy(self, alpha: float, arrays: dict[str, np.ndarray]) -> None:
-        """acc += alpha * x for every tensor."""
-        flat = {name: arrays[name].reshape(-1) for name in self._names}
-        if self._saxpy is not None:
-            for i, (name, x) in enumerate(flat.items()):
-                acc = self._acc[name]
-                if acc.dtype != np.float32 or x.dtype != np.float32:
-                    self._axpy_range(alpha, x, acc, 0, x.size, 0)
-                    continue
-                start = time.perf_counter()
-                self._saxpy(acc.size, alpha, x, acc)
-                elapsed = time.perf_counter() - start
-                if not self._watchdog or x.size < _BLAS_WATCH_MIN_ELEMENTS:
-                    continue
-                if elapsed > _BLAS_MIN_SECONDS and x.nbytes < _BLAS_FLOOR_BYTES_PER_S * elapsed:
-                    self._slow_calls += 1
-                else:
-                    self._slow_calls = 0
-                if self._slow_calls >= _BLAS_SLOW_CALLS_TO_SWITCH:
-                    self._abandon_blas(x.nbytes / elapsed)
-                    for rest in list(flat)[i + 1 :]:  # finish this update on the NumPy path
-                        self._axpy_range(alpha, flat[rest], self._acc[rest], 0, flat[rest].size, 0)
-                    return
+    def _pass(self, buf: np.ndarray, names: tuple[str, ...], ops) -> None:
+        """Apply ``ops`` to one accumulator buffer, chunk by chunk: every op to a chunk
+        before the next chunk, so the chunk stays in cache while the group streams through."""
+        if self._saxpy is not None and buf.dtype == np.float32:
+            # One thread here; OpenBLAS splits each call over its own threads.
+            addrs = [{name: flat[name].ctypes.data for name in names} for _, flat in ops]
+            self._range(names, ops, addrs, 0, buf.size, _BLAS_CHUNK, 0)
             return
-        plan = self._plan
-        if len(plan) == 1:
-            self._run_ranges(alpha, flat, plan[0], 0)
+        workers = self.threads if buf.size >= _MIN_PARALLEL else 1
+        bounds = [buf.size * k // workers for k in range(workers + 1)]
+        if workers == 1:
+            self._range(names, ops, None, 0, buf.size, _NUMPY_CHUNK, 0)
             return
-        pool = _pool(len(plan))
-        futures = [pool.submit(self._run_ranges, alpha, flat, ranges, k) for k, ranges in enumerate(plan)]
+        pool = _pool(workers)
+        futures = [
+            pool.submit(self._range, names, ops, None, bounds[k], bounds[k + 1], _NUMPY_CHUNK, k)
+            for k in range(workers)
+        ]
         for f in futures:
             f.result()
+
+    def _chunks(self, names: tuple[str, ...], lo: int, hi: int, size: int) -> list[list[tuple[str, int, int]]]:
+        """Elements [lo, hi) of one buffer, in chunks of `size`, each a list of (tensor, start, stop) slices."""
+        chunks: list[list[tuple[str, int, int]]] = []
+        chunk: list[tuple[str, int, int]] = []
+        room = size
+        for name in names:
+            off = self._offset[name]
+            a, b = max(lo, off) - off, min(hi, off + self._acc[name].size) - off
+            while a < b:
+                n = min(b - a, room)
+                chunk.append((name, a, a + n))
+                a, room = a + n, room - n
+                if room == 0:
+                    chunks.append(chunk)
+                    chunk, room = [], size
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def _range(self, names: tuple[str, ...], ops, addrs, lo: int, hi: int, size: int, k: int) -> None:
+        """Elements [lo, hi) of the buffer holding `names`, in chunks of `size`, on worker k
+        (whose scratch it uses). `addrs`: the ops' tensor addresses, for saxpy; None for NumPy."""
+        for chunk in self._chunks(names, lo, hi, size):
+            for name, a, b in chunk:
+                acc = self._acc[name][a:b]
+                y = acc.ctypes.data if addrs is not None else 0
+                for i, (alpha, flat) in enumerate(ops):
+                    saxpy = self._saxpy  # None once the watchdog gives up, even mid-pass
+                    if alpha is None:
+                        np.copyto(acc, flat[name][a:b])
+                    elif addrs is not None and saxpy is not None:
+                        self._timed_saxpy(saxpy, b - a, alpha, addrs[i][name] + 4 * a, y)
+                    else:
+                        self._axpy(alpha, flat[name][a:b], acc, k)
+
+    def _timed_saxpy(self, saxpy, n: int, alpha: float, x: int, y: int) -> None:
+        if not self._watchdog or n < _BLAS_WATCH_MIN_ELEMENTS:
+            saxpy(n, alpha, x, y)
+            return
+        start = time.perf_counter()
+        saxpy(n, alpha, x, y)
+        elapsed = time.perf_counter() - start
+        if elapsed > _BLAS_MIN_SECONDS and 4 * n < _BLAS_FLOOR_BYTES_PER_S * elapsed:
+            self._slow_calls += 1
+        else:
+            self._slow_calls = 0
+        if self._slow_calls >= _BLAS_SLOW_CALLS_TO_SWITCH and self._saxpy is not None:
+            self._abandon_blas(4 * n / elapsed)
 
     def _abandon_blas(self, bytes_per_s: float) -> None:
         global _blas_distrusted_until
@@ -405,37 +481,57 @@ class StreamingMean:
         _blas_distrusted_until = time.monotonic() + _BLAS_DISTRUST_SECONDS
         self._saxpy = None
         self.backend = "numpy"
-        self._make_plan()
 
-    def _run_ranges(self, alpha: float, flat: dict[str, np.ndarray], ranges, k: int) -> None:
-        for name, lo, hi in ranges:
-            self._axpy_range(alpha, flat[name], self._acc[name], lo, hi, k)
-
-    def _scratch_for(self, k: int, dtype: np.dtype) -> np.ndarray:
-        # Worker k only ever touches self._scratch[k], so no lock is needed.
-        buf = self._scratch[k].get(dtype)
-        if buf is None:
-            buf = self._scratch[k][dtype] = np.empty(_CHUNK, dtype=dtype)
-        return buf
-
-    def _axpy_range(self, alpha: float, x: np.ndarray, acc: np.ndarray, lo: int, hi: int, k: int) -> None:
+    def _axpy(self, alpha: float, x: np.ndarray, acc: np.ndarray, k: int) -> None:
+        """acc += alpha * x, using worker k's scratch (worker k only ever touches its own)."""
         if alpha == 1.0:  # equal weights: one pass, no scratch
-            np.add(acc[lo:hi], x[lo:hi], out=acc[lo:hi])
+            np.add(acc, x, out=acc)
             return
         a = acc.dtype.type(alpha)  # keep the multiply in the accumulator's precision
-        tmp = self._scratch_for(k, acc.dtype)
-        for s in range(lo, hi, _CHUNK):
-            e = min(s + _CHUNK, hi)
-            t = tmp[: e - s]
-            np.multiply(x[s:e], a, out=t)
-            np.add(acc[s:e], t, out=acc[s:e])
+        tmp = self._scratch[k].get(acc.dtype)
+        if tmp is None:
+            tmp = self._scratch[k][acc.dtype] = np.empty(_NUMPY_CHUNK, dtype=acc.dtype)
+        for s in range(0, x.size, tmp.size):
+            t = tmp[: min(tmp.size, x.size - s)]
+            np.multiply(x[s : s + t.size], a, out=t)
+            np.add(acc[s : s + t.size], t, out=acc[s : s + t.size])
 
 
-def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]], **kwargs) -> Params:
-    """Weighted mean of ``(params, weight)`` pairs, streamed through StreamingMean."""
+def _flatten(update: Mapping[str, np.ndarray], schema: Schema | None) -> tuple[dict[str, np.ndarray], Schema]:
+    """The update's tensors as flat C-contiguous arrays in schema order, checked against
+    `schema` (or defining it, when None); ValueError naming the first bad tensor."""
+    if not isinstance(update, Mapping):
+        raise ValueError(f"update must be a mapping of name -> array, got {type(update).__name__}")
+    arrays = {name: np.asarray(a) for name, a in update.items()}
+    if schema is None:
+        if not arrays:
+            raise ValueError("update has no tensors")
+        for name, a in arrays.items():
+            if not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"tensor {name!r}: dtype {a.dtype} is not floating point")
+        schema = {name: (a.shape, a.dtype) for name, a in arrays.items()}
+    else:
+        missing = [n for n in schema if n not in arrays]
+        if missing:
+            raise ValueError(f"update is missing tensor {missing[0]!r} (missing: {missing})")
+        extra = [n for n in arrays if n not in schema]
+        if extra:
+            raise ValueError(f"update has unexpected tensor {extra[0]!r} (unexpected: {extra})")
+        for name, (shape, dtype) in schema.items():
+            a = arrays[name]
+            if a.shape != shape:
+                raise ValueError(f"tensor {name!r}: shape {a.shape} != expected {shape}")
+            if a.dtype != dtype:
+                raise ValueError(f"tensor {name!r}: dtype {a.dtype} != expected {dtype}")
+    return {name: np.ascontiguousarray(arrays[name]).reshape(-1) for name in schema}, schema
+
+
+def fedavg(
+    updates: Iterable[tuple[Mapping[str, np.ndarray], float]], *, group_bytes: int = GROUP_BYTES, **kwargs
+) -> Params:
+    """Weighted mean of ``(params, weight)`` pairs, drawn lazily through ``StreamingMean.extend``."""
     mean = StreamingMean(**kwargs)
-    for update, weight in updates:
-        mean.add(update, weight)
+    mean.extend(updates, group_bytes=group_bytes)
     return mean.result()
 
 

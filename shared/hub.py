@@ -2,10 +2,10 @@
 
 `handle_hub_object` is what happens when an object lands in the hub bucket:
 `requests/{id}.json` starts a federation, and a node's update under
-`updates/{node}/{id}/` is recorded in the round document. Once every node
-(or a quorum, after the deadline) has reported, `advance` aggregates the updates
-one at a time into a single accumulator (memory stays one model's size), writes the
-new global model, and opens and broadcasts the next round.
+`updates/{node}/{id}/` is verified and recorded in the round document. Once every
+node (or a quorum, after the deadline) has reported, `advance` streams the updates
+into a single accumulator (memory stays a few models however many nodes report),
+writes the new global model, and opens and broadcasts the next round.
 
 Every step is safe to repeat: a node counts once per round, the global model of a
 round is written to a fixed path with the same bytes, and only the transaction
@@ -309,21 +309,27 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict], d
     if recover and target.exists():
         return uri  # same inputs, same bytes
     expected = _param_spec(fed)
-    acc = StreamingMean()
     uris = [participants[node]["object"] for node in sorted(participants)]
-    # One update in memory at a time (plus the next one downloading): memory stays about one model.
+
     def fetch(i: int):
         return IO.submit(lambda: downloaded.pop(uris[i], None) or gcs_uri.read(svc.gcs, uris[i]))
 
-    pending = fetch(0)
-    for i, node in enumerate(sorted(participants)):
-        data = pending.result()
-        if i + 1 < len(uris):
-            pending = fetch(i + 1)
-        params, _ = weights.from_bytes(data, expected=expected)
-        del data
-        acc.add(params, float(participants[node]["examples"]))
-        del params
+    def updates():
+        """Each update as the accumulator asks for it, the next one already downloading."""
+        pending = fetch(0)
+        for i, node in enumerate(sorted(participants)):
+            data = pending.result()
+            if i + 1 < len(uris):
+                pending = fetch(i + 1)
+            params, _ = weights.from_bytes(data, expected=expected)
+            del data
+            yield params, float(participants[node]["examples"])
+            del params
+
+    # Memory stays a few models however many nodes report: the accumulator holds at most a
+    # bounded group of updates at a time (shared/aggregation.py).
+    acc = StreamingMean()
+    acc.extend(updates())
     averaged = acc.result()
     new_global = averaged
     if config.strategy in ("fedadam", "fedyogi") and r > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,188 @@ def test_bad_weights_and_empty_inputs_raise():
         StreamingMean().add({"steps": np.arange(3)}, 1)
     with pytest.raises(ValueError, match="backend"):
         StreamingMean(backend="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# Groups: add_group / extend (the cache-blocked pass the hub uses)
+# --------------------------------------------------------------------------------------
+
+MODEL_BYTES = sum(4 * int(np.prod(s)) for s in SHAPES.values())
+
+
+def small_chunks(monkeypatch):
+    """Chunks (and NumPy scratch blocks) and the threading threshold far smaller than the
+    tensors and not multiples of each other or of any tensor size, so every kind of boundary
+    is crossed, on every backend."""
+    monkeypatch.setattr(agg, "_BLAS_CHUNK", 10_007)
+    monkeypatch.setattr(agg, "_NUMPY_CHUNK", 3_001)
+    monkeypatch.setattr(agg, "_MIN_PARALLEL", 1)
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+@pytest.mark.parametrize("per_group", [1, 2, 3, 7, 100])
+def test_extend_matches_float64_reference(kw, per_group):
+    ups = make_updates(7, seed=20)
+    counts = [120, 4500, 33, 980, 2048, 7, 640]
+    mean = StreamingMean(**kw)
+    mean.extend(zip(ups, counts), group_bytes=per_group * MODEL_BYTES)
+    assert mean.count == 7 and mean.total_weight == sum(counts)
+    assert_close_rel(mean.result(), mean64(ups, counts))
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_grouping_and_order_do_not_change_result(kw, monkeypatch):
+    small_chunks(monkeypatch)
+    ups = make_updates(9, seed=21)
+    counts = np.random.default_rng(22).integers(1, 1000, size=9).tolist()
+    one_by_one = StreamingMean(**kw)
+    for u, c in zip(ups, counts):
+        one_by_one.add(u, c)
+    want = one_by_one.result()
+    assert_close_rel(want, mean64(ups, counts))
+    for per_group in (2, 4, 9):
+        got = fedavg(zip(ups, counts), group_bytes=per_group * MODEL_BYTES, **kw)
+        if kw["backend"] == "numpy":  # same float ops on every element, in the same order
+            for k in SHAPES:
+                assert np.array_equal(got[k], want[k]), (per_group, k)
+        assert_close_rel(got, want)
+    mixed = StreamingMean(**kw)  # add_group and add interleaved, groups of uneven sizes
+    mixed.add_group(zip(ups[:4], counts[:4]))
+    mixed.add(ups[4], counts[4])
+    mixed.add_group(zip(ups[5:], counts[5:]))
+    assert_close_rel(mixed.result(), want)
+    perm = np.random.default_rng(23).permutation(9)
+    shuffled = fedavg(((ups[i], counts[i]) for i in perm), group_bytes=4 * MODEL_BYTES, **kw)
+    assert_close_rel(shuffled, want)
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_group_chunks_not_aligned_with_tensors(kw, monkeypatch):
+    small_chunks(monkeypatch)
+    shapes = {"a": (3, 5001), "b": (17,), "c": (10_007,), "d": (2, 2, 2), "e": (40_000,)}
+    ups = make_updates(5, seed=24, shapes=shapes)
+    counts = [3, 1, 4, 1, 5]
+    mean = StreamingMean(**kw)
+    mean.add_group(zip(ups, counts))
+    assert_close_rel(mean.result(), mean64(ups, counts))
+
+
+@pytest.mark.parametrize("kw", BACKENDS)
+def test_group_zero_weights_and_single_update(kw):
+    a, b, c = make_updates(3, seed=25)
+    mean = StreamingMean(**kw)
+    mean.add_group([(a, 0), (b, 5.0), (c, 0)])
+    assert mean.count == 3 and mean.total_weight == 5.0
+    got = mean.result()
+    for k in SHAPES:
+        assert np.array_equal(got[k], b[k])  # the first positive weight is a plain copy
+    mean.add_group([])
+    assert mean.count == 3
+
+
+@pytest.mark.parametrize("bad_index", [0, 2])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda u: u.pop("dense/bias"),
+        lambda u: u.__setitem__("dense/kernel", np.ones((1001, 396), np.float32)),
+        lambda u: u.__setitem__("conv/kernel", np.ones((3, 3, 64, 97), np.float64)),
+    ],
+    ids=["missing", "shape", "dtype"],
+)
+def test_group_with_a_bad_update_leaves_accumulator_unchanged(mutate, bad_index):
+    a, b, c, d = make_updates(4, seed=26)
+    mean = StreamingMean()
+    mean.add(a, 2)
+    before = mean.result()
+    group = [(b, 1), (c, 3), (d, 4)]
+    bad = dict(group[bad_index][0])
+    mutate(bad)
+    group[bad_index] = (bad, group[bad_index][1])
+    with pytest.raises(ValueError):
+        mean.add_group(group)
+    assert mean.count == 1 and mean.total_weight == 2.0
+    after = mean.result()
+    for k in SHAPES:
+        assert np.array_equal(before[k], after[k])
+    with pytest.raises(ValueError, match="weight"):  # a bad weight after good updates
+        mean.add_group([(b, 1), (c, -1)])
+    with pytest.raises(ValueError, match="too far"):
+        mean.add_group([(b, 1), (c, 1e-50)])
+    assert mean.count == 1 and np.array_equal(mean.result()["dense/kernel"], before["dense/kernel"])
+
+
+def test_rejected_first_group_does_not_fix_the_schema():
+    a, b = make_updates(2, seed=27)
+    other = {"w": np.ones(4, np.float32)}
+    mean = StreamingMean()
+    with pytest.raises(ValueError, match="missing tensor 'conv/kernel'"):
+        mean.add_group([(a, 1), (b, 2), (other, 1)])
+    assert mean.count == 0 and mean.names == ()
+    mean.add_group([(other, 2), ({"w": np.full(4, 4.0, np.float32)}, 2)])  # a different schema is fine
+    assert np.array_equal(mean.result()["w"], np.full(4, 2.5, np.float32))
+
+
+def test_extend_holds_at_most_a_group_and_stops_at_a_bad_update():
+    ups = make_updates(8, seed=28)
+    counts = [5, 4, 3, 2, 1, 6, 7, 8]
+    mean = StreamingMean()
+    drawn, alive = [], []
+
+    def lazily(bad_at: int | None = None):
+        for i, (u, c) in enumerate(zip(ups, counts)):
+            # At most one group (3 updates) is held, and everything before it is accumulated.
+            assert sum(ref() is not None for ref in alive) <= 3
+            assert len(drawn) - mean.count <= 3
+            drawn.append(i)
+            fresh = {k: a.copy() for k, a in u.items()}  # like a read from the bucket
+            alive.append(weakref.ref(fresh["dense/kernel"]))
+            yield ({"oops": u["scalar"]} if i == bad_at else fresh), c
+            del fresh
+
+    mean.extend(lazily(), group_bytes=3 * MODEL_BYTES + 100)  # 3 per group, not a multiple of 8
+    assert drawn == list(range(8)) and mean.count == 8
+    assert_close_rel(mean.result(), mean64(ups, counts))
+
+    # A rejected update: the ones before it are accumulated (as with add), it and the rest are not.
+    mean, drawn = StreamingMean(), []
+    with pytest.raises(ValueError, match="missing tensor"):
+        mean.extend(lazily(bad_at=4), group_bytes=3 * MODEL_BYTES)
+    assert drawn == [0, 1, 2, 3, 4] and mean.count == 4
+    assert_close_rel(mean.result(), mean64(ups[:4], counts[:4]))
+
+    # An exception from the iterable itself (e.g. a failed download) behaves the same.
+    def failing():
+        yield from zip(ups[:2], counts[:2])
+        raise OSError("download failed")
+
+    mean = StreamingMean()
+    with pytest.raises(OSError):
+        mean.extend(failing(), group_bytes=10 * MODEL_BYTES)
+    assert mean.count == 2
+    assert_close_rel(mean.result(), mean64(ups[:2], counts[:2]))
+
+
+@pytest.mark.skipif(not blas_axpy_available(), reason="NumPy's bundled BLAS saxpy not found")
+def test_auto_backend_falls_back_mid_group(monkeypatch, caplog):
+    """The watchdog gives up on BLAS in the middle of a group's pass: the rest of that pass
+    (the rest of the chunk included) and the next groups run on NumPy, and the mean is right."""
+    small_chunks(monkeypatch)
+    monkeypatch.setattr(agg, "_blas_distrusted_until", 0.0)
+    monkeypatch.setattr(agg, "_BLAS_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(agg, "_BLAS_FLOOR_BYTES_PER_S", 1e30)
+    monkeypatch.setattr(agg, "_BLAS_WATCH_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(agg, "_BLAS_SLOW_CALLS_TO_SWITCH", 5)  # the 5th saxpy, in the 2nd chunk of group 1
+    ups = make_updates(7, seed=30)
+    counts = [9, 8, 7, 6, 5, 4, 3]
+    mean = StreamingMean(backend="auto", threads=3)
+    calls = []
+    real = mean._saxpy
+    mean._saxpy = lambda *args: (calls.append(args[0]), real(*args))
+    with caplog.at_level("WARNING", logger="shared.aggregation"):
+        mean.extend(zip(ups, counts), group_bytes=4 * MODEL_BYTES)
+    assert mean.backend == "numpy" and len(calls) == 5
+    assert_close_rel(mean.result(), mean64(ups, counts))
 
 
 @pytest.mark.skipif(not blas_axpy_available(), reason="NumPy's bundled BLAS saxpy not found")
