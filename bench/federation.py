@@ -53,8 +53,9 @@ Where our overhead goes (``breakdown_median_s``, per steady round, for the node 
 last): ``hub_close_aggregate`` (round opened -> previous global model written: the closing
 handler's record, close, aggregate), ``hub_finish_broadcast`` (-> the round's broadcast: round
 docs, move-on transaction, publish; from the hub function's log, or the router's when the
-reaper's deadline sweep had to close the round), ``broadcast_to_compute`` (Pub/Sub push, worker
-wake, reads, global-model download), ``compute`` and ``worker_to_hub`` (upload ->
+reaper's deadline sweep had to close the round), ``broadcast_to_compute`` (worker wake, global-model
+download; workers wake on the federation document's listener as soon as the hub commits the round,
+usually before the broadcast is logged, so this can be negative), ``compute`` and ``worker_to_hub`` (upload ->
 fake-gcs notification -> Pub/Sub -> router -> hub function). ``compute_skew`` = max compute
 minus the last node's. Timestamps are the emulators' and processes' own (one clock); an
 update's upload time is its object's ``timeCreated``. ``stack_events`` counts the slow paths
