@@ -31,17 +31,26 @@ def zygote_socket(state_dir: Path) -> Path:
     return state_dir / "worker-zygote.sock"
 
 
-def spawn_from_zygote(socket_path: Path, env: dict[str, str], log_path: Path, timeout_s: float = 5.0) -> int | None:
-    """A worker forked by the zygote at `socket_path`: its pid, or None (no zygote, or its code is stale)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout_s)
+def spawn_from_zygote(socket_path: Path, env: dict[str, str], log_path: Path, timeout_s: float = 30.0) -> int | None:
+    """A worker forked by the zygote at `socket_path`: its pid, or None when there is no zygote or its
+    code is stale (start a plain process then). LaunchError when it took the request but did not
+    answer: a worker may exist, so starting another could run the attempt twice."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        try:
             conn.connect(str(socket_path))
+        except OSError:
+            return None
+        conn.settimeout(timeout_s)
+        try:
             conn.sendall(json.dumps({"env": env, "log": str(log_path)}).encode() + b"\n")
             reply = json.loads(conn.makefile().readline() or "{}")
-    except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"the worker zygote took the request but did not answer: {exc}") from exc
+    if reply.get("stale"):
         return None
-    return reply.get("pid")
+    if not isinstance(reply.get("pid"), int):
+        raise LaunchError(f"the worker zygote could not start the worker: {reply}")
+    return reply["pid"]
 
 
 def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:

@@ -47,9 +47,11 @@ def _run_worker(request: dict) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def serve(socket_path: Path) -> None:
@@ -63,19 +65,31 @@ def serve(socket_path: Path) -> None:
         conn, _ = server.accept()
         with conn:
             try:
+                conn.settimeout(5)
                 request = json.loads(conn.makefile().readline())
-            except ValueError:
-                continue
-            if snapshot(SOURCES) != loaded:
-                conn.sendall(b'{"stale": true}\n')
-                server.close()
-                os.execv(sys.executable, [sys.executable, "-m", "emulators.worker_zygote", str(socket_path)])
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                _run_worker(request)
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                if _stale(loaded):
+                    conn.sendall(b'{"stale": true}\n')
+                    server.close()
+                    os.execv(sys.executable, [sys.executable, "-m", "emulators.worker_zygote", str(socket_path)])
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    conn.close()
+                    _run_worker(request)
+                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            except Exception as exc:  # one bad request (or a client gone) must not take the zygote down
+                print(f"worker zygote: request failed: {exc!r}", file=sys.stderr, flush=True)
+                try:
+                    conn.sendall(json.dumps({"error": repr(exc)}).encode() + b"\n")
+                except OSError:
+                    pass
+
+
+def _stale(loaded: dict[Path, float]) -> bool:
+    try:
+        return snapshot(SOURCES) != loaded
+    except OSError:  # a file vanished mid-scan (an editor's swap file): changed, for sure
+        return True
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from emulators.endpoints import REPLAY_TOPIC, Endpoints, default_state_dir
 from fedpipe import context, views
+from shared.federation import NODE_NAME
 from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
 
@@ -381,10 +383,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 nodes_app = typer.Typer(help="Nodes and the keys their updates must be signed with.", no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
 
@@ -400,6 +398,8 @@ def nodes_register(
 
     if (public_key is None) == (kms is None):
         raise _fail("give exactly one of --public-key and --kms")
+    if not re.fullmatch(NODE_NAME, node):
+        raise _fail(f"node names are letters, digits, '-' and '_' (they appear in update paths); got {node!r}")
     source = "cli"
     if kms is not None:
         try:
@@ -423,3 +423,8 @@ def nodes_list() -> None:
         doc = snap.to_dict()
         table.add_row(snap.id, doc.get("public_key", ""), doc.get("source", ""), str(doc.get("registered_at", "")))
     console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

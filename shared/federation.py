@@ -31,8 +31,11 @@ UPDATE_PATH = re.compile(
 REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9][a-z0-9-]*)\.json\Z")
 
 
+NODE_NAME = r"[A-Za-z0-9_-]+"
+
+
 class FedNode(BaseModel, frozen=True):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")  # it appears in update object names (UPDATE_PATH)
+    name: str = Field(pattern=f"^{NODE_NAME}$")  # it appears in update object names (UPDATE_PATH)
     dataset: str
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.cloud import storage
 
 
-def read(gcs: storage.Client, uri: str) -> bytes:
+def read(gcs: storage.Client, uri: str, generation: int | None = None) -> bytes:
+    """The object's bytes; with `generation`, exactly that version (kept by a versioned bucket if replaced since)."""
     bucket, name = uri.removeprefix("gs://").split("/", 1)
-    return gcs.bucket(bucket).blob(name).download_as_bytes()
+    return gcs.bucket(bucket).blob(name, generation=generation).download_as_bytes()

@@ -223,8 +223,11 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         late.document(f"{node}-a{attempt}").set(update)
         return f"late: round {r} is closed"
 
-    if counted.exists and counted.get("object") == update["object"]:
+    if counted.exists and (counted.get("object"), counted.get("generation")) == (update["object"], update["generation"]):
         return f"duplicate; {advance(svc, fid, r, now)}"  # the same upload delivered again
+    if counted.exists and counted.get("object") == update["object"]:
+        late.document(f"{node}-a{attempt}").set({**update, "refused": "replaces an update already counted"})
+        return "refused: replaces an update already counted"  # the counted version is the one aggregated
     if round_doc["status"] != RoundStatus.OPEN or closed.exists:
         return refuse_late()
     try:
@@ -249,7 +252,7 @@ def _unsigned(
     metrics, round, node, attempt), and is checked against the node's registered key,
     never a key the upload names.
     """
-    if not fed["config"].get("signed_updates", True):
+    if not fed["config"].get("signed_updates", False):  # configs from before signing lack the field
         return None
     if not key_snap.exists:
         return f"node {node} has no registered signing key"
@@ -309,17 +312,19 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict], d
     if recover and target.exists():
         return uri  # same inputs, same bytes
     expected = _param_spec(fed)
-    uris = [participants[node]["object"] for node in sorted(participants)]
+    nodes = sorted(participants)
 
     def fetch(i: int):
-        return IO.submit(lambda: downloaded.pop(uris[i], None) or gcs_uri.read(svc.gcs, uris[i]))
+        # The very version whose signature was verified when it was counted.
+        update = participants[nodes[i]]
+        return IO.submit(lambda: downloaded.pop(update["object"], None) or gcs_uri.read(svc.gcs, update["object"], update["generation"]))
 
     def updates():
         """Each update as the accumulator asks for it, the next one already downloading."""
         pending = fetch(0)
-        for i, node in enumerate(sorted(participants)):
+        for i, node in enumerate(nodes):
             data = pending.result()
-            if i + 1 < len(uris):
+            if i + 1 < len(nodes):
                 pending = fetch(i + 1)
             params, _ = weights.from_bytes(data, expected=expected)
             del data
@@ -340,12 +345,21 @@ def aggregate(svc: Services, fed: dict, r: int, participants: dict[str, dict], d
         state = weights.from_bytes(state_blob.download_as_bytes())[0] if state_blob.exists() else None
         optimizer = ServerOptimizer(config.strategy, server_lr=config.server_lr)
         new_global, state = optimizer.step(previous, averaged, state)
-        hub.blob(server_state_object(fid, r)).upload_from_string(weights.to_bytes(state, {"federation": fid, "round": str(r)}))
-    target.upload_from_string(weights.to_bytes(new_global, {"federation": fid, "round": str(r)}), content_type="application/octet-stream")
+        _create(hub.blob(server_state_object(fid, r)), weights.to_bytes(state, {"federation": fid, "round": str(r)}))
+    _create(target, weights.to_bytes(new_global, {"federation": fid, "round": str(r)}))
     return uri
 
 
-STALE_CLOSE_S = 15.0  # a close marker this old on a still-open round: its finisher died
+def _create(blob, data: bytes) -> None:
+    """Write once: a recovering closer racing the original one never replaces what it wrote."""
+    try:
+        blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+    except PreconditionFailed:
+        pass
+
+
+STALE_CLOSE_S = 15.0  # a close marker this old on a still-open round: its finisher died (or is slow: writes are create-only)
+CLOSE_GIVE_UP_S = 600.0  # a close that keeps failing this long (e.g. an update deleted) fails the federation
 
 
 def advance(svc: Services, fid: str, r: int, now: datetime, recover: bool = False) -> str:
@@ -374,8 +388,16 @@ def _advance(
         return "nothing to do", closing
     config = FederationConfig.model_validate(fed["config"])
     if closing is not None:
-        if recover and (now - closing["at"]).total_seconds() >= STALE_CLOSE_S:
-            return _finish_close(svc, fed_snap, config, round_doc, closing, now, recover=True), closing
+        age_s = (now - closing["at"]).total_seconds()
+        if recover and age_s >= STALE_CLOSE_S:
+            try:
+                return _finish_close(svc, fed_snap, config, round_doc, closing, now, recover=True), closing
+            except Exception as exc:
+                if age_s < CLOSE_GIVE_UP_S:
+                    raise  # the next sweep tries again
+                log.exception("round %d of %s could not be closed for %.0f s; failing the federation", r, fid, age_s)
+                failed = {**closing, "status": RoundStatus.FAILED.value, "reason": f"round {r} could not be closed: {exc}"}
+                return _finish_close(svc, fed_snap, config, round_doc, failed, now, recover=True), closing
         return f"round {r} is being closed by another delivery", closing
     reported = {snap.id: snap.to_dict() for snap in reported_snaps}
     decision = close_decision(round_doc, list(reported), config.quorum, now)

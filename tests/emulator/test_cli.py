@@ -153,4 +153,6 @@ def test_nodes_register_and_list(cloud, clients):
     assert short.returncode == 1 and "an Ed25519 public key has 32 bytes, this one 3" in short.stderr
     both = fedpipe("nodes", "register", "lab-4", "--public-key", key, "--kms", "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1")
     assert both.returncode == 1 and "exactly one of --public-key and --kms" in both.stderr
+    slash = fedpipe("nodes", "register", "lab/4", "--public-key", key)
+    assert slash.returncode == 1 and "node names are letters, digits" in slash.stderr
     assert not clients.db.collection("nodes").document("lab-4").get().exists

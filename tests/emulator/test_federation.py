@@ -336,3 +336,36 @@ def test_a_federation_with_a_node_that_has_no_signing_key_is_refused(cloud, clie
     fed = ref.get().to_dict()
     assert fed["status"] == "rejected"
     assert fed["error"] == "no registered signing key for eu (fedpipe nodes register)"
+
+
+def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggregated(cloud, clients):
+    """A node's counted update is pinned by generation: overwriting the object afterwards
+    (even with a valid signature) changes nothing the hub aggregates."""
+    from shared import hub
+    from shared.ingest import RawObject, Services
+
+    fid, now = "fed-replaced", utcnow()
+    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
+    hub.fed_ref(svc, fid).set({"config": federation(fid, rounds=1).model_dump(mode="json"), "status": "running", "round": 2,
+                               "n_features": 64, "num_classes": 10, "created_at": now, "updated_at": now})
+    hub.round_ref(svc, fid, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
+                                    "deadline_at": now + timedelta(hours=1)})
+    bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
+    blob = clients.gcs.bucket(bucket).blob(name)
+
+    def upload(accuracy: float) -> RawObject:
+        metrics = {"global_accuracy": accuracy, "global_loss": 1.0, "test_examples": 10}
+        payload = json.dumps(metrics).encode()
+        blob.upload_from_string(payload)
+        return RawObject(bucket, name, blob.generation, blob.size, signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, payload))
+
+    first = upload(0.5)
+    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).startswith("recorded")
+    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).startswith("duplicate")
+    second = upload(0.9)
+    assert hub.record_update(svc, second, fid, 2, "eu", 1, now) == "refused: replaces an update already counted"
+
+    updates, late, _ = hub._round_parts(svc, fid, 2)
+    counted = updates.document("eu").get().to_dict()
+    assert counted["generation"] == first.generation and counted["metrics"]["global_accuracy"] == 0.5
+    assert [(s.get("generation"), s.get("refused")) for s in late.stream()] == [(second.generation, "replaces an update already counted")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -102,6 +103,10 @@ class RoundSignals:
         self.subscriber.close()
 
 
+class TrainingDiverged(RuntimeError):
+    """Local training produced non-finite metrics: an update like that would poison the global model."""
+
+
 class FederationEnded(RuntimeError):
     """The federation failed or was rejected: this node's job ends with it (no retry)."""
 
@@ -119,6 +124,8 @@ def run_federation(job: Job, settings: Settings, db: firestore.Client, gcs: stor
     expected = weights.spec_of(initial)
     hub = gcs.bucket(settings.hub_bucket)
     signer = signing.signer_from_env(os.environ)
+    if config.signed_updates and signer is None:  # every update would be refused: say why now, not at the deadline
+        raise FederationEnded(f"federation {ref.id} takes signed updates only, and {signing.ENV_VAR} names no key for node {ref.node}")
     signals = RoundSignals(settings, fed_ref, ref.id, ref.node)
     done: set[int] = set()
     over = False
@@ -175,6 +182,8 @@ def train_round(job, config, r: int, global_params, trainer, split, hub, beat, l
         payload = weights.to_bytes(params, {"federation": ref.id, "round": str(r), "node": ref.node})
         content_type = "application/octet-stream"
     metrics["compute_s"] = round(time.perf_counter() - started, 4)  # evaluate + train: what is not overhead
+    if diverged := {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}:
+        raise TrainingDiverged(f"federation {ref.id} round {r} on {ref.node}: {diverged}; no update uploaded")
     blob = hub.blob(update_object(ref.id, r, ref.node, job.attempt, evaluate_only))
     examples = len(split.y_train)
     blob.metadata = {"examples": str(examples), "metrics": json.dumps(metrics)}
