@@ -95,7 +95,8 @@ def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, Fea
     """
     schemas, stats, versions = set(), [], {}
     if config.signed_updates:
-        unregistered = [n.name for n in config.nodes if not node_keys.node_ref(svc.db, svc.settings, n.name).get().exists]
+        keys = get_documents(svc, *(node_keys.node_ref(svc.db, svc.settings, n.name) for n in config.nodes))
+        unregistered = [n.name for n, key in zip(config.nodes, keys) if not key.exists]
         if unregistered:
             raise FederationError(f"no registered signing key for {', '.join(unregistered)} (fedpipe nodes register)")
     for node in config.nodes:

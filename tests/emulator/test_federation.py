@@ -57,6 +57,21 @@ def signed_metadata(cloud, node: str, fid: str, r: int, attempt: int, examples: 
     return {"examples": str(examples), "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
 
 
+def open_evaluate_round(clients, config: FederationConfig, now):
+    """Services, plus a running federation whose round 2 (evaluate-only) is open, written directly:
+    the hub's handlers are then called in this process, with no workers. The deadline is
+    an hour away, so the stack's own deadline sweep stays out of it."""
+    from shared import hub
+    from shared.ingest import Services
+
+    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
+    hub.fed_ref(svc, config.id).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
+                                     "num_classes": 10, "created_at": now, "updated_at": now})
+    hub.round_ref(svc, config.id, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
+                                          "deadline_at": now + timedelta(hours=1)})
+    return svc
+
+
 def read(clients, uri: str) -> bytes:
     bucket, name = uri.removeprefix("gs://").split("/", 1)
     return clients.gcs.bucket(bucket).blob(name).download_as_bytes()
@@ -237,16 +252,10 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     from google.cloud.firestore import DocumentReference
 
     from shared import hub
-    from shared.ingest import RawObject, Services
+    from shared.ingest import RawObject
 
     fid, now = f"fed-race-{closed_when.split()[0]}", utcnow()
-    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
-    config = federation(fid, rounds=1, min_nodes=1)
-    hub.fed_ref(svc, fid).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
-                               "num_classes": 10, "created_at": now, "updated_at": now})
-    round_doc = {"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
-                 "deadline_at": now + timedelta(hours=1)}  # so the stack's own deadline sweep stays out of it
-    hub.round_ref(svc, fid, 2).set(round_doc)
+    svc = open_evaluate_round(clients, federation(fid, rounds=1, min_nodes=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
     updates, late, marker = hub._round_parts(svc, fid, 2)
     updates.document("us").set({"node": "us", "object": "gs://x/us", "examples": 10, "metrics": metrics, "at": now})
@@ -288,15 +297,10 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
 ])
 def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, clients, forgery, reason):
     from shared import hub
-    from shared.ingest import RawObject, Services
+    from shared.ingest import RawObject
 
     fid, now = f"fed-sig-{forgery.split()[0].replace(chr(39), '')}", utcnow()
-    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
-    config = federation(fid, rounds=1)
-    hub.fed_ref(svc, fid).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
-                               "num_classes": 10, "created_at": now, "updated_at": now})
-    hub.round_ref(svc, fid, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
-                                    "deadline_at": now + timedelta(hours=1)})
+    svc = open_evaluate_round(clients, federation(fid, rounds=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
     payload = json.dumps(metrics).encode()
     meta = {
@@ -342,14 +346,10 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
     """A node's counted update is pinned by generation: overwriting the object afterwards
     (even with a valid signature) changes nothing the hub aggregates."""
     from shared import hub
-    from shared.ingest import RawObject, Services
+    from shared.ingest import RawObject
 
     fid, now = "fed-replaced", utcnow()
-    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
-    hub.fed_ref(svc, fid).set({"config": federation(fid, rounds=1).model_dump(mode="json"), "status": "running", "round": 2,
-                               "n_features": 64, "num_classes": 10, "created_at": now, "updated_at": now})
-    hub.round_ref(svc, fid, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
-                                    "deadline_at": now + timedelta(hours=1)})
+    svc = open_evaluate_round(clients, federation(fid, rounds=1), now)
     bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
     blob = clients.gcs.bucket(bucket).blob(name)
 
