@@ -272,12 +272,10 @@ def jobs_cancel(job_id: str) -> None:
 
 @app.command("quarantine")
 def quarantine(limit: int = 50) -> None:
-    """Files that were rejected, why, and where the copy is kept."""
-    from google.cloud import firestore
+    """Files and messages that were refused, why, and where a refused file's copy is kept."""
+    from shared.quarantine import QuarantineStore
 
-    settings = context.settings()
-    docs = context.db().collection(settings.quarantine_collection).order_by("at", direction=firestore.Query.DESCENDING).limit(limit).stream()
-    console.print(views.quarantine_table([d.to_dict() for d in docs]))
+    console.print(views.quarantine_table(QuarantineStore(context.db(), context.settings()).recent(limit)))
 
 
 def _deliveries():

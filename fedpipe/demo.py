@@ -18,12 +18,14 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from google.cloud import firestore, storage
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.config import Settings
 from shared.datasets import SPEC_OBJECT
 from shared.jobs import Job, JobStatus, TrainSpec, utcnow
 from shared.manifest import dataset_doc_id
+from shared.quarantine import QuarantineStore
 
 DATASETS = ("digits", "breast_cancer", "wine", "iris")
 
@@ -105,9 +107,9 @@ def watch_chain(db: firestore.Client, settings: Settings, report: ChainReport, s
         while time.monotonic() < deadline:
             for snap in ds_ref.collection("files").stream():
                 rec = snap.to_dict()
-                if rec["status"] == "processed" and snap.id not in report.files:
-                    report.files[snap.id] = {"rows": rec["rows"], "shards": rec["shards"]}
-                    stage(f"preprocessed:{snap.id}", rec["updated_at"], f"preprocessed [bold]{snap.id}[/]: {rec['rows']} rows, {rec['shards']} shard(s)")
+                if rec["status"] == "processed" and rec["name"] not in report.files:
+                    report.files[rec["name"]] = {"rows": rec["rows"], "shards": rec["shards"]}
+                    stage(f"preprocessed:{rec['name']}", rec["updated_at"], f"preprocessed [bold]{escape(rec['name'])}[/]: {rec['rows']} rows, {rec['shards']} shard(s)")
             ds = ds_ref.get().to_dict() or {}
             if ds.get("status") == "complete" and ds.get("job_id"):
                 stage("dataset_complete", ds["completed_at"], f"data set complete: {ds['rows']} rows in {len(ds['files'])} files")
@@ -143,6 +145,6 @@ def run_chain(db: firestore.Client, gcs: storage.Client, settings: Settings, con
     console.print(f"[dim]{(utcnow() - started).total_seconds():7.2f}s[/] uploaded {SPEC_OBJECT} and {len(files)} files of "
                   f"[bold]{source}[/] to gs://{settings.raw_bucket(node)}/{dataset}/")
     report = watch_chain(db, settings, report, started, console, timeout_s)
-    for snap in db.collection(settings.quarantine_collection).where(filter=firestore.FieldFilter("dataset", "==", dataset)).stream():
-        report.quarantined.append({k: snap.get(k) for k in ("source", "reason", "detail")})
+    for record in QuarantineStore(db, settings).recent(dataset=dataset):
+        report.quarantined.append(record.model_dump(include={"source", "reason", "detail"}))
     return report

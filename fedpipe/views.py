@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from rich.markup import escape
 from rich.table import Table
 
 from shared.jobs import Job, JobStatus
+from shared.quarantine import QuarantineRecord
 
 STATUS_STYLE = {
     JobStatus.PENDING: "yellow",
@@ -85,8 +87,9 @@ def deliveries_table(records: list[dict]) -> Table:
     return table
 
 
-def quarantine_table(records: list[dict]) -> Table:
+def quarantine_table(records: list[QuarantineRecord]) -> Table:
     table = Table("at", "node", "source", "reason", "detail", "kept at")
     for r in records:
-        table.add_row(when(r.get("at")), r["node"], r["source"], f"[red]{r['reason']}[/]", r["detail"], r.get("copy") or "-")
+        detail = "\n".join(r.problems) if r.problems else r.detail
+        table.add_row(when(r.at), r.node or "-", escape(r.source), f"[red]{r.reason}[/]", escape(detail), r.kept_at or "-")
     return table

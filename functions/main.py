@@ -3,7 +3,7 @@
 | entry point     | trigger (shared/triggers.py)              | logic                           |
 | --------------- | ----------------------------------------- | ------------------------------- |
 | on_raw_upload   | object finalized in a node's raw bucket   | shared.ingest.handle_raw_object |
-| on_shard_ready  | Pub/Sub topic shard-ready                 | shared.manifest.record_shards   |
+| on_shard_ready  | Pub/Sub topic shard-ready                 | shared.manifest.handle_shard_ready |
 | on_job_written  | Firestore document jobs/{jobId} written   | shared.launch.launch_pending_job|
 | on_hub_upload   | object finalized in the hub bucket        | shared.hub.handle_hub_object    |
 | on_tick         | Pub/Sub topic fedpipe-tick (each minute)  | shared.timekeeper.tick          |

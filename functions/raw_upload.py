@@ -24,5 +24,5 @@ log = logging.getLogger("fedpipe.functions.raw_upload")
 def on_raw_upload(cloud_event: CloudEvent) -> None:
     obj = storage_object(cloud_event.data)
     services = clients.services()
-    outcome = handle_raw_object(services, obj, utcnow())
+    outcome = handle_raw_object(services, obj, cloud_event["id"], utcnow())
     log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, outcome)

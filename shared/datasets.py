@@ -6,19 +6,80 @@ A data set lives under a prefix of a node's raw bucket:
     gs://{project}-{node}-raw/{dataset}/{file}.csv      data files (CSV or Parquet)
 
 It is complete when every file named in `expected_files` has been preprocessed.
+
+A data set's name is a plain name (it appears in job ids); a file's name may be any
+name Cloud Storage accepts (any UTF-8, spaces, any script) that stays directly under
+its data set's prefix. Documents about a file are keyed by `file_key`, a digest of its
+name, because Firestore ids cannot hold every object name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from typing import Annotated
 
-from pydantic import BaseModel, Field, FiniteFloat, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
 from shared.jobs import TrainSpec
 
 SPEC_OBJECT = "_dataset.json"
+MAX_SPEC_BYTES = 1024 * 1024  # a declaration is a few KiB; a bigger one is refused before it is read
+MAX_OBJECT_NAME_BYTES = 1024  # Cloud Storage's limit on an object name, in UTF-8 bytes
+MAX_EXPECTED_FILES = 10_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def file_name_problem(dataset: str, name: str) -> str | None:
+    """Why `name` cannot be a file of `dataset` (None if it can).
+
+    Refused: names that leave the data set's prefix or nest below it ('/', '.', '..'),
+    control characters (Cloud Storage forbids CR and LF and they break logs), text that
+    is not valid UTF-8, and names that make the object name longer than Cloud Storage allows.
+    """
+    if not name:
+        return "is empty"
+    if name in (".", "..") or "/" in name:
+        return "must be a file directly under the data set's prefix (no '/', '.' or '..')"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "contains a control character"
+    try:
+        size = len(f"{dataset}/{name}".encode())
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > MAX_OBJECT_NAME_BYTES:
+        return f"makes an object name of {size} bytes; Cloud Storage allows {MAX_OBJECT_NAME_BYTES}"
+    return None
+
+
+def _shown(name: str, limit: int = 60) -> str:
+    """A file name as it appears in a refusal: quoted, escaped, and bounded."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
+def file_key(name: str) -> str:
+    """A Firestore document id and object-path segment for a file name of any script or length.
+
+    A digest, not the name: a document id cannot contain '/', be '.' or '..', look
+    like `__x__` or pass 1,500 bytes, and a processed shard's path must stay within
+    Cloud Storage's limit. The name itself is kept in the document's fields.
+    """
+    return "f" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def _valid_file_name(name: str, info: ValidationInfo) -> str:
+    """One entry of `expected_files`; each refused entry is its own validation error.
+
+    Validated with `context={"dataset": name}` (as ingest does), the object-name length
+    counts the data set's prefix too.
+    """
+    problem = file_name_problem((info.context or {}).get("dataset", ""), name)
+    if problem is None and name == SPEC_OBJECT:
+        problem = "is the declaration itself"
+    if problem:
+        raise ValueError(f"{_shown(name)} {problem}")
+    return name
 
 
 class DatasetSpec(BaseModel, frozen=True):
@@ -27,19 +88,16 @@ class DatasetSpec(BaseModel, frozen=True):
     features: list[str] = Field(min_length=1)
     label: str
     num_classes: int = Field(ge=2, le=10_000)
-    expected_files: list[str] = Field(min_length=1)
+    expected_files: list[Annotated[str, AfterValidator(_valid_file_name)]] = Field(min_length=1, max_length=MAX_EXPECTED_FILES)
     shard_rows: int = Field(default=4096, ge=1)
     train: TrainSpec = TrainSpec()
     train_on_complete: bool = Field(default=True, description="queue a training job when complete; false for data kept for federations")
 
     @field_validator("expected_files")
     @classmethod
-    def _plain_names(cls, files: list[str]) -> list[str]:
-        for name in files:
-            if not _NAME.match(name) or name == SPEC_OBJECT:
-                raise ValueError(f"expected file {name!r} must be a plain file name")
-        if len(set(files)) != len(files):
-            raise ValueError("expected_files lists a file twice")
+    def _listed_once(cls, files: list[str]) -> list[str]:
+        if twice := sorted({_shown(name) for i, name in enumerate(files) if name in files[:i]}):
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
         return files
 
     @model_validator(mode="after")
@@ -52,11 +110,11 @@ class DatasetSpec(BaseModel, frozen=True):
 
 
 def split_object_name(name: str) -> tuple[str, str] | None:
-    """`dataset/file` -> (dataset, file); None for names outside that layout."""
-    parts = name.split("/")
-    if len(parts) != 2 or not _NAME.match(parts[0]) or not parts[1]:
+    """`dataset/file` -> (dataset, file); None for names outside that layout or refused by `file_name_problem`."""
+    dataset, sep, file = name.partition("/")
+    if not sep or not _NAME.match(dataset) or file_name_problem(dataset, file):
         return None
-    return parts[0], parts[1]
+    return dataset, file
 
 
 class FeatureStats(BaseModel, frozen=True):

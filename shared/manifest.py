@@ -1,8 +1,10 @@
 """The data set manifest: which files are in, their shards and merged statistics.
 
-`record_shards` runs on every shard-ready message: it adds the file's manifest entry
-(ignoring duplicates and stale generations), and when every expected file is in,
-marks the data set complete and creates its training job.
+`handle_shard_ready` runs on every shard-ready message. It accepts only the message
+ingest wrote for the node's own processed bucket (a forged or mistaken one is
+quarantined with its reason and acknowledged), then `record_shards` adds the file's
+manifest entry (ignoring duplicates and stale generations), and when every expected
+file is in, marks the data set complete and creates its training job.
 The job id is derived from the files' generations, so the same content never makes
 two jobs, and a re-upload of a file makes a new one.
 """
@@ -10,16 +12,21 @@ two jobs, and a re-upload of a file makes a new one.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated, Literal
 
 from google.api_core.exceptions import FailedPrecondition
 from google.cloud import firestore
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from shared.config import Settings
-from shared.datasets import DatasetSpec, FeatureStats
+from shared.datasets import DatasetSpec, FeatureStats, file_key
 from shared.jobs import DatasetRef, Job, JobSpec
 from shared.jobstore import JobStore
+from shared.quarantine import QuarantineRecord, QuarantineStore
+
+MAX_SHARDS = 100_000  # a file of the 64 MiB upload limit makes far fewer
 
 
 class ShardReady(BaseModel, frozen=True):
@@ -28,12 +35,17 @@ class ShardReady(BaseModel, frozen=True):
     node: str
     dataset: str
     file: str
-    generation: int
-    spec_generation: int = 0  # the declaration the file was processed under
+    generation: int = Field(ge=1)
+    spec_generation: int = Field(default=0, ge=0)  # the declaration the file was processed under
     source: str
-    rows: int
-    shards: list[str]
+    rows: int = Field(ge=1)
+    shards: list[Annotated[str, Field(max_length=2048)]] = Field(min_length=1, max_length=MAX_SHARDS)
     stats: FeatureStats
+
+
+def processed_prefix(dataset: str, file_name: str, generation: int, spec_generation: int) -> str:
+    """Where ingest writes one upload's shards and manifest in the node's processed bucket."""
+    return f"{dataset}/{file_key(file_name)}/g{generation}-s{spec_generation}"
 
 
 def dataset_doc_id(node: str, dataset: str) -> str:
@@ -58,7 +70,7 @@ def merged_stats(files: dict[str, dict]) -> FeatureStats:
 
 def entry_of(ready: ShardReady) -> dict:
     return {
-        "generation": ready.generation, "spec_generation": ready.spec_generation, "rows": ready.rows, "shards": ready.shards,
+        "file": ready.file, "generation": ready.generation, "spec_generation": ready.spec_generation, "rows": ready.rows, "shards": ready.shards,
         "stats": ready.stats.model_dump(), "source": ready.source,
     }
 
@@ -95,7 +107,7 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
     repeated completions create it once.
     """
     ds_ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
-    entry_ref = ds_ref.collection("manifest").document(ready.file)
+    entry_ref = ds_ref.collection("manifest").document(file_key(ready.file))
 
     @firestore.transactional
     def put(transaction: firestore.Transaction) -> bool:
@@ -123,7 +135,7 @@ def complete_if_ready(db: firestore.Client, settings: Settings, ds_ref: firestor
         snap = ds_ref.get()
         if not snap.exists:
             raise LookupError(f"data set {ds_ref.id} has no declaration")
-        entries = {entry.id: entry.to_dict() for entry in ds_ref.collection("manifest").stream()}
+        entries = {(e := entry.to_dict())["file"]: e for entry in ds_ref.collection("manifest").stream()}
         outcome = completion(snap.to_dict(), entries, now)
         if outcome is None:
             return created
@@ -142,3 +154,72 @@ def complete_if_ready(db: firestore.Client, settings: Settings, ds_ref: firestor
 
 
 SUMMARY_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What one shard-ready message did: recorded its file, was a duplicate, or was refused (and why)."""
+
+    status: Literal["recorded", "duplicate", "refused"]
+    ready: ShardReady | None = None
+    job: Job | None = None  # the training job this message's completion created
+    reason: str | None = None
+
+
+def shard_ready_problem(settings: Settings, ready: ShardReady, message: bytes, record: dict | None) -> str | None:
+    """Pure: why a shard-ready message is not the one ingest published for this upload (None if it is).
+
+    The message is trusted only as far as it agrees with what the node's ingest wrote:
+    its shards lie under the upload's own prefix in the node's own processed bucket, and
+    the file record holds the same generation, declaration and message digest. So a
+    published message cannot point a node's job at another node's bucket, nor make a
+    later genuine upload look like a duplicate.
+    """
+    if ready.node not in settings.nodes:
+        return "unknown_node"
+    prefix = f"gs://{settings.processed_bucket(ready.node)}/{processed_prefix(ready.dataset, ready.file, ready.generation, ready.spec_generation)}/"
+    if not all(uri.startswith(prefix) and "/" not in uri.removeprefix(prefix) for uri in ready.shards):
+        return "foreign_shards"
+    if record is None or record.get("name") != ready.file:
+        return "no_such_upload"
+    if (record.get("generation"), record.get("spec_generation")) != (ready.generation, ready.spec_generation):
+        return "generation_mismatch"
+    if record.get("manifest_sha256") != hashlib.sha256(message).hexdigest():
+        return "not_from_ingest"
+    return None
+
+
+REFUSAL_DETAILS = {
+    "malformed": "not a shard-ready message",
+    "unknown_node": "names a node this deployment does not have",
+    "foreign_shards": "names shards outside the upload's own prefix in the node's processed bucket",
+    "no_such_upload": "names a file upload that ingest never processed",
+    "generation_mismatch": "names a generation or declaration other than the one ingest recorded for the file",
+    "not_from_ingest": "differs from the message ingest published for this upload",
+}
+
+
+def handle_shard_ready(db: firestore.Client, settings: Settings, message: bytes, message_id: str, now: datetime) -> ShardOutcome:
+    """Check one shard-ready message against ingest's record, then record its shards.
+
+    A message that fails a check can never succeed on a retry: it is quarantined with
+    its reason and acknowledged, before anything is written to the manifest.
+    """
+    try:
+        ready = ShardReady.model_validate_json(message)
+    except ValidationError:
+        ready = None
+    if ready is None:
+        problem = "malformed"
+    else:
+        ds_ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
+        record = ds_ref.collection("files").document(file_key(ready.file)).get().to_dict()
+        problem = shard_ready_problem(settings, ready, message, record)
+    if problem is not None:
+        QuarantineStore(db, settings).put(QuarantineRecord(
+            node=ready.node if ready and ready.node in settings.nodes else None, dataset=ready.dataset if ready else None,
+            source=f"pubsub://{settings.shard_ready_topic}/{message_id}", reason=problem, detail=REFUSAL_DETAILS[problem], at=now,
+        ))
+        return ShardOutcome("refused", ready, reason=problem)
+    changed, job = record_shards(db, settings, ready, now)
+    return ShardOutcome("recorded" if changed else "duplicate", ready, job)

@@ -26,9 +26,10 @@ _CSV_NULLS = [""]  # only empty cells are missing; "NA"/"NaN" text is judged as 
 class RejectedFile(Exception):
     """The file cannot be used; it goes to quarantine with this reason. Never retried."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, problems: list[str] | None = None) -> None:
         self.reason = reason
         self.detail = " ".join(detail.split())[:300]  # one line, bounded: it lands in logs/metadata
+        self.problems = problems or []  # each refused part on its own (e.g. every bad name of a declaration)
         super().__init__(f"{reason}: {self.detail}")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from emulators.endpoints import REPLAY_TOPIC
-from shared.datasets import SPEC_OBJECT
+from shared.datasets import SPEC_OBJECT, file_key
 from shared.jobs import JobStatus, utcnow
 from tests.conftest import wait_for
 from tests.emulator.helpers import (
@@ -147,8 +147,8 @@ def test_a_slow_completion_never_steps_the_summary_back_to_an_older_version(clou
     ds_ref = clients.db.collection(clients.settings.datasets_collection).document(manifest.dataset_doc_id("us", "race-summary"))
     ds_ref.set({"node": "us", "dataset": "race-summary", "spec": spec, "status": "pending"})
     stats = {"count": 4, "mean": [0.5], "m2": [1.0], "label_counts": [2, 2]}
-    entry = ds_ref.collection("manifest").document("part.csv")
-    entry.set({"generation": 1, "spec_generation": 0, "rows": 4, "shards": ["gs://x/1"], "stats": stats, "source": "gs://x/part.csv"})
+    entry = ds_ref.collection("manifest").document(file_key("part.csv"))
+    entry.set({"file": "part.csv", "generation": 1, "spec_generation": 0, "rows": 4, "shards": ["gs://x/1"], "stats": stats, "source": "gs://x/part.csv"})
     v1 = manifest.version_of({"part.csv": {"generation": 1}}, None)
 
     real_set, raced = DocumentReference.set, []

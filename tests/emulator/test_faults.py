@@ -11,10 +11,9 @@ import pytest
 from google.api_core.exceptions import AlreadyExists
 
 from emulators.launcher import worker_pid_file
-from shared.datasets import SPEC_OBJECT, FeatureStats
+from shared.datasets import SPEC_OBJECT
 from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
-from shared.manifest import ShardReady
 from tests.conftest import wait_for
 from tests.emulator.helpers import dataset_doc, deliveries, job_of_dataset, upload_digits, wait_job
 
@@ -40,7 +39,7 @@ def test_malformed_file_is_quarantined_once_and_the_data_set_recovers(cloud, cli
     record = wait_for(lambda: _quarantined(clients, source), 30, "the bad file in quarantine")[0]
     assert record["reason"] == "non_numeric"
     assert "b" in record["detail"] and "row 2" in record["detail"]
-    copy_bucket, copy_name = record["copy"].removeprefix("gs://").split("/", 1)
+    copy_bucket, copy_name = record["kept_at"].removeprefix("gs://").split("/", 1)
     assert copy_bucket == clients.settings.quarantine_bucket("us")
     assert clients.gcs.bucket(copy_bucket).blob(copy_name).download_as_bytes() == bad  # kept, byte for byte
     [delivery] = deliveries(clients, lambda r: r["subject"] == "objects/quar/bad.csv")
@@ -82,27 +81,28 @@ def test_a_function_that_is_down_gets_its_events_once_it_is_back(cloud, clients)
     assert dataset_doc(clients, "us", "retry")["spec"]["label"] == "y"
 
 
-def test_poison_event_is_dead_lettered_after_max_attempts(cloud, clients):
+def test_an_event_that_keeps_failing_is_dead_lettered_after_max_attempts(cloud, clients):
     settings = clients.settings
     dlq = clients.subscriber.subscription_path(settings.project, "test-dead-letters")
     try:
         clients.subscriber.create_subscription(name=dlq, topic=clients.publisher.topic_path(settings.project, settings.dead_letter_topic))
     except AlreadyExists:
         pass
-    ghost = ShardReady(node="us", dataset="ghost", file="f.csv", generation=1, source="gs://x/ghost/f.csv", rows=1,
-                       shards=[], stats=FeatureStats(count=1, mean=[0.0], m2=[0.0], label_counts=[1, 0]))
-    topic = clients.publisher.topic_path(settings.project, settings.shard_ready_topic)
-    message_id = clients.publisher.publish(topic, ghost.model_dump_json().encode()).result()
-
-    record = wait_for(
-        lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == message_id) if r["status"] == "dead_lettered"],
-        60, "the poison event to be dead-lettered",
-    )[0]
+    cloud.stop_function("on_tick")  # down for longer than every attempt takes
+    try:
+        topic = clients.publisher.topic_path(settings.project, settings.tick_topic)
+        message_id = clients.publisher.publish(topic, b"{}").result()
+        record = wait_for(
+            lambda: [r for r in deliveries(clients, lambda r: r["event_id"] == message_id) if r["status"] == "dead_lettered"],
+            60, "the event to be dead-lettered",
+        )[0]
+    finally:
+        cloud.start_function("on_tick")
     assert record["attempts"] == cloud.options.router.retry.max_attempts
-    assert record["last_code"] == 500
+    assert record["last_code"] is None  # no answer: connection refused
     pulled = clients.subscriber.pull(subscription=dlq, max_messages=10, timeout=10)
     dead = [json.loads(m.message.data) for m in pulled.received_messages]
-    assert [d["event"]["headers"]["ce-id"] for d in dead if d["trigger"] == "shard-ready"] == [message_id]
+    assert [d["event"]["headers"]["ce-id"] for d in dead if d["trigger"] == "tick"] == [message_id]
 
 
 def test_malformed_message_is_acknowledged_not_retried(cloud, clients):

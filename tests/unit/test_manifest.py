@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared.datasets import SPEC_OBJECT, DatasetSpec, FeatureStats, split_object_name
+from shared.config import Settings
+from shared.datasets import MAX_OBJECT_NAME_BYTES, SPEC_OBJECT, DatasetSpec, FeatureStats, file_key, split_object_name
 from shared.jobs import DatasetRef, JobStatus, TrainSpec
-from shared.manifest import ShardReady, completion, dataset_doc_id, entry_of, merged_stats, version_of
+from shared.manifest import (
+    ShardReady,
+    completion,
+    dataset_doc_id,
+    entry_of,
+    merged_stats,
+    processed_prefix,
+    shard_ready_problem,
+    version_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +99,7 @@ def test_entry_of_a_shard_ready_message():
     ready = ShardReady(node="us", dataset="iris", file="a.csv", generation=5, source="gs://b/iris/a.csv",
                        rows=3, shards=["s0"], stats=STATS_A)
     assert entry_of(ready) == {
-        "generation": 5, "spec_generation": 0, "rows": 3, "shards": ["s0"], "stats": STATS_A.model_dump(), "source": "gs://b/iris/a.csv"
+        "file": "a.csv", "generation": 5, "spec_generation": 0, "rows": 3, "shards": ["s0"], "stats": STATS_A.model_dump(), "source": "gs://b/iris/a.csv"
     }
 
 
@@ -187,7 +197,10 @@ def test_valid_spec():
         pytest.param({"expected_files": [SPEC_OBJECT]}, id="spec-object"),
         pytest.param({"expected_files": ["a.csv", "a.csv"]}, id="duplicate-files"),
         pytest.param({"expected_files": []}, id="no-files"),
-        pytest.param({"expected_files": [".hidden"]}, id="leading-dot"),
+        pytest.param({"expected_files": [".."]}, id="parent"),
+        pytest.param({"expected_files": ["a\nb.csv"]}, id="newline"),
+        pytest.param({"expected_files": ["\ud800.csv"]}, id="lone-surrogate"),
+        pytest.param({"expected_files": ["x" * 1024]}, id="too-long"),
         pytest.param({"features": []}, id="no-features"),
         pytest.param({"num_classes": 1}, id="one-class"),
         pytest.param({"shard_rows": 0}, id="zero-shard-rows"),
@@ -204,12 +217,46 @@ def test_spec_error_messages_name_the_problem():
         DatasetSpec.model_validate(spec(label="f1"))
     with pytest.raises(ValidationError, match="twice"):
         DatasetSpec.model_validate(spec(features=["f0", "f0"]))
-    with pytest.raises(ValidationError, match="plain file name"):
+    with pytest.raises(ValidationError, match="directly under the data set's prefix"):
         DatasetSpec.model_validate(spec(expected_files=["a/b.csv"]))
-    with pytest.raises(ValidationError, match="plain file name"):
+    with pytest.raises(ValidationError, match="the declaration itself"):
         DatasetSpec.model_validate(spec(expected_files=["_dataset.json"]))
-    with pytest.raises(ValidationError, match="lists a file twice"):
+    with pytest.raises(ValidationError, match="listed more than once"):
         DatasetSpec.model_validate(spec(expected_files=["a.csv", "a.csv"]))
+
+
+NAMES_USERS_HAVE = ["spaces in name.csv", "unicode_näme_数据.csv", ".hidden.csv", "données (v2).parquet", "x" * 1000 + ".csv"]
+
+
+def test_every_object_name_that_stays_under_the_prefix_is_accepted():
+    assert DatasetSpec.model_validate(spec(expected_files=NAMES_USERS_HAVE)).expected_files == NAMES_USERS_HAVE
+    for name in NAMES_USERS_HAVE:
+        assert split_object_name(f"iris/{name}") == ("iris", name)
+
+
+def test_each_refused_name_is_reported_on_its_own():
+    files = ["ok.csv", "a/b.csv", "ok two.csv", "..", "c\rd.csv", "ok.csv"]
+    with pytest.raises(ValidationError) as caught:
+        DatasetSpec.model_validate(spec(expected_files=files))
+    assert [e["loc"] for e in caught.value.errors()] == [("expected_files", 1), ("expected_files", 3), ("expected_files", 4)]
+    with pytest.raises(ValidationError, match="listed more than once: 'ok.csv'"):
+        DatasetSpec.model_validate(spec(expected_files=["ok.csv", "b.csv", "ok.csv"]))
+
+
+def test_the_object_name_limit_counts_the_data_sets_prefix():
+    name = "y" * (MAX_OBJECT_NAME_BYTES - len("iris/"))
+    assert DatasetSpec.model_validate(spec(expected_files=[name]), context={"dataset": "iris"}).expected_files == [name]
+    with pytest.raises(ValidationError, match="1025 bytes"):
+        DatasetSpec.model_validate(spec(expected_files=[name]), context={"dataset": "iris2"})
+    assert split_object_name(f"iris/{name}") == ("iris", name)
+    assert split_object_name(f"iris2/{name}") is None
+
+
+def test_file_keys_are_valid_document_ids_and_distinct():
+    names = [*NAMES_USERS_HAVE, "__x__", ".", "a.csv", "A.csv"]
+    keys = [file_key(n) for n in names]
+    assert len(set(keys)) == len(keys)
+    assert all(len(k) == 41 and k.isalnum() and k == file_key(n) for k, n in zip(keys, names))
 
 
 @pytest.mark.parametrize(
@@ -226,6 +273,9 @@ def test_spec_error_messages_name_the_problem():
         (".iris/a.csv", None),
         ("", None),
         ("x" * 101 + "/a.csv", None),
+        ("iris/spaces in name.csv", ("iris", "spaces in name.csv")),
+        ("iris/..", None),
+        ("iris/a\nb.csv", None),
     ],
 )
 def test_split_object_name(name, expected):
@@ -353,3 +403,93 @@ def test_stats_survive_a_json_round_trip_exactly():
     stats = stats_of(np.random.default_rng(4).normal(size=(7, 2)) + 98765.4321, np.array([0, 1, 2, 0, 1, 2, 0]))
     assert FeatureStats.model_validate_json(stats.model_dump_json()) == stats
     assert FeatureStats.model_validate(stats.model_dump()) == stats
+
+
+# -- shard-ready messages are checked against ingest's record ------------------
+
+
+def genuine(file: str = "a b ü.csv", node: str = "us") -> tuple[ShardReady, bytes, dict]:
+    """A message as ingest publishes it, and the file record ingest wrote beside it."""
+    import hashlib
+
+    settings = Settings()
+    prefix = f"gs://{settings.processed_bucket(node)}/{processed_prefix('iris', file, 7, 3)}"
+    ready = ShardReady(node=node, dataset="iris", file=file, generation=7, spec_generation=3, source=f"gs://raw/iris/{file}",
+                       rows=3, shards=[f"{prefix}/shard-00000.parquet"], stats=STATS_A)
+    message = ready.model_dump_json().encode()
+    record = {"name": file, "generation": 7, "spec_generation": 3, "status": "processed", "manifest_sha256": hashlib.sha256(message).hexdigest()}
+    return ready, message, record
+
+
+def test_the_message_ingest_wrote_is_accepted():
+    ready, message, record = genuine()
+    assert shard_ready_problem(Settings(), ready, message, record) is None
+    assert shard_ready_problem(Settings(), ready, message, {**record, "status": "processing"}) is None
+
+
+def _forged(ready: ShardReady, **changes) -> tuple[ShardReady, bytes]:
+    forged = ready.model_copy(update=changes)
+    return forged, forged.model_dump_json().encode()
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        pytest.param({"shards": ["gs://fedpipe-local-eu-processed/iris/x/g7-s3/shard-00000.parquet"]}, "foreign_shards", id="another-nodes-bucket"),
+        pytest.param({"node": "eu"}, "foreign_shards", id="claims-another-node"),
+        pytest.param({"node": "mars"}, "unknown_node", id="unknown-node"),
+        pytest.param({"dataset": "other"}, "foreign_shards", id="another-data-sets-prefix"),
+        pytest.param({"generation": 8}, "foreign_shards", id="fake-generation"),
+        pytest.param({"rows": 3000}, "not_from_ingest", id="inflated-rows"),
+        pytest.param({"stats": STATS_B}, "not_from_ingest", id="other-stats"),
+    ],
+)
+def test_a_message_that_differs_from_ingests_record_is_refused(changes, problem):
+    ready, _, record = genuine()
+    forged, message = _forged(ready, **changes)
+    assert shard_ready_problem(Settings(), forged, message, record) == problem
+
+
+def test_a_fake_generation_under_its_own_prefix_does_not_match_the_record():
+    """The attack of issue 7: a made-up generation must not make a later genuine upload a duplicate."""
+    ready, _, record = genuine()
+    prefix = f"gs://{Settings().processed_bucket('us')}/{processed_prefix('iris', ready.file, 99, 3)}"
+    forged, message = _forged(ready, generation=99, shards=[f"{prefix}/shard-00000.parquet"])
+    assert shard_ready_problem(Settings(), forged, message, record) == "generation_mismatch"
+    assert shard_ready_problem(Settings(), forged, message, None) == "no_such_upload"
+
+
+def test_shards_must_lie_directly_under_the_uploads_prefix():
+    ready, _, record = genuine()
+    prefix = ready.shards[0].rsplit("/", 1)[0]
+    for uri in (f"{prefix}/../../eu/shard.parquet", f"{prefix}-x/shard.parquet", prefix):
+        forged, message = _forged(ready, shards=[uri])
+        assert shard_ready_problem(Settings(), forged, message, record) == "foreign_shards", uri
+
+
+# -- claims on an upload (shared.ingest.claim_decision) ------------------------
+
+
+def test_claims_on_an_upload():
+    from datetime import timedelta
+
+    from shared.ingest import CLAIM_LEASE_S, Claim, claim_decision
+
+    def decide(record: dict, claimant: str = "e2", now=NOW) -> Claim:
+        return claim_decision(record, generation=5, spec_generation=2, claimant=claimant, now=now)
+
+    live = {"generation": 5, "spec_generation": 2, "status": "processing", "claimed_by": "e1", "claimed_at": NOW}
+    assert decide({}) is Claim.CLAIMED
+    assert claim_decision({}, 5, None, "e1", NOW) is Claim.AWAITING_DECLARATION
+    assert decide({"generation": 5, "status": "awaiting_declaration"}) is Claim.CLAIMED
+    assert decide({**live, "generation": 6}) is Claim.STALE
+    assert decide(live) is Claim.BUSY  # a concurrent duplicate leaves it to the claimant
+    assert decide(live, claimant="e1") is Claim.CLAIMED  # the claimant's own retry takes it back
+    assert decide(live, now=NOW + timedelta(seconds=CLAIM_LEASE_S)) is Claim.CLAIMED  # a claimant that died for good
+    assert decide({**live, "status": "processed"}) is Claim.DUPLICATE
+    assert decide({**live, "status": "quarantined"}) is Claim.DUPLICATE
+    assert decide({**live, "status": "publishing"}) is Claim.BUSY
+    assert decide({**live, "status": "publishing"}, claimant="e1") is Claim.CLAIMED  # it may have died before publishing
+    assert decide({**live, "status": "processed"}, claimant="e1") is Claim.DUPLICATE  # the same event delivered again
+    assert decide({**live, "spec_generation": 1, "status": "processed"}) is Claim.CLAIMED  # a new declaration reprocesses
+    assert decide({**live, "generation": 4, "status": "processed"}) is Claim.CLAIMED  # a new upload
