@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -57,7 +58,8 @@ def _print_endpoints(ep: Endpoints) -> None:
     for node in settings.nodes:
         console.print(f"  {node}: gs://{settings.raw_bucket(node)} (drop data here)  gs://{settings.processed_bucket(node)}  gs://{settings.quarantine_bucket(node)}")
     console.print(f"  hub: gs://{settings.hub_bucket}")
-    console.print(f"[bold]Topics[/]  {settings.shard_ready_topic}, {settings.dead_letter_topic}")
+    console.print(f"[bold]Topics[/]  {settings.tick_topic} (publish to run the clock now), {settings.dead_letter_topic} (events that failed "
+                  f"every attempt); {settings.shard_ready_topic} and {settings.fed_rounds_topic} are fedpipe's own")
     console.print("[bold]Functions[/]  " + ", ".join(f"{n} :{p}" for n, p in ep.function_ports.items()))
     console.print(f"[bold]Logs[/]  {ep.state_dir}/logs/")
 
@@ -126,6 +128,7 @@ def demo(
     model: Annotated[str, typer.Option(help="logreg, mlp, or cnn (square images such as digits' 8x8)")] = "mlp",
     epochs: Annotated[int, typer.Option(help="with --single: training epochs")] = 40,
     results: Annotated[Path, typer.Option(help="where plots and summaries are written")] = Path("results"),
+    nodes: Annotated[int | None, typer.Option(min=2, max=MAX_DEMO_NODES, help="how many nodes share the data set: us, eu, site3, ... [default: FEDPIPE_NODES, else us and eu]")] = None,
     timeout: float = 600.0,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary as the last line")] = False,
 ) -> None:
@@ -138,6 +141,9 @@ def demo(
     from emulators.processes import StartupError
     from emulators.stack import LocalCloud
 
+    if nodes is not None:
+        # Read by every process of the stack (shared.config.Settings), so set before it starts.
+        os.environ["FEDPIPE_NODES"] = ",".join(demo_node_names(nodes))
     started = time.monotonic()
     try:
         with LocalCloud(_options(state_dir, False, {}), on_step=lambda s: console.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {s}")) as cloud:
@@ -152,6 +158,14 @@ def demo(
     if json_out:
         print(json.dumps(summary, default=str))
     raise typer.Exit(code)
+
+
+MAX_DEMO_NODES = 32
+
+
+def demo_node_names(n: int) -> list[str]:
+    """The demo's nodes: the us and eu sites, then site3, site4, ..."""
+    return ["us", "eu", *(f"site{i}" for i in range(3, n + 1))][:n]
 
 
 def _single_demo(dataset: str, model: str, epochs: int, timeout: float) -> tuple[int, dict]:
@@ -220,9 +234,17 @@ def submit(
 
 
 @jobs_app.command("list")
-def jobs_list(limit: int = 20, status: JobStatus | None = None) -> None:
+def jobs_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    status: JobStatus | None = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON array of job documents")] = False,
+) -> None:
     """The newest jobs."""
-    console.print(views.jobs_table(JobStore(context.db(), context.settings()).list(limit, status)))
+    jobs = JobStore(context.db(), context.settings()).list(limit, status)
+    if json_out:
+        print(json.dumps([job.model_dump(mode="json") for job in jobs], indent=2))
+    else:
+        console.print(views.jobs_table(jobs, console.width))
 
 
 def _job(job_id: str) -> Job:

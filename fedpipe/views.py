@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from shared.jobs import Job, JobStatus
 from shared.quarantine import QuarantineRecord
@@ -35,17 +35,31 @@ def progress_text(job: Job) -> str:
     return f"epoch {int(p.get('epoch', 0))}/{int(p.get('epochs', 0))} loss {p.get('loss', 0):.4f} acc {p.get('accuracy', 0):.3f}"
 
 
-def jobs_table(jobs: list[Job]) -> Table:
-    table = Table("job", "status", "attempt", "data set", "model", "created", "updated", "result / progress")
+def id_column(header: str, ids: list[str]) -> Column:
+    """A column of ids a user copies into the next command: never cut, wrapped or folded.
+
+    Rich shrinks the other columns to fit a narrow terminal instead (80 columns).
+    """
+    return Column(header, no_wrap=True, min_width=max((len(i) for i in ids), default=len(header)))
+
+
+def jobs_table(jobs: list[Job], width: int = 200) -> Table:
+    """The jobs list; below 120 columns only id, status, data set and result, so each stays readable."""
+    wide = width >= 120
+    folded = {"overflow": "fold"}  # wrapped whole, never cut with an ellipsis
+    columns = ["status", *(["attempt"] if wide else []), Column("data set", **folded), *(["model", "created", "updated"] if wide else []),
+               Column("result / progress", **folded)]
+    table = Table(id_column("job", [j.id for j in jobs]), *columns)
     for job in jobs:
         result = (
             f"accuracy {job.results['accuracy']:.4f}" if "accuracy" in job.results else job.error or progress_text(job)
         )
-        table.add_row(
-            job.id, status_text(job.status), f"{job.attempt}/{job.spec.max_attempts}",
-            f"{job.spec.dataset.node}/{job.spec.dataset.dataset}", job.spec.train.model,
-            when(job.created_at), when(job.updated_at), result,
-        )
+        dataset = f"{job.spec.dataset.node}/{job.spec.dataset.dataset}"
+        if wide:
+            table.add_row(job.id, status_text(job.status), f"{job.attempt}/{job.spec.max_attempts}", dataset, job.spec.train.model,
+                          when(job.created_at), when(job.updated_at), result)
+        else:
+            table.add_row(job.id, status_text(job.status), dataset, result)
     return table
 
 
@@ -76,7 +90,7 @@ def job_detail(job: Job) -> Table:
 
 
 def deliveries_table(records: list[dict]) -> Table:
-    table = Table("at", "trigger", "function", "subject", "status", "attempts", "last error", "id")
+    table = Table("at", "trigger", "function", "subject", "status", "attempts", "last error", id_column("id", [r["id"] for r in records]))
     style = {"delivered": "green", "retrying": "yellow", "dead_lettered": "red"}
     for r in records:
         table.add_row(

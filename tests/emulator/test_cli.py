@@ -92,6 +92,11 @@ def test_submit_watch_list_show(cloud, clients):
 
     listed = fedpipe("jobs", "list", "--limit", "50")
     assert "cli-manual" in listed.stdout
+    as_json = json.loads(fedpipe("jobs", "list", "--limit", "50", "--json").stdout)
+    assert {j["id"]: j["status"] for j in as_json}["cli-manual"] == "completed"
+    # On an 80-column terminal every id is whole, ready to copy into `jobs show`.
+    narrow = fedpipe("jobs", "list", "--limit", "50", env={"COLUMNS": "80"}).stdout
+    assert all(j["id"] in narrow for j in as_json)
     shown = json.loads(fedpipe("jobs", "show", "cli-manual", "--json").stdout)
     assert shown["status"] == "completed" and shown["spec"]["train"]["epochs"] == 5
     assert fedpipe("jobs", "show", "no-such-job").returncode == 1
