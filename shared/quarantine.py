@@ -51,7 +51,7 @@ class QuarantineStore:
 
     def put(self, record: QuarantineRecord) -> None:
         self.collection.document(self.record_id(record)).set(record.model_dump(mode="python"))
-        log.warning("quarantined %s: %s: %s", record.source, record.reason, record.detail)
+        log.warning("quarantined %r: %s: %s", record.source, record.reason, record.detail)
 
     def recent(self, limit: int = 50, dataset: str | None = None) -> list[QuarantineRecord]:
         query = self.collection
