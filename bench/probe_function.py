@@ -1,4 +1,8 @@
-"""A function that only notes when each CloudEvent arrived: the instrument of bench/events.py."""
+"""A function that only notes when each CloudEvent arrived: the instrument of bench/events.py.
+
+It reads the object name from the event's data, as the real functions do: the subject
+header is percent-encoded on the wire, and functions-framework hands it over undecoded.
+"""
 
 import json
 import os
@@ -11,4 +15,4 @@ import functions_framework
 def probe(cloud_event) -> None:
     arrived = time.time()
     with open(os.environ["FEDPIPE_PROBE_LOG"], "a") as log:
-        log.write(json.dumps({"subject": cloud_event["subject"], "t": arrived}) + "\n")
+        log.write(json.dumps({"name": cloud_event.data["name"], "t": arrived}) + "\n")

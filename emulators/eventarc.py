@@ -1,7 +1,8 @@
 """Pure conversions from what the emulators emit to production's binary-mode CloudEvents.
 
-Each function returns the HTTP headers and body Eventarc would POST to a Cloud Run
-service, so functions see the same events locally as in production.
+Each function returns the headers and body Eventarc would POST to a Cloud Run
+service, so functions see the same events locally as in production. An event's
+headers hold the attribute values as text; `wire_headers` encodes them for HTTP.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from shared.triggers import FIRESTORE_WRITTEN, PUBSUB_PUBLISHED
 
@@ -19,6 +21,40 @@ STORAGE_EVENT_TYPES = {
     "OBJECT_METADATA_UPDATE": "google.cloud.storage.object.v1.metadataUpdated",
     "OBJECT_ARCHIVE": "google.cloud.storage.object.v1.archived",
 }
+
+# Printable US-ASCII (U+0021-U+007E) but the double-quote and the percent sign: what the
+# CloudEvents HTTP binding lets through a header value unencoded.
+HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+
+
+def header_value(value: str) -> str:
+    """An attribute value as an HTTP header value (CloudEvents HTTP binding v1.0.2, 3.1.3.2).
+
+    HTTP headers carry printable ASCII only, and an object name is any UTF-8: sending
+    `objects/unicode_näme_数据.csv` as it is raises UnicodeEncodeError in http.client. The
+    binding percent-encodes the UTF-8 bytes of every other character, and space, `"` and
+    `%` too, so percent-decoding gives the value back exactly.
+    """
+    return quote(value, safe=HEADER_SAFE)
+
+
+def wire_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The headers of a binary-mode CloudEvent as POSTed: every `ce-` attribute percent-encoded."""
+    return {k: header_value(v) if k.startswith("ce-") else v for k, v in headers.items()}
+
+
+def emulator_header_text(value: str) -> str:
+    """A header value from the Firestore emulator, as the text it stands for.
+
+    The emulator sends a document id such as `jöb 数` as raw UTF-8 bytes, not percent-encoded
+    (a literal `%` stays `%`), and http.server reads header bytes as Latin-1, so `jöb` arrives
+    as `jÃ¶b`. Reading the same bytes as UTF-8 gives the id back; a value that is not UTF-8
+    is kept as read.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 @dataclass(frozen=True)
@@ -99,12 +135,14 @@ def pubsub_event(
 def firestore_event(project: str, headers: dict[str, str], body: bytes, location: str) -> OutgoingEvent:
     """The Firestore emulator's own CloudEvent, mended to production's shape.
 
-    The emulator sends the DocumentEventData protobuf as base64 text and a source
-    with a doubled `projects/` segment; production sends raw protobuf bytes, a
-    clean source, and the location/project/database/namespace extensions.
+    The emulator sends the DocumentEventData protobuf as base64 text, a source with a
+    doubled `projects/` segment and header values as raw UTF-8; production sends raw
+    protobuf bytes, a clean source, and the location/project/database/namespace extensions.
     """
     # ce-datacontenttype is not a binary-mode header: the content type travels as Content-Type.
-    ce = {k.lower(): v for k, v in headers.items() if k.lower().startswith("ce-") and k.lower() != "ce-datacontenttype"}
+    ce = {
+        k.lower(): emulator_header_text(v) for k, v in headers.items() if k.lower().startswith("ce-") and k.lower() != "ce-datacontenttype"
+    }
     database = ce.get("ce-database", "(default)")
     out = {
         **ce,
