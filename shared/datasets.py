@@ -28,7 +28,8 @@ SPEC_OBJECT = "_dataset.json"
 MAX_SPEC_BYTES = 1024 * 1024  # a declaration is a few KiB; a bigger one is refused before it is read
 MAX_OBJECT_NAME_BYTES = 1024  # Cloud Storage's limit on an object name, in UTF-8 bytes
 MAX_EXPECTED_FILES = 10_000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_NAME = re.compile(DATASET_NAME)
 
 
 def file_name_problem(dataset: str, name: str) -> str | None:

@@ -21,7 +21,7 @@ from google.cloud import firestore
 from pydantic import BaseModel, Field, ValidationError
 
 from shared.config import Settings
-from shared.datasets import DatasetSpec, FeatureStats, file_key
+from shared.datasets import DATASET_NAME, MAX_OBJECT_NAME_BYTES, DatasetSpec, FeatureStats, file_key
 from shared.jobs import DatasetRef, Job, JobSpec
 from shared.jobstore import JobStore
 from shared.quarantine import QuarantineRecord, QuarantineStore
@@ -32,12 +32,13 @@ MAX_SHARDS = 100_000  # a file of the 64 MiB upload limit makes far fewer
 class ShardReady(BaseModel, frozen=True):
     """The shard-ready message, also written as `manifest.json` beside the shards."""
 
-    node: str
-    dataset: str
-    file: str
+    # Bounded and shaped like what ingest writes: a message naming anything else is refused as malformed.
+    node: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    dataset: str = Field(pattern=DATASET_NAME)
+    file: str = Field(min_length=1, max_length=MAX_OBJECT_NAME_BYTES)
     generation: int = Field(ge=1)
     spec_generation: int = Field(default=0, ge=0)  # the declaration the file was processed under
-    source: str
+    source: str = Field(max_length=2048)
     rows: int = Field(ge=1)
     shards: list[Annotated[str, Field(max_length=2048)]] = Field(min_length=1, max_length=MAX_SHARDS)
     stats: FeatureStats

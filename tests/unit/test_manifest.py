@@ -493,3 +493,21 @@ def test_claims_on_an_upload():
     assert decide({**live, "status": "processed"}, claimant="e1") is Claim.DUPLICATE  # the same event delivered again
     assert decide({**live, "spec_generation": 1, "status": "processed"}) is Claim.CLAIMED  # a new declaration reprocesses
     assert decide({**live, "generation": 4, "status": "processed"}) is Claim.CLAIMED  # a new upload
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"dataset": "a/b"}, id="dataset-path"),
+        pytest.param({"dataset": "x" * 5000}, id="huge-dataset"),
+        pytest.param({"node": "us/../eu"}, id="node-path"),
+        pytest.param({"file": "f" * 2000}, id="huge-file"),
+        pytest.param({"shards": []}, id="no-shards"),
+        pytest.param({"rows": 0}, id="no-rows"),
+        pytest.param({"generation": 0}, id="no-generation"),
+    ],
+)
+def test_shard_ready_messages_are_bounded(changes):
+    ready, _, _ = genuine()
+    with pytest.raises(ValidationError):
+        ShardReady.model_validate({**ready.model_dump(), **changes})
