@@ -18,9 +18,11 @@ Normally started by bench/federation.py (which writes DATA.npz and CONFIG.json);
 * Client-side evaluation rounds are off (fraction_evaluate=0): the client already evaluates
   the global model inside ``train``, as fedpipe's worker does. The final model is evaluated
   centrally (``evaluate_fn``) on all nodes' held-out rows pooled.
-* Timing (server side, ``time.perf_counter`` in the driver): round r runs from
-  ``configure_train(r)`` to the ``evaluate_fn(r)`` call that follows it (so it covers
-  sampling, sending, client work, replies and aggregation); each client measures its own
+* Timing (server side, ``time.perf_counter`` in the driver): round r closes at the
+  ``evaluate_fn(r)`` call that follows its aggregation (``round_close_s``: seconds since
+  ``run_simulation`` was called, the way bench/federation.py times fedpipe's round closes
+  from the config drop); round r runs from ``configure_train(r)`` to that close (sampling,
+  sending, client work, replies and aggregation); each client measures its own
   evaluate+fit seconds (``compute-s``, fedpipe's ``compute_s``). ``total_s`` is the whole
   ``run_simulation`` call: Ray start, actor pool, all rounds, final evaluation, shutdown.
 
@@ -192,6 +194,7 @@ def main() -> None:
         "strategy_s": round(timings["strategy_end"] - timings["strategy_start"], 3) if "strategy_end" in timings else None,
         "shutdown_s": round(t0 + total_s - timings["strategy_end"], 3) if "strategy_end" in timings else None,
         "final": timings.get("final"), "final_eval_s": timings.get("final_eval_s"), "rounds": rounds,
+        "round_close_s": [round(timings["round_end"][rd["round"]] - t0, 4) for rd in rounds],
         "actor_pids": sorted({c["pid"] for rd in rounds for c in rd["clients"]}), "errors": timings["errors"],
     }
     Path(args.out).write_text(json.dumps(result, indent=1))

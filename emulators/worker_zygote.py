@@ -5,7 +5,8 @@ and the Google Cloud clients before it does anything, and the workers of a feder
 start together: eight nodes on a 2-core laptop pay it eight times at once. The zygote
 imports once and forks a worker per request. Nothing it preloads has initialised
 JAX's backend or opened a connection, so each child sets those up itself, exactly as
-a fresh process would, in its own session with its own log.
+a fresh process would, in its own session with its own log. The children share the
+stack's persistent compilation cache (`emulators.launcher.compilation_cache`).
 
 When the project's source changes, the zygote answers the next request with
 "stale" (the launcher then starts a plain process) and re-executes itself to load
@@ -23,8 +24,11 @@ import sys
 import traceback
 from pathlib import Path
 
+import jax
+
 import workers.trainer.__main__ as worker
 from emulators.code_watch import snapshot
+from emulators.launcher import compilation_cache
 
 SOURCES = [Path(worker.__file__).parents[2] / folder for folder in ("shared", "workers")]
 
@@ -56,6 +60,10 @@ def _run_worker(request: dict) -> None:
 
 def serve(socket_path: Path) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped as they exit
+    # JAX read its options from the environment when it was imported, before any request
+    # carried the launcher's; set here (options only, no backend), every child inherits them.
+    for name, value in compilation_cache(socket_path.parent).items():
+        jax.config.update(name, value)
     loaded = snapshot(SOURCES)
     socket_path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -9,8 +9,10 @@ worker trains on its own shards only. A model trained centrally on the pooled da
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from fedpipe.demo import csv_bytes, load_table
 from shared.config import Settings
 from shared.datasets import SPEC_OBJECT, FeatureStats
 from shared.federation import FederationConfig
-from shared.jobs import DatasetRef
+from shared.jobs import DatasetRef, utcnow
 from shared.manifest import dataset_doc_id
 
 
@@ -73,35 +75,65 @@ def start_by_upload(gcs: storage.Client, settings: Settings, config: FederationC
     return f"gs://{settings.hub_bucket}/{blob.name}"
 
 
-def watch_federation(db: firestore.Client, settings: Settings, fid: str, console: Console, timeout_s: float) -> dict:
-    """Print each node's report and each round's close as they happen; return the final document."""
-    seen: set[tuple] = set()
-    started = time.monotonic()
-    deadline = started + timeout_s
+WATCH_POLL_S = 0.5  # how soon a line appears; its time is when Firestore recorded the event, whatever the poll
+
+
+def _since(origin: datetime, ts: datetime) -> str:
+    return f"[dim]{(ts - origin).total_seconds():7.2f}s[/]"
+
+
+def watch_federation(db: firestore.Client, settings: Settings, fid: str, console: Console, timeout_s: float,
+                     origin: datetime | None = None) -> dict:
+    """Print each node's report and each round's close as the hub records them; return the final document.
+
+    A line's time is when Firestore recorded its event (the hub counting an update, a round's
+    close being committed), in seconds since `origin`: the caller's clock (the demo passes its
+    own start, so these lines and its others agree), by default the federation's start. So the
+    times are the federation's, not the poll's. Closed rounds are not read again, so a poll
+    costs the emulator the same in round 20 as in round 1.
+    """
+    deadline = time.monotonic() + timeout_s
+    next_round, printed = 1, set()
     while time.monotonic() < deadline:
-        fed, rounds = fed_views.load(db, settings, fid)
+        fed, rounds = fed_views.load(db, settings, fid, from_round=next_round, late=False)
         if fed is None:
-            time.sleep(0.1)
+            time.sleep(WATCH_POLL_S)
             continue
         if fed["status"] == "rejected":
             return fed
+        origin = origin or fed["created_at"]
         for rd in rounds:
-            for node, update in sorted(rd["updates"].items(), key=lambda kv: kv[1]["at"]):
-                if (rd["round"], node) not in seen:
-                    seen.add((rd["round"], node))
+            for node, update in sorted(rd["updates"].items(), key=lambda kv: kv[1]["counted_at"]):
+                if (rd["round"], node) not in printed:
+                    printed.add((rd["round"], node))
                     m = update["metrics"]
                     train = f", local train loss {m['train_loss']:.4f}" if "train_loss" in m else ""
-                    console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] round {rd['round']:>2} {node}: "
+                    console.print(f"{_since(origin, update['counted_at'])} round {rd['round']:>2} {node}: "
                                   f"global model acc {m['global_accuracy']:.4f} on its {m['test_examples']} held-out{train}")
-            if rd["status"] != "open" and (rd["round"], "closed") not in seen:
-                seen.add((rd["round"], "closed"))
+            if rd["status"] != "open":
                 gm = rd.get("global_metrics") or {}
-                console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] [bold]round {rd['round']} {rd['status']}[/] ({rd['reason']}): "
+                console.print(f"{_since(origin, rd['committed_at'])} [bold]round {rd['round']} {rd['status']}[/] ({rd['reason']}): "
                               f"global model after round {rd['round'] - 1}: accuracy [bold]{gm.get('accuracy', float('nan')):.4f}[/]")
+                next_round = rd["round"] + 1
         if fed["status"] in ("completed", "failed"):
             return fed
-        time.sleep(0.1)
+        time.sleep(WATCH_POLL_S)
     raise TimeoutError(f"federation {fid} did not finish within {timeout_s:.0f}s")
+
+
+def round_clock(rounds: list[dict], dropped: datetime, started: datetime) -> dict:
+    """The federation's times as the demo printed them: each round's close (s since the demo
+    started), each round's time (since the previous close; round 1 since the config drop),
+    the steady round (median over training rounds 2..R) and drop -> last close (completion)."""
+    closes = [rd["committed_at"] for rd in rounds if rd.get("committed_at")]
+    steps = [(b - a).total_seconds() for a, b in zip([dropped, *closes], closes)]
+    training = sum(rd["kind"] == "train" for rd in rounds)
+    return {
+        "round_closed_s": [round((c - started).total_seconds(), 3) for c in closes], "round_s": [round(s, 3) for s in steps],
+        "first_round_s": round(steps[0], 3) if steps else None,
+        "steady_round_s": round(statistics.median(steps[1:training]), 3) if steps[1:training] else None,
+        "federation_s": round((closes[-1] - dropped).total_seconds(), 3) if closes else None,
+    }
 
 
 def centralized_baseline(db: firestore.Client, gcs: storage.Client, settings: Settings, fed: dict) -> dict:
@@ -131,7 +163,12 @@ class FedDemoReport:
     history: list = field(default_factory=list)
     federated_accuracy: float | None = None
     centralized_accuracy: float | None = None
-    round_wall_s: list[float] = field(default_factory=list)
+    config_dropped_s: float | None = None  # the times below are those the demo printed (see round_clock)
+    round_closed_s: list[float] = field(default_factory=list)
+    round_s: list[float] = field(default_factory=list)
+    first_round_s: float | None = None
+    steady_round_s: float | None = None
+    federation_s: float | None = None
     plot: str | None = None
     error: str | None = None
     total_s: float | None = None
@@ -145,29 +182,39 @@ def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Sett
                        rounds: int, local_epochs: int, strategy: str, alpha: float, results_dir: Path, timeout_s: float,
                        model: str = "mlp") -> FedDemoReport:
     fid = f"{source.replace('_', '-')}-{model}-{strategy}"
-    started = time.monotonic()
+    started = utcnow()  # every printed time is on this clock, Firestore's recorded times included
+
+    def say(ts: datetime, message: str) -> None:
+        console.print(f"{_since(started, ts)} {message}")
+
     shares = upload_node_shares(gcs, settings, nodes, source, source, alpha, seed=0)
     for node, share in shares.items():
         console.print(f"uploaded {share['rows']} rows of {source} to gs://{settings.raw_bucket(node)}/{source}/ (labels {share['labels']})")
     wait_datasets(db, settings, nodes, source, timeout_s)
-    console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] every node's data set is preprocessed in its own buckets")
+    say(utcnow(), "every node's data set is preprocessed in its own buckets")
     config = FederationConfig(
         id=fid, nodes=[{"name": n, "dataset": source} for n in nodes], model=model, rounds=rounds, local_epochs=local_epochs,
         strategy=strategy, prox_mu=0.01 if strategy == "fedprox" else 0.0, round_deadline_s=120, lease_seconds=60,
     )
-    console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] federation {fid}: {rounds} rounds x {local_epochs} local epochs, {strategy}; "
-                  f"config dropped at {start_by_upload(gcs, settings, config)}")
-    fed = watch_federation(db, settings, fid, console, timeout_s)
+    dropped = utcnow()
+    say(dropped, f"federation {fid}: {rounds} rounds x {local_epochs} local epochs, {strategy}; "
+                 f"config dropped at {start_by_upload(gcs, settings, config)}")
+    fed = watch_federation(db, settings, fid, console, timeout_s, origin=started)
     report = FedDemoReport(federation=fid, status=fed["status"], nodes=shares, error=fed.get("error"))
     if fed["status"] != "completed":
         return report
     _, round_docs = fed_views.load(db, settings, fid)
-    report.round_wall_s = [round((rd["closed_at"] - rd["opened_at"]).total_seconds(), 3) for rd in round_docs if rd.get("closed_at")]
+    clock = round_clock(round_docs, dropped, started)
+    for key, value in clock.items():
+        setattr(report, key, value)
+    report.config_dropped_s = round((dropped - started).total_seconds(), 3)
+    steady = "" if clock["steady_round_s"] is None else f", then {clock['steady_round_s']:.3f}s each (median of rounds 2..{rounds})"
+    console.print(f"rounds: the first {clock['first_round_s']:.2f}s after the config drop (workers start, compile){steady}; "
+                  f"completed {clock['federation_s']:.2f}s after the drop")
     report.history = fed_views.history(round_docs)
     report.federated_accuracy = fed["final"]["accuracy"]
     report.plot = str(fed_views.plot(fed, round_docs, results_dir / fid / "rounds.png"))
-    console.print(f"[dim]{time.monotonic() - started:7.2f}s[/] training the centralized baseline on the pooled data (yardstick only)")
+    say(utcnow(), "training the centralized baseline on the pooled data (yardstick only)")
     report.centralized_accuracy = centralized_baseline(db, gcs, settings, fed)["accuracy"]
-    report.total_s = round(time.monotonic() - started, 2)
+    report.total_s = round((utcnow() - started).total_seconds(), 2)
     return report
-

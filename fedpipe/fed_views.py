@@ -10,15 +10,26 @@ from rich.table import Table
 from shared.config import Settings
 
 
-def load(db: firestore.Client, settings: Settings, fid: str) -> tuple[dict | None, list[dict]]:
-    """The federation document and its rounds, each with its `updates` (node -> update) and `late` updates."""
+def load(db: firestore.Client, settings: Settings, fid: str, from_round: int = 1, late: bool = True) -> tuple[dict | None, list[dict]]:
+    """The federation document and its rounds from `from_round` on, each with its `updates` (node -> update)
+    and, with `late`, its late updates.
+
+    Firestore's own times ride along: each update's `counted_at` (when the hub counted it) and
+    a closed round's `committed_at` (when its close was committed, which opened the next round).
+    The federation document is read first: once it says completed or failed, the rounds read
+    after it include the closing one, which was committed in the same batch.
+    """
     ref = db.collection(settings.federations_collection).document(fid)
     fed = ref.get().to_dict()
     rounds = []
-    for snap in ref.collection("rounds").order_by("round").stream() if fed else []:
+    query = ref.collection("rounds").where(filter=firestore.FieldFilter("round", ">=", from_round)).order_by("round")
+    for snap in query.stream() if fed else []:
         rd = snap.to_dict()
-        rd["updates"] = {u.id: u.to_dict() for u in snap.reference.collection("updates").stream()}
-        rd["late"] = [u.to_dict() for u in snap.reference.collection("late").stream()]
+        if rd["status"] != "open":
+            rd["committed_at"] = snap.update_time  # nothing writes a round document after its close
+        rd["updates"] = {u.id: u.to_dict() | {"counted_at": u.create_time} for u in snap.reference.collection("updates").stream()}
+        if late:
+            rd["late"] = [u.to_dict() for u in snap.reference.collection("late").stream()]
         rounds.append(rd)
     return fed, rounds
 

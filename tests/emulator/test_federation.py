@@ -57,17 +57,17 @@ def signed_metadata(cloud, node: str, fid: str, r: int, attempt: int, examples: 
     return {"examples": str(examples), "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
 
 
-def open_evaluate_round(clients, config: FederationConfig, now):
-    """Services, plus a running federation whose round 2 (evaluate-only) is open, written directly:
-    the hub's handlers are then called in this process, with no workers. The deadline is
-    an hour away, so the stack's own deadline sweep stays out of it."""
+def open_round(clients, config: FederationConfig, now, r: int = 2, kind: str = "evaluate"):
+    """Services, plus a running federation whose round `r` is open, written directly: the hub's
+    handlers are then called in this process, with no workers. The deadline is an hour away,
+    so the stack's own deadline sweep stays out of it."""
     from shared import hub
     from shared.ingest import Services
 
     svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
-    hub.fed_ref(svc, config.id).set({"config": config.model_dump(mode="json"), "status": "running", "round": 2, "n_features": 64,
-                                     "num_classes": 10, "created_at": now, "updated_at": now})
-    hub.round_ref(svc, config.id, 2).set({"round": 2, "kind": "evaluate", "status": "open", "expected": ["eu", "us"], "opened_at": now,
+    hub.fed_ref(svc, config.id).set({"config": config.model_dump(mode="json"), "status": "running", "round": r, "n_features": 64,
+                                     "num_classes": 10, "global_model_uri": None, "created_at": now, "updated_at": now})
+    hub.round_ref(svc, config.id, r).set({"round": r, "kind": kind, "status": "open", "expected": ["eu", "us"], "opened_at": now,
                                           "deadline_at": now + timedelta(hours=1)})
     return svc
 
@@ -107,6 +107,8 @@ def test_two_nodes_three_rounds_with_warm_workers(cloud, clients, shares):
         assert job.status == "completed" and job.attempt == 1
         assert job.results["accuracy"] == fed["final"]["accuracy"]
         assert len(list((Path(cloud.endpoints.state_dir) / "logs" / "jobs").glob(f"{job.id}.*.log"))) == 1
+    # Their compiles are kept for the stack's next workers (emulators.launcher.compilation_cache).
+    assert list((Path(cloud.endpoints.state_dir) / "cache" / "jax").glob("jit__train_epoch_impl-*"))
     # Only weights and metrics reached the hub: no rows of anyone's data.
     assert not [b.name for b in hub.list_blobs() if "fed-e2e" in b.name and b.name.endswith((".csv", ".parquet"))]
     assert {b.name.split("/")[1] for b in hub.list_blobs(prefix="updates/") if "/fed-e2e/" in b.name} == {"us", "eu"}
@@ -255,7 +257,7 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     from shared.ingest import RawObject
 
     fid, now = f"fed-race-{closed_when.split()[0]}", utcnow()
-    svc = open_evaluate_round(clients, federation(fid, rounds=1, min_nodes=1), now)
+    svc = open_round(clients, federation(fid, rounds=1, min_nodes=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
     updates, late, marker = hub._round_parts(svc, fid, 2)
     updates.document("us").set({"node": "us", "object": "gs://x/us", "examples": 10, "metrics": metrics, "at": now})
@@ -300,7 +302,7 @@ def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, cli
     from shared.ingest import RawObject
 
     fid, now = f"fed-sig-{forgery.split()[0].replace(chr(39), '')}", utcnow()
-    svc = open_evaluate_round(clients, federation(fid, rounds=1), now)
+    svc = open_round(clients, federation(fid, rounds=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
     payload = json.dumps(metrics).encode()
     meta = {
@@ -349,7 +351,7 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
     from shared.ingest import RawObject
 
     fid, now = "fed-replaced", utcnow()
-    svc = open_evaluate_round(clients, federation(fid, rounds=1), now)
+    svc = open_round(clients, federation(fid, rounds=1), now)
     bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
     blob = clients.gcs.bucket(bucket).blob(name)
 
@@ -369,3 +371,93 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
     counted = updates.document("eu").get().to_dict()
     assert counted["generation"] == first.generation and counted["metrics"]["global_accuracy"] == 0.5
     assert [(s.get("generation"), s.get("refused")) for s in late.stream()] == [(second.generation, "replaces an update already counted")]
+
+
+def test_aggregation_reuses_the_updates_this_hub_counted_instead_of_downloading_them_again(cloud, clients, monkeypatch):
+    """An update is read once, when it is counted: the close averages the bytes this hub instance
+    verified, and downloads only updates another instance counted."""
+    from shared import gcs_uri, hub
+    from shared.ingest import RawObject
+    from shared.model_spec import param_spec
+
+    fid, now = "fed-held", utcnow()
+    svc = open_round(clients, federation(fid, rounds=1), now, r=1, kind="train")
+    bucket = clients.gcs.bucket(clients.settings.processed_bucket("eu"))  # no trigger there: only these calls handle them
+    metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10, "train_loss": 1.0, "train_accuracy": 0.5}
+    updates = {}
+    for node, value, examples in (("us", 1.0, 10), ("eu", 2.0, 20)):
+        payload = weights.to_bytes({k: np.full(shape, value, np.float32) for k, (shape, _) in param_spec("mlp", 64, 10, (64,)).items()})
+        blob = bucket.blob(f"updates/{node}/{fid}/round-0001-a1.safetensors")
+        blob.upload_from_string(payload)
+        updates[node] = RawObject(bucket.name, blob.name, blob.generation, blob.size, signed_metadata(cloud, node, fid, 1, 1, examples, metrics, payload))
+    # Only us is counted here, so the round stays open (the stack's own deadline sweep could otherwise close it first).
+    assert hub.record_update(svc, updates["us"], fid, 1, "us", 1, now) == "recorded; round 1: 1 of 2 reported"
+    counted_elsewhere = {"object": f"gs://{bucket.name}/{updates['eu'].name}", "generation": updates["eu"].generation, "examples": 20}
+    downloads = []
+    real_read = gcs_uri.read
+    monkeypatch.setattr(gcs_uri, "read", lambda gcs, uri, generation=None: downloads.append(uri) or real_read(gcs, uri, generation))
+
+    participants = {"us": hub._round_parts(svc, fid, 1)[0].document("us").get().to_dict(), "eu": counted_elsewhere}
+    uri = hub.aggregate(svc, hub.fed_ref(svc, fid).get().to_dict(), 1, participants, recover=False)
+
+    assert downloads == [counted_elsewhere["object"]]
+    global_1, _ = weights.from_bytes(read(clients, uri))
+    for value in global_1.values():
+        np.testing.assert_allclose(value, (1.0 * 10 + 2.0 * 20) / 30, rtol=1e-6)
+
+
+def test_a_close_whose_closer_died_is_finished_from_its_marker_once_stale(cloud, clients):
+    """The delivery that creates a round's close marker finishes the close. Should it die first,
+    the deadline sweep finishes it with the marker's participants once the marker is stale."""
+    from shared import hub
+
+    fid, now = "fed-dead-closer", utcnow()
+    svc = open_round(clients, federation(fid, rounds=1), now)
+    updates, _, marker = hub._round_parts(svc, fid, 2)
+    for node, accuracy in (("eu", 0.6), ("us", 0.8)):
+        metrics = {"global_accuracy": accuracy, "global_loss": 1.0, "test_examples": 10}
+        updates.document(node).set({"node": node, "object": f"gs://x/{node}", "examples": 10, "metrics": metrics, "at": now})
+    marker.create({"status": "closed", "reason": "all 2 nodes reported", "participants": ["eu", "us"], "at": now})  # ...and died here
+
+    assert hub.advance(svc, fid, 2, now + timedelta(seconds=1), recover=True) == "round 2 is being closed by another delivery"
+    assert hub.advance(svc, fid, 2, now + timedelta(seconds=hub.STALE_CLOSE_S), recover=True) == "federation completed (all 2 nodes reported)"
+
+    fed = hub.fed_ref(svc, fid).get().to_dict()
+    assert fed["status"] == "completed" and fed["final"]["accuracy"] == pytest.approx(0.7)
+    assert hub.round_ref(svc, fid, 2).get().get("participants") == ["eu", "us"]
+
+
+def test_a_request_that_is_gone_is_acknowledged_with_its_reason(cloud, clients):
+    """No retry can read a deleted request, so the hub says why and acknowledges the event
+    instead of failing it until it is dead-lettered."""
+    from shared import hub
+    from shared.ingest import RawObject, Services
+
+    fid = "fed-gone"
+    blob = clients.gcs.bucket(clients.settings.processed_bucket("eu")).blob(f"requests/{fid}.json")  # no trigger there
+    blob.upload_from_string(federation(fid).model_dump_json())
+    obj = RawObject(blob.bucket.name, blob.name, blob.generation, blob.size, {})
+    blob.delete()
+    svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
+
+    assert hub.handle_hub_object(svc, obj, utcnow()) == "ignored: the request is gone"
+    assert not hub.fed_ref(svc, fid).get().exists
+
+
+def test_watch_prints_when_firestore_recorded_each_event_on_the_callers_clock(cloud, clients, shares):
+    """Every line's time is the event's recorded time (an update counted, a round's close
+    committed) since the caller's origin, as the demo's other lines are: not when a poll saw it."""
+    origin = utcnow()
+    start_by_upload(clients.gcs, clients.settings, federation("fed-clock", rounds=1))
+    out = io.StringIO()
+    watch_federation(clients.db, clients.settings, "fed-clock", Console(file=out, width=300), 120, origin=origin)
+
+    _, rounds = fed_views.load(clients.db, clients.settings, "fed-clock")
+    recorded = {f"round {rd['round']} closed": rd["committed_at"] for rd in rounds}
+    recorded |= {f"round {rd['round']:>2} {node}": u["counted_at"] for rd in rounds for node, u in rd["updates"].items()}
+    shown = {}
+    for line in out.getvalue().splitlines():
+        seconds, event = line.strip().split("s ", 1)
+        shown[event.split(":")[0].split(" (")[0]] = seconds
+    assert shown == {event: f"{(at - origin).total_seconds():.2f}" for event, at in recorded.items()}
+    assert len(shown) == 6  # two rounds, each with two nodes' reports and its close

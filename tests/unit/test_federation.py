@@ -562,3 +562,48 @@ class TestDirichletSplit:
         for alpha in (0.1, 1.0, 100.0):
             (only,) = dirichlet_split(labels, 1, alpha, seed=5)
             np.testing.assert_array_equal(only, np.arange(len(labels)))
+
+
+# --- the hub's verified updates, held for aggregation ------------------------------
+
+
+class TestVerifiedUpdates:
+    def test_an_update_is_returned_once_by_object_and_generation(self):
+        from shared.hub import VerifiedUpdates
+
+        held = VerifiedUpdates(max_bytes=100)
+        held.put("gs://hub/updates/us/f/round-0001-a1.safetensors", 7, b"weights")
+        assert held.pop("gs://hub/updates/us/f/round-0001-a1.safetensors", 8) is None  # another generation: download that one
+        assert held.pop("gs://hub/updates/us/f/round-0001-a1.safetensors", 7) == b"weights"
+        assert held.pop("gs://hub/updates/us/f/round-0001-a1.safetensors", 7) is None
+
+    def test_bounded_oldest_out_first(self):
+        from shared.hub import VerifiedUpdates
+
+        held = VerifiedUpdates(max_bytes=10)
+        for i in range(4):
+            held.put(f"gs://u/{i}", 1, b"abcd")
+        assert [held.pop(f"gs://u/{i}", 1) for i in range(4)] == [None, None, b"abcd", b"abcd"]
+        held.put("gs://u/big", 1, b"x" * 11)  # bigger than the bound: never held
+        assert held.pop("gs://u/big", 1) is None
+        held.put("gs://u/a", 1, b"x" * 10)  # room again once popped
+        assert held.pop("gs://u/a", 1) == b"x" * 10
+
+
+# --- the demo's round clock -----------------------------------------------------------
+
+
+def test_round_clock_times_rounds_by_their_recorded_closes():
+    from fedpipe.fed_demo import round_clock
+
+    started, dropped = T0, T0 + timedelta(seconds=2)
+    closes = [4.5, 4.7, 4.95, 5.1]  # s after the start: rounds 1-3 train, round 4 evaluates
+    rounds = [{"round": r, "kind": "train" if r <= 3 else "evaluate", "committed_at": T0 + timedelta(seconds=c)} for r, c in enumerate(closes, 1)]
+
+    clock = round_clock(rounds, dropped, started)
+
+    assert clock["round_closed_s"] == [4.5, 4.7, 4.95, 5.1]
+    assert clock["round_s"] == [2.5, 0.2, 0.25, 0.15]
+    assert clock["first_round_s"] == 2.5  # config drop -> round 1 closed
+    assert clock["steady_round_s"] == 0.225  # median of training rounds 2..3; the evaluate-only round is not one
+    assert clock["federation_s"] == 3.1  # config drop -> the last close, which completes the federation
