@@ -53,6 +53,9 @@ def spawn_from_zygote(socket_path: Path, env: dict[str, str], log_path: Path, ti
     return reply["pid"]
 
 
+KEPT_CACHE = "cache"  # the one folder of the state dir a new start keeps (emulators.stack)
+
+
 def compilation_cache(state_dir: Path) -> dict[str, str | float]:
     """JAX options for a persistent compilation cache that every local worker of the stack shares.
 
@@ -62,7 +65,7 @@ def compilation_cache(state_dir: Path) -> dict[str, str | float]:
     federation over the same data sets) loads them from here instead. Every compile is kept:
     the small ones are the common case locally.
     """
-    return {"jax_compilation_cache_dir": str(state_dir / "cache" / "jax"), "jax_persistent_cache_min_compile_time_secs": 0.0}
+    return {"jax_compilation_cache_dir": str(state_dir / KEPT_CACHE / "jax"), "jax_persistent_cache_min_compile_time_secs": 0.0}
 
 
 def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:

@@ -24,7 +24,7 @@ import functions
 from emulators import provision
 from emulators.code_watch import CodeWatcher
 from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
-from emulators.launcher import zygote_socket
+from emulators.launcher import KEPT_CACHE, zygote_socket
 from emulators.processes import (
     ManagedProcess,
     StartupError,
@@ -123,9 +123,7 @@ class LocalCloud:
     def start(self) -> Endpoints:
         opts, settings = self.options, self.options.settings
         state_dir = Path(opts.state_dir).resolve()
-        # The local cloud is ephemeral: emulators keep nothing, so neither do the logs of a previous run.
-        shutil.rmtree(state_dir, ignore_errors=True)
-        state_dir.mkdir(parents=True)
+        clear_state_dir(state_dir)
         pubsub_bin, firestore_bin = emulator_paths()
         ep = Endpoints(
             project=settings.project,
@@ -267,6 +265,23 @@ class LocalCloud:
         self.processes.clear()
         if self.endpoints:
             self.endpoints.path.unlink(missing_ok=True)
+
+
+def clear_state_dir(state_dir: Path) -> None:
+    """Empty the state dir for a new start, all but JAX's compilation cache.
+
+    The local cloud is ephemeral: emulators keep nothing, so neither do the logs of a
+    previous run. The cache is keyed by what was compiled, so it cannot be stale, and it
+    spares the next run's workers their first-round compiles.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for entry in state_dir.iterdir():
+        if entry.name == KEPT_CACHE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def stop_workers(state_dir: Path) -> None:
