@@ -25,4 +25,4 @@ def on_raw_upload(cloud_event: CloudEvent) -> None:
     obj = storage_object(cloud_event.data)
     services = clients.services()
     outcome = handle_raw_object(services, obj, cloud_event["id"], utcnow())
-    log.info("gs://%s/%r#%d: %s", obj.bucket, obj.name, obj.generation, outcome)  # %r: a name may hold a newline
+    log.info("%r#%d: %s", f"gs://{obj.bucket}/{obj.name}", obj.generation, outcome)  # %r: a name may hold a newline
