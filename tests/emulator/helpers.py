@@ -50,6 +50,15 @@ def deliveries(clients, predicate=lambda r: True) -> list[dict]:
     return [r for r in (d.to_dict() for d in clients.db.collection(DELIVERIES_COLLECTION).stream()) if predicate(r)]
 
 
+def delivered(clients, predicate, count: int, timeout_s: float = 30) -> list[dict]:
+    """The delivery records matching `predicate`, once there are `count` of them.
+
+    The router commits its records in batches just after the function answers, so a
+    record can land a moment after the function's effect is visible.
+    """
+    return wait_for(lambda: len(found := deliveries(clients, predicate)) >= count and found, timeout_s, f"{count} delivery record(s)")
+
+
 def event_mentions(record: dict, text: str) -> bool:
     """Whether a delivery's subject or (decoded) body mentions `text`."""
     import base64

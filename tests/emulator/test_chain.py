@@ -14,6 +14,7 @@ from tests.conftest import wait_for
 from tests.emulator.helpers import (
     after,
     dataset_doc,
+    delivered,
     deliveries,
     event_mentions,
     job_of_dataset,
@@ -50,7 +51,7 @@ def test_upload_to_trained_model(cloud, clients):
     )
     assert meta["job"] == job.id
     # Each raw upload was delivered once, as a production-shaped CloudEvent.
-    uploads = deliveries(clients, lambda r: r["trigger"] == "raw-upload-us" and r["subject"].startswith("objects/e2e/"))
+    uploads = delivered(clients, lambda r: r["trigger"] == "raw-upload-us" and r["subject"].startswith("objects/e2e/"), 3)
     assert sorted(r["subject"] for r in uploads) == ["objects/e2e/_dataset.json", "objects/e2e/part-0.csv", "objects/e2e/part-1.csv"]
     assert {r["type"] for r in uploads} == {"google.cloud.storage.object.v1.finalized"}
     assert {r["source"] for r in uploads} == {f"//storage.googleapis.com/projects/_/buckets/{clients.settings.raw_bucket('us')}"}

@@ -14,7 +14,7 @@ import pytest
 
 from shared.datasets import SPEC_OBJECT
 from tests.conftest import wait_for
-from tests.emulator.helpers import deliveries, job_of_dataset, upload_digits, wait_job
+from tests.emulator.helpers import delivered, deliveries, job_of_dataset, upload_digits, wait_job
 
 pytestmark = pytest.mark.emulator
 FEDPIPE = str(Path(sys.executable).parent / "fedpipe")
@@ -112,7 +112,7 @@ def test_quarantine_and_events_commands(cloud, clients):
     tail = fedpipe("events", "tail", "--limit", "200")
     assert tail.returncode == 0 and "objects/cli-events/_dataset.json" in tail.stdout
 
-    [record] = deliveries(clients, lambda r: r["subject"] == f"objects/cli-events/{SPEC_OBJECT}")
+    [record] = delivered(clients, lambda r: r["subject"] == f"objects/cli-events/{SPEC_OBJECT}", 1)
     replay = fedpipe("events", "replay", record["event_id"])
     assert replay.returncode == 0, replay.stderr
     assert f"replaying {record['event_id']} to on_raw_upload" in replay.stdout

@@ -15,7 +15,7 @@ from shared.datasets import SPEC_OBJECT
 from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
 from tests.conftest import wait_for
-from tests.emulator.helpers import dataset_doc, deliveries, job_of_dataset, upload_digits, wait_job
+from tests.emulator.helpers import dataset_doc, delivered, deliveries, job_of_dataset, upload_digits, wait_job
 
 pytestmark = pytest.mark.emulator
 
@@ -42,7 +42,7 @@ def test_malformed_file_is_quarantined_once_and_the_data_set_recovers(cloud, cli
     copy_bucket, copy_name = record["kept_at"].removeprefix("gs://").split("/", 1)
     assert copy_bucket == clients.settings.quarantine_bucket("us")
     assert clients.gcs.bucket(copy_bucket).blob(copy_name).download_as_bytes() == bad  # kept, byte for byte
-    [delivery] = deliveries(clients, lambda r: r["subject"] == "objects/quar/bad.csv")
+    [delivery] = delivered(clients, lambda r: r["subject"] == "objects/quar/bad.csv", 1)
     assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)  # acknowledged, never retried
     assert dataset_doc(clients, "us", "quar")["status"] == "collecting"
 

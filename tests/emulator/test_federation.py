@@ -24,7 +24,7 @@ from shared.federation import FederationConfig, global_model_object
 from shared.jobs import utcnow
 from shared.signing import LocalKeySigner, signature_metadata, update_claims
 from tests.conftest import wait_for
-from tests.emulator.helpers import deliveries, wait_job
+from tests.emulator.helpers import delivered, deliveries, wait_job
 
 pytestmark = pytest.mark.emulator
 QUIET = Console(file=io.StringIO())
@@ -122,7 +122,7 @@ def test_duplicate_and_late_updates_change_nothing(cloud, clients, shares):
 
     # Every update event of round 1 delivered again, with the same CloudEvent ids.
     replayed_at = utcnow()
-    round_1 = deliveries(clients, lambda r: "/fed-dups/round-0001-" in r["subject"])
+    round_1 = delivered(clients, lambda r: "/fed-dups/round-0001-" in r["subject"], 2)
     assert len(round_1) == 2
     topic = clients.publisher.topic_path(clients.settings.project, REPLAY_TOPIC)
     for record in round_1:

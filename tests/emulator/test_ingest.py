@@ -14,7 +14,7 @@ from shared.datasets import MAX_OBJECT_NAME_BYTES, SPEC_OBJECT, FeatureStats, fi
 from shared.manifest import ShardReady, processed_prefix
 from shared.quarantine import QuarantineStore
 from tests.conftest import wait_for
-from tests.emulator.helpers import dataset_doc, deliveries
+from tests.emulator.helpers import dataset_doc, delivered, deliveries
 
 pytestmark = pytest.mark.emulator
 
@@ -59,7 +59,7 @@ def test_files_named_as_users_name_them_complete_their_data_set(cloud, clients):
         record = clients.db.collection("datasets").document("us~names").collection("files").document(file_key(name)).get()
         assert (record.get("name"), record.get("status")) == (name, "processed")
     # Each upload was delivered once and never retried: no hot redelivery loop on any name.
-    uploads = deliveries(clients, lambda r: r["trigger"] == "raw-upload-us" and "names/" in r["subject"])
+    uploads = delivered(clients, lambda r: r["trigger"] == "raw-upload-us" and "names/" in r["subject"], len(names) + 1)
     assert len(uploads) == len(names) + 1
     assert {(r["status"], r["attempts"]) for r in uploads} == {("delivered", 1)}
 
@@ -82,7 +82,7 @@ def test_concurrent_duplicate_events_process_a_file_once(cloud, clients):
              60, "every duplicate delivered")
     wait_for(lambda: dataset_doc(clients, "us", "storm")["files"]["b.csv"]["generation"] == blob.generation, 60, "the new upload recorded")
 
-    published = shard_ready_deliveries(clients, "storm")
+    published = wait_for(lambda: len(found := shard_ready_deliveries(clients, "storm")) >= 3 and found, 30, "three shard-ready records")
     assert len(published) == 2 + 1  # one per upload: a.csv, b.csv, and b.csv's new generation; none from the storm
     versions = list(clients.db.collection("datasets").document("us~storm").collection("versions").stream())
     assert len(versions) == 2
