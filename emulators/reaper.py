@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from google.cloud import firestore, pubsub_v1, storage
+from pydantic import ValidationError
 
 from emulators.launcher import worker_pid_file
 from emulators.processes import kill_group
@@ -35,5 +36,7 @@ def run_reaper(settings: Settings, interval_s: float, state_dir: Path, stop: thr
                 pid_file = worker_pid_file(state_dir, job.id, lost_attempt)
                 if pid_file.exists():
                     kill_group(int(pid_file.read_text()), grace_s=2)
+        except ValidationError as exc:  # its message quotes a document's fields: name the kind only
+            log.error("reaper pass failed on an invalid document (%d problems); trying again in %.1fs", exc.error_count(), interval_s)
         except Exception:
             log.exception("reaper pass failed; trying again in %.1fs", interval_s)

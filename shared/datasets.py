@@ -28,6 +28,8 @@ SPEC_OBJECT = "_dataset.json"
 MAX_SPEC_BYTES = 1024 * 1024  # a declaration is a few KiB; a bigger one is refused before it is read
 MAX_OBJECT_NAME_BYTES = 1024  # Cloud Storage's limit on an object name, in UTF-8 bytes
 MAX_EXPECTED_FILES = 10_000
+MIN_SHARD_ROWS = 64  # rows per processed shard object: not one object per row...
+MAX_SHARD_ROWS = 1_048_576  # ...nor one unbounded object per file
 DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _NAME = re.compile(DATASET_NAME)
 
@@ -90,7 +92,7 @@ class DatasetSpec(BaseModel, frozen=True):
     label: str
     num_classes: int = Field(ge=2, le=10_000)
     expected_files: list[Annotated[str, AfterValidator(_valid_file_name)]] = Field(min_length=1, max_length=MAX_EXPECTED_FILES)
-    shard_rows: int = Field(default=4096, ge=1)
+    shard_rows: int = Field(default=4096, ge=MIN_SHARD_ROWS, le=MAX_SHARD_ROWS)  # 1 would make one object per row
     train: TrainSpec = TrainSpec()
     train_on_complete: bool = Field(default=True, description="queue a training job when complete; false for data kept for federations")
 

@@ -5,16 +5,44 @@ Callers pass `now`, so leases and heartbeats are tested without touching the clo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore
+from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.jobs import Job, JobStatus, is_lease_expired, retry_or_fail, transition
 
 ACTIVE = [JobStatus.SCHEDULED.value, JobStatus.RUNNING.value]
+
+log = logging.getLogger("fedpipe.jobstore")
+
+
+def _bad_document(job_id: str, exc: Exception) -> None:
+    """Log a job document that is not a valid job by its id and the kind of problem only:
+    pydantic's messages quote the document's fields, and a document may hold anything."""
+    problems = exc.error_count() if isinstance(exc, ValidationError) else 1
+    log.error("job document %r is not a valid job (%s, %d problems); skipped", job_id[:200], type(exc).__name__, problems)
+
+
+def expired_jobs(docs: Iterable[tuple[str, dict | None]], now: datetime) -> list[Job]:
+    """The jobs among (document id, fields) pairs whose lease expired at `now`.
+
+    A document that does not parse as a job is logged by id and skipped: one bad
+    document must not stop the clock for every other job.
+    """
+    expired = []
+    for job_id, doc in docs:
+        try:
+            job = Job.from_doc(job_id, doc or {})
+            if is_lease_expired(job, now):
+                expired.append(job)
+        except (TypeError, ValueError) as exc:  # ValidationError is a ValueError; naive datetimes raise TypeError
+            _bad_document(job_id, exc)
+    return expired
 
 
 class JobStore:
@@ -120,15 +148,16 @@ class JobStore:
         """
         reaped = []
         active = self.collection.where(filter=firestore.FieldFilter("status", "in", ACTIVE)).stream()
-        for snap in active:
-            job = Job.from_doc(snap.id, snap.to_dict())
-            if not is_lease_expired(job, now):
-                continue
+        for job in expired_jobs(((snap.id, snap.to_dict()) for snap in active), now):
             reason = f"no heartbeat for {job.spec.lease_seconds:g}s while {job.status}"
-            written = self.update(
-                job.id,
-                lambda j, a=job.attempt, r=reason: retry_or_fail(j, now, r) if j.attempt == a and is_lease_expired(j, now) else None,
-            )
+            try:
+                written = self.update(
+                    job.id,
+                    lambda j, a=job.attempt, r=reason: retry_or_fail(j, now, r) if j.attempt == a and is_lease_expired(j, now) else None,
+                )
+            except ValidationError as exc:  # the document changed into a bad one since it was listed
+                _bad_document(job.id, exc)
+                continue
             if written is not None:
                 reaped.append((written, job.attempt))
         return reaped

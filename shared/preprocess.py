@@ -6,10 +6,19 @@ can be tested without a cloud. Imports only pyarrow and numpy: it runs on cold s
 Every bad input becomes `RejectedFile` (quarantined, never retried), so a parser
 exception can never turn into an endless retry loop. Row numbers in messages count
 data rows from 1 (the CSV header is not a row).
+
+A refusal's detail goes to the hub's quarantine records and to logs, so it never holds
+a cell's value: only column names, row numbers and the kind of problem. pyarrow's own
+messages echo cells and whole rows, so they are never passed on.
+
+Sizes are bounded before anything is decoded: a Parquet file's footer must promise at
+most `max_bytes` of uncompressed data, `MAX_ROWS` rows and `max_bytes // 2` cells (no
+more than a CSV within the limit could hold), and the columns read must be numeric.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +30,8 @@ import pyarrow.parquet as pq
 from shared.datasets import DatasetSpec, FeatureStats
 
 _CSV_NULLS = [""]  # only empty cells are missing; "NA"/"NaN" text is judged as a value
+MAX_ROWS = 10_000_000  # rows of one file, CSV or Parquet
+_RAGGED = re.compile(r"CSV parse error: (?:Row #(\d{1,12}): )?Expected (\d{1,12}) columns, got (\d{1,12}):")
 
 
 class RejectedFile(Exception):
@@ -52,11 +63,13 @@ def preprocess_file(data: bytes, file_name: str, spec: DatasetSpec, max_bytes: i
     elif name.endswith(".csv.gz"):
         table = _read_csv(_gunzip(data, max_bytes), spec)
     elif name.endswith((".parquet", ".pq")):
-        table = _read_parquet(data, spec)
+        table = _read_parquet(data, spec, max_bytes)
     else:
         raise RejectedFile("unsupported_format", f"{file_name}: use .csv, .csv.gz, .parquet or .pq")
     if table.num_rows == 0:
         raise RejectedFile("no_rows", f"{file_name} has no data rows")
+    if table.num_rows > MAX_ROWS:
+        raise RejectedFile("too_large", f"{table.num_rows} rows exceeds the limit of {MAX_ROWS}")
     for column_name in [*spec.features, spec.label]:
         _check_no_nulls(table.column(column_name), column_name)
     columns = [_feature_values(table.column(f), f) for f in spec.features]
@@ -101,7 +114,7 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
         raw = pa.input_stream(pa.BufferReader(data), compression="gzip").read(max_bytes + 1)
     except Exception as exc:  # noqa: BLE001 - any codec failure means a bad upload
         _reraise_memory(exc)
-        raise RejectedFile("unparseable", f"gzip: {exc}") from None
+        raise RejectedFile("unparseable", f"gzip: not a readable gzip stream ({_kind(exc)})") from None
     if len(raw) > max_bytes:
         raise RejectedFile("too_large", f"decompressed size exceeds the limit of {max_bytes} bytes")
     if not raw:
@@ -124,19 +137,21 @@ def _read_csv(data: bytes, spec: DatasetSpec) -> pa.Table:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, KeyError, UnicodeError...
         _reraise_memory(exc)
         _diagnose_csv(data, used)
-        raise RejectedFile("unparseable", f"csv: {exc}") from None
+        raise RejectedFile("unparseable", f"csv: the file could not be parsed ({_kind(exc)})") from None
 
 
 def _diagnose_csv(data: bytes, used: list[str]) -> None:
     """Slow path for a failed CSV: re-read used columns as text to name what is wrong.
 
-    Checks in the same order as the fast path (columns, then nulls, then numbers) so a
-    file gets the same reason whichever path saw it. Returns if nothing specific is
-    found; the caller then reports pyarrow's own message.
+    Checks in the same order as the fast path (rows, columns, then nulls, then numbers)
+    so a file gets the same reason whichever path saw it. Returns if nothing specific is
+    found; the caller then reports the kind of pyarrow's error (never its message,
+    which quotes the row).
     """
     try:
         table = pcsv.read_csv(
             pa.BufferReader(data),
+            read_options=pcsv.ReadOptions(use_threads=False),  # so a parse error names its row
             convert_options=pcsv.ConvertOptions(
                 column_types={c: pa.string() for c in used}, null_values=_CSV_NULLS, strings_can_be_null=True
             ),
@@ -145,15 +160,18 @@ def _diagnose_csv(data: bytes, used: list[str]) -> None:
         columns = {n: table.column(names.index(n)) for n in used if n in names}  # first wins, as in read_csv
     except Exception as exc:  # noqa: BLE001
         _reraise_memory(exc)
-        raise RejectedFile("unparseable", f"csv: {exc}") from None
+        # Only the numbers before the row's text: "CSV parse error: Row #3: Expected 4 columns, got 2: <row>"
+        if isinstance(exc, pa.ArrowInvalid) and (m := _RAGGED.match(str(exc))):
+            where = f"row {int(m[1]) - 1}" if m[1] else "a row"  # pyarrow counts the header as row 1
+            raise RejectedFile("unparseable", f"csv: {where} has {m[3]} cells; the header has {m[2]}") from None
+        raise RejectedFile("unparseable", f"csv: the file could not be parsed ({_kind(exc)})") from None
     _check_columns(names, used)
     for name in used:
         _check_no_nulls(columns[name], name)
     for name in used:
         column = columns[name]
         if pa.types.is_string(column.type) and (row := _first_unparsable(column)) is not None:
-            value = column[row - 1].as_py()
-            raise RejectedFile("non_numeric", f"column {name!r} row {row}: {value[:40]!r} is not a number")
+            raise RejectedFile("non_numeric", f"column {name!r} row {row}: not a number")
 
 
 def _first_unparsable(column: pa.ChunkedArray) -> int | None:
@@ -176,19 +194,42 @@ def _first_unparsable(column: pa.ChunkedArray) -> int | None:
     return hi
 
 
-def _read_parquet(data: bytes, spec: DatasetSpec) -> pa.Table:
+def _read_parquet(data: bytes, spec: DatasetSpec, max_bytes: int) -> pa.Table:
     used = [*spec.features, spec.label]
     try:
         file = pq.ParquetFile(pa.BufferReader(data))
-        _check_columns(file.schema_arrow.names, used)
-        if len(set(file.schema_arrow.names)) != len(file.schema_arrow.names):
+        schema = file.schema_arrow
+        _check_columns(schema.names, used)
+        if len(set(schema.names)) != len(schema.names):
             raise RejectedFile("unparseable", "parquet: duplicate column names")
+        for name in used:  # before decoding: a text column's cells can be any size
+            _check_numeric_type(schema.field(name).type, name)
+        _check_parquet_size(file.metadata, len(used), max_bytes)
         return file.read(columns=used)
     except RejectedFile:
         raise
     except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError (thrift), NotImplemented...
         _reraise_memory(exc)
-        raise RejectedFile("unparseable", f"parquet: {exc}") from None
+        raise RejectedFile("unparseable", f"parquet: the file could not be read ({_kind(exc)})") from None
+
+
+def _check_parquet_size(meta: pq.FileMetaData, columns: int, max_bytes: int) -> None:
+    """What the footer promises, bounded before any page is decoded (a small file can inflate to gigabytes)."""
+    rows = meta.num_rows
+    if rows < 0:
+        raise RejectedFile("unparseable", "parquet: the footer claims a negative row count")
+    if rows > MAX_ROWS:
+        raise RejectedFile("too_large", f"parquet: {rows} rows exceeds the limit of {MAX_ROWS}")
+    if rows * columns > max_bytes // 2:
+        raise RejectedFile("too_large", f"parquet: {rows} rows x {columns} columns exceeds the limit of {max_bytes // 2} cells")
+    if sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) != rows:
+        raise RejectedFile("unparseable", "parquet: the row groups' row counts do not add up to the file's")
+    inflated = 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        inflated += max(group.total_byte_size, sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)))
+        if inflated > max_bytes:
+            raise RejectedFile("too_large", f"parquet: uncompressed size exceeds the limit of {max_bytes} bytes")
 
 
 def _check_columns(present: list[str], used: list[str]) -> None:
@@ -203,15 +244,19 @@ def _check_no_nulls(column: pa.ChunkedArray, name: str) -> None:
         raise RejectedFile("null_values", f"column {name!r} has {column.null_count} empty cells, first at row {row}")
 
 
+def _check_numeric_type(t: pa.DataType, name: str) -> None:
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+        shown = t if pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_binary(t) else "a nested type"
+        raise RejectedFile("non_numeric", f"column {name!r} has type {shown}, not a number")
+
+
 def _numeric(column: pa.ChunkedArray, name: str) -> np.ndarray:
     """One conversion to a float64 numpy array; only integer/float/decimal columns qualify."""
-    t = column.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
-        raise RejectedFile("non_numeric", f"column {name!r} has type {t}, not a number")
+    _check_numeric_type(column.type, name)
     try:
         return column.cast(pa.float64()).to_numpy()
     except pa.ArrowException as exc:
-        raise RejectedFile("non_numeric", f"column {name!r}: {exc}") from None
+        raise RejectedFile("non_numeric", f"column {name!r}: not convertible to a number ({_kind(exc)})") from None
 
 
 def _feature_values(column: pa.ChunkedArray, name: str) -> np.ndarray:
@@ -220,8 +265,9 @@ def _feature_values(column: pa.ChunkedArray, name: str) -> np.ndarray:
     bad = ~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max)
     if bad.any():
         row = int(np.argmax(bad))
-        shown = _show(values[row])
-        raise RejectedFile("non_numeric", f"column {name!r} row {row + 1}: {shown} is not a finite float32")
+        value = values[row]
+        kind = "NaN" if np.isnan(value) else "infinite" if np.isinf(value) else "beyond the float32 range"
+        raise RejectedFile("non_numeric", f"column {name!r} row {row + 1}: not a finite float32 ({kind})")
     return values
 
 
@@ -231,17 +277,22 @@ def _label_values(column: pa.ChunkedArray, spec: DatasetSpec) -> np.ndarray:
         bad = ~np.isfinite(values) | (values != np.floor(values)) | (values < 0) | (values >= spec.num_classes)
     if bad.any():
         row = int(np.argmax(bad))
+        value = float(values[row])
+        if not np.isfinite(value):
+            kind = "not finite"
+        elif value != np.floor(value):
+            kind = "not a whole number"
+        else:
+            kind = "negative" if value < 0 else "too large"
         raise RejectedFile(
-            "bad_label",
-            f"column {spec.label!r} row {row + 1}: {_show(values[row])} is not an integer in [0, {spec.num_classes})",
+            "bad_label", f"column {spec.label!r} row {row + 1}: not an integer in [0, {spec.num_classes}) ({kind})"
         )
     return values.astype(np.int32)
 
 
-def _show(value: float) -> str:
-    """A number as the user wrote it: 3 not 3.0, and 2.0000001 not a rounded 2."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+def _kind(exc: Exception) -> str:
+    """An exception's class only: pyarrow's and codecs' messages quote cells, rows and bytes."""
+    return type(exc).__name__
 
 
 def _reraise_memory(exc: Exception) -> None:

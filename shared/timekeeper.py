@@ -16,6 +16,8 @@ from shared.jobstore import JobStore
 
 def tick(svc: Services, now: datetime) -> tuple[list[tuple[Job, int]], list[str]]:
     """Returns the reaped jobs (as written, and the attempt that was lost) and the round outcomes."""
-    reaped = JobStore(svc.db, svc.settings).reap(now)
-    rounds = sweep_deadlines(svc, now)
+    try:
+        reaped = JobStore(svc.db, svc.settings).reap(now)
+    finally:  # rounds close on time even when reaping jobs failed (its error still propagates)
+        rounds = sweep_deadlines(svc, now)
     return reaped, rounds

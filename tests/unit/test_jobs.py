@@ -301,3 +301,51 @@ def test_valid_spec_boundaries_are_accepted():
     train = TrainSpec(epochs=1, learning_rate=1e-9, batch_size=1)
     spec = JobSpec(dataset=DatasetRef(node="us", dataset="iris"), train=train, max_attempts=1)
     assert spec.train.epochs == 1 and spec.max_attempts == 1
+
+
+# -- the reaper's sweep over job documents (issue 8) --------------------------------------
+
+
+def test_one_bad_job_document_is_skipped_and_logged_by_id_only(caplog):
+    from shared.jobstore import expired_jobs
+
+    silent = job_in(S.RUNNING, heartbeat_at=T0)
+    alive = job_in(S.RUNNING, heartbeat_at=T0 + timedelta(seconds=100))
+    naive = {**silent.to_doc(), "updated_at": datetime(2024, 5, 1), "heartbeat_at": datetime(2024, 5, 1)}
+    docs = [
+        ("bad-missing-fields", {"status": "running", "note": "SECRET-123-45-6789"}),
+        ("silent-1", silent.to_doc()),
+        ("bad-wrong-types", {**silent.to_doc(), "attempt": "SECRET-123-45-6789", "spec": "SECRET-123-45-6789"}),
+        ("bad-empty", None),
+        ("bad-naive-time", naive),
+        ("alive", alive.to_doc()),
+        ("silent-2", silent.to_doc()),
+    ]
+    with caplog.at_level("ERROR", logger="fedpipe.jobstore"):
+        expired = expired_jobs(docs, T0 + timedelta(seconds=120))
+    assert [j.id for j in expired] == ["silent-1", "silent-2"]
+    assert expired[0].model_copy(update={"id": "job-1"}) == silent
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 4
+    for job_id, line in zip(["bad-missing-fields", "bad-wrong-types", "bad-empty", "bad-naive-time"], logged):
+        assert repr(job_id) in line and "skipped" in line
+    assert not any("SECRET" in line or "running" in line for line in logged)
+
+
+def test_reap_goes_on_past_a_bad_job_document(monkeypatch):
+    from types import SimpleNamespace
+
+    from shared.jobstore import JobStore
+
+    silent = job_in(S.RUNNING, heartbeat_at=T0)
+    docs = {"a-bad": {"status": "running", "note": "SECRET-123-45-6789"}, "b-silent": silent.to_doc()}
+    snaps = [SimpleNamespace(id=i, to_dict=lambda d=d: d) for i, d in docs.items()]
+    store = JobStore.__new__(JobStore)
+    store.collection = SimpleNamespace(where=lambda **_: SimpleNamespace(stream=lambda: iter(snaps)))
+
+    def update(job_id, change):  # what the transaction does, on the listed document
+        return change(Job.from_doc(job_id, docs[job_id]))
+
+    monkeypatch.setattr(store, "update", update)
+    reaped = store.reap(T0 + timedelta(seconds=120))
+    assert [(j.id, j.status, j.attempt, lost) for j, lost in reaped] == [("b-silent", S.PENDING, 2, 1)]

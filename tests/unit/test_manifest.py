@@ -204,12 +204,21 @@ def test_valid_spec():
         pytest.param({"features": []}, id="no-features"),
         pytest.param({"num_classes": 1}, id="one-class"),
         pytest.param({"shard_rows": 0}, id="zero-shard-rows"),
+        pytest.param({"shard_rows": 1}, id="one-object-per-row"),
+        pytest.param({"shard_rows": 63}, id="shard-rows-below-64"),
+        pytest.param({"shard_rows": 1_048_577}, id="shard-rows-above-2-20"),
+        pytest.param({"shard_rows": 10**18}, id="huge-shard-rows"),
         pytest.param({"train": {"epochs": 0}}, id="bad-train"),
     ],
 )
 def test_invalid_specs_are_refused(changes):
     with pytest.raises(ValidationError):
         DatasetSpec.model_validate(spec(**changes))
+
+
+@pytest.mark.parametrize("rows", [64, 4096, 1_048_576])
+def test_shard_rows_within_bounds_are_accepted(rows):
+    assert DatasetSpec.model_validate(spec(shard_rows=rows)).shard_rows == rows
 
 
 def test_spec_error_messages_name_the_problem():

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent.parent / "data" / "preprocess"
 MAX = 1 << 20
 PARSE_REASONS = {"unparseable", "missing_columns", "null_values", "non_numeric", "bad_label", "no_rows"}
-SPEC = DatasetSpec(features=["f0", "f1", "f2"], label="y", num_classes=3, expected_files=["a.csv"], shard_rows=4)
+# shard_rows below what a declaration may ask for (64), so small tables still make several shards
+SPEC = DatasetSpec(features=["f0", "f1", "f2"], label="y", num_classes=3, expected_files=["a.csv"]).model_copy(update={"shard_rows": 4})
 
 
 def make_table(rows: int = 10, seed: int = 0) -> pa.Table:
@@ -303,21 +304,23 @@ def test_null_reported_before_non_numeric() -> None:
 
 
 @pytest.mark.parametrize(
-    "csv,column,row,value",
+    "csv,column,row,kind,value",
     [
-        (b"f0,f1,f2,y\n1,2,3,0\n4,5,6,1\n7,abc,9,2\n", "f1", 3, "abc"),
-        (b"f0,f1,f2,y\n1,2,3,0\nNA,5,6,1\n", "f0", 2, "NA"),
-        (b"f0,f1,f2,y\n1,2,3,0\n4,5,NaN,1\n", "f2", 2, "nan"),
-        (b"f0,f1,f2,y\n1,2,3,0\n4,5,6,1\n-inf,5,6,1\n", "f0", 3, "-inf"),
-        (b"f0,f1,f2,y\n1,2,1e300,0\n", "f2", 1, "1e+300"),
-        (b"f0,f1,f2,y\n1,2,3,cat\n", "y", 1, "cat"),
+        (b"f0,f1,f2,y\n1,2,3,0\n4,5,6,1\n7,abc,9,2\n", "f1", 3, "not a number", "abc"),
+        (b"f0,f1,f2,y\n1,2,3,0\nNA,5,6,1\n", "f0", 2, "not a number", "NA"),
+        (b"f0,f1,f2,y\n1,2,3,0\n4,5,NaN,1\n", "f2", 2, "not a finite float32 (NaN)", "nan"),
+        (b"f0,f1,f2,y\n1,2,3,0\n4,5,6,1\n-inf,5,6,1\n", "f0", 3, "not a finite float32 (infinite)", "-inf"),
+        (b"f0,f1,f2,y\n1,2,7.25e300,0\n", "f2", 1, "not a finite float32 (beyond the float32 range)", "7.25"),
+        (b"f0,f1,f2,y\n1,2,3,cat\n", "y", 1, "not a number", "cat"),
     ],
     ids=["text", "NA", "nan", "inf", "float32-overflow", "text-label"],
 )
-def test_non_numeric_csv(csv: bytes, column: str, row: int, value: str) -> None:
+def test_non_numeric_csv(csv: bytes, column: str, row: int, kind: str, value: str) -> None:
+    """Column, row and the kind of problem; never the cell itself (it may be personal data)."""
     exc = rejected(csv)
     assert exc.reason == "non_numeric"
-    assert f"'{column}'" in exc.detail and f"row {row}" in exc.detail and value in exc.detail
+    assert exc.detail == f"column '{column}' row {row}: {kind}"
+    assert value not in exc.detail
 
 
 def test_non_numeric_parquet() -> None:
@@ -330,19 +333,26 @@ def test_non_numeric_parquet() -> None:
 
 
 @pytest.mark.parametrize(
-    "label,shown",
-    [(b"3", "3"), (b"-1", "-1"), (b"1.5", "1.5"), (b"7e3", "7000"), (b"inf", "inf"), (b"2.0000001", "2.0000001")],
+    "label,kind",
+    [
+        (b"3", "too large"),
+        (b"-1", "negative"),
+        (b"1.5", "not a whole number"),
+        (b"7e3", "too large"),
+        (b"inf", "not finite"),
+        (b"2.0000001", "not a whole number"),
+    ],
 )
-def test_bad_label_csv(label: bytes, shown: str) -> None:
+def test_bad_label_csv(label: bytes, kind: str) -> None:
     exc = rejected(b"f0,f1,f2,y\n1,2,3,0\n4,5,6," + label + b"\n")
     assert exc.reason == "bad_label"
-    assert "row 2" in exc.detail and f"{shown} is not an integer in [0, 3)" in exc.detail
+    assert exc.detail == f"column 'y' row 2: not an integer in [0, 3) ({kind})"
 
 
 def test_bad_label_parquet() -> None:
     table = pa.table({"f0": [1.0, 2.0], "f1": [1.0, 2.0], "f2": [1.0, 2.0], "y": [0.0, 2.5]})
     exc = rejected(to_parquet(table), "a.parquet")
-    assert exc.reason == "bad_label" and "2.5" in exc.detail
+    assert exc.reason == "bad_label" and exc.detail == "column 'y' row 2: not an integer in [0, 3) (not a whole number)"
     ints = table.set_column(3, "y", pa.array([0, 3]))
     assert rejected(to_parquet(ints), "a.parquet").reason == "bad_label"
 
@@ -358,3 +368,129 @@ def test_no_rows() -> None:
 def test_import_is_light() -> None:
     code = "import sys, shared.preprocess; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- refusals never quote the data (issue 8) --------------------------------------------
+
+SECRET = "SECRET-123-45-6789"
+SECRET_NUMBER = 123456789  # distinctive digits, as a label or inside a float
+
+_SECRET_CSVS = {
+    "text-in-feature": (f"f0,f1,f2,y\n1,2,3,0\n4,{SECRET},6,1\n", "non_numeric", "column 'f1' row 2: not a number"),
+    "text-in-label": (f"f0,f1,f2,y\n1,2,3,0\n4,5,6,{SECRET}\n", "non_numeric", "column 'y' row 2: not a number"),
+    "too-few-cells": (f"f0,f1,f2,y\n1,2,3,0\n4,{SECRET}\n", "unparseable", "csv: row 2 has 2 cells; the header has 4"),
+    "too-many-cells": (f"f0,f1,f2,y\n1,2,3,0\n7,8,9,1\n4,5,6,1,{SECRET}\n", "unparseable", "csv: row 3 has 5 cells; the header has 4"),
+    "label-out-of-range": (f"f0,f1,f2,y\n1,2,3,{SECRET_NUMBER}\n", "bad_label", "column 'y' row 1: not an integer in [0, 3) (too large)"),
+    "float32-overflow": (f"f0,f1,f2,y\n1,2,3,0\n{SECRET_NUMBER}e300,2,3,0\n", "non_numeric", None),
+}
+
+
+def _assert_no_secret(exc: RejectedFile) -> None:
+    for text in (exc.detail, str(exc), *exc.problems):
+        assert "SECRET" not in text.upper() and "23456789" not in text  # the digits also as a float's repr shows them
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["csv", "csv.gz"])
+@pytest.mark.parametrize("case", list(_SECRET_CSVS))
+def test_csv_refusals_name_column_row_and_kind_never_the_cell(case: str, gz: bool) -> None:
+    text, reason, detail = _SECRET_CSVS[case]
+    data = text.encode()
+    exc = rejected(gzip.compress(data, mtime=0) if gz else data, "a.csv.gz" if gz else "a.csv")
+    _assert_no_secret(exc)
+    assert exc.reason == reason
+    if detail is not None:
+        assert exc.detail == detail
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(b"f0,f1,f2,y\n1,2,3,0\n4,5," + SECRET.encode() + b"\xff\xfe,1\n", id="non-utf8-cell"),
+        pytest.param(b"f0,f1,f2,y\n1,2,3,0\n\"4," + SECRET.encode() + b",5\n", id="open-quote"),
+        pytest.param(b"f0,f1,\xff" + SECRET.encode() + b",y\n1,2,3,0\n", id="non-utf8-header"),
+    ],
+)
+def test_csv_parse_failures_never_quote_the_file(case: bytes) -> None:
+    _assert_no_secret(rejected(case))
+
+
+@pytest.mark.parametrize(
+    "table,reason",
+    [
+        (pa.table({"f0": [1.0, 2.0], "f1": ["1", SECRET], "f2": [1.0, 2.0], "y": [0, 1]}), "non_numeric"),
+        (pa.table({"f0": [1.0, 2.0], "f1": [1.0, 2.0], "f2": [1.0, 2.0], "y": ["0", SECRET]}), "non_numeric"),
+        (pa.table({"f0": [1.0, 2.0], "f1": [1.0, 2.0], "f2": [1.0, 2.0], "y": [0, SECRET_NUMBER]}), "bad_label"),
+        (pa.table({"f0": [1.0, 2.0], "f1": [1.0, 2.0], "f2": [1.0, 2.0], "y": [0.0, SECRET_NUMBER + 0.5]}), "bad_label"),
+        (pa.table({"f0": [1.0, SECRET_NUMBER * 1e300], "f1": [1.0, 2.0], "f2": [1.0, 2.0], "y": [0, 1]}), "non_numeric"),
+    ],
+    ids=["text-feature", "text-label", "label-out-of-range", "fractional-label", "float32-overflow"],
+)
+def test_parquet_refusals_never_quote_the_cell(table: pa.Table, reason: str) -> None:
+    exc = rejected(to_parquet(table), "a.parquet")
+    _assert_no_secret(exc)
+    assert exc.reason == reason
+    assert "row 2" in exc.detail or "type string" in exc.detail
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.9])
+def test_damaged_parquet_never_quotes_the_file(cut: float) -> None:
+    table = pa.table({"f0": [1.0] * 50, "f1": [2.0] * 50, "f2": [3.0] * 50, "y": [0] * 50, "note": [SECRET] * 50})
+    data = bytearray(to_parquet(table, compression="none"))
+    start = int(len(data) * cut)
+    data[start : start + 16] = b"\xff" * 16
+    try:
+        preprocess_file(bytes(data), "a.parquet", SPEC, MAX)
+    except RejectedFile as exc:
+        _assert_no_secret(exc)
+
+
+# --- sizes are bounded before decoding (issue 8) -----------------------------------------
+
+
+def _zeros(rows: int) -> pa.Table:
+    zeros = pa.array(np.zeros(rows))
+    return pa.table({"f0": zeros, "f1": zeros, "f2": zeros, "y": pa.array(np.zeros(rows, np.int8))})
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read(*args, **kwargs):
+        raise AssertionError("the data was decoded before its size was checked")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", read)
+
+
+def test_parquet_with_more_cells_than_the_limit_allows_is_refused_unread(no_decoding: None) -> None:
+    data = to_parquet(_zeros(2_000_000), compression="zstd")  # 8M cells, 64 MB decoded
+    assert len(data) < MAX // 10
+    exc = rejected(data, "a.parquet")
+    assert exc.reason == "too_large" and exc.detail == f"parquet: 2000000 rows x 4 columns exceeds the limit of {MAX // 2} cells"
+
+
+def test_parquet_inflating_past_max_bytes_is_refused_unread(no_decoding: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = to_parquet(_zeros(100_000), compression="zstd", use_dictionary=False)  # 400k cells, 2.5 MB plain
+    assert len(data) < MAX // 10
+    exc = rejected(data, "a.parquet")
+    assert exc.reason == "too_large" and exc.detail == f"parquet: uncompressed size exceeds the limit of {MAX} bytes"
+    monkeypatch.undo()  # decode again
+    assert preprocess_file(data, "a.parquet", SPEC, 4 * MAX).rows == 100_000  # the same file under a larger limit
+
+
+def test_parquet_text_column_is_refused_before_its_cells_are_decoded(no_decoding: None) -> None:
+    big = "x" * 100_000
+    table = pa.table({"f0": [big] * 1000, "f1": [1.0] * 1000, "f2": [1.0] * 1000, "y": [0] * 1000})
+    exc = rejected(to_parquet(table), "a.parquet")
+    assert exc.reason == "non_numeric" and exc.detail == "column 'f0' has type string, not a number"
+
+
+@pytest.mark.parametrize("name", ["a.csv", "a.parquet"])
+def test_row_cap(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    import shared.preprocess
+
+    table = make_table(10)
+    data = to_csv(table) if name.endswith(".csv") else to_parquet(table)
+    monkeypatch.setattr(shared.preprocess, "MAX_ROWS", 9)
+    exc = rejected(data, name)
+    assert exc.reason == "too_large" and "10 rows exceeds the limit of 9" in exc.detail
+    monkeypatch.setattr(shared.preprocess, "MAX_ROWS", 10)
+    assert preprocess_file(data, name, SPEC, MAX).rows == 10
