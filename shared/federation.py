@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.jobs import TrainSpec
 
@@ -35,30 +35,39 @@ NODE_NAME = r"[A-Za-z0-9_-]+"
 
 
 class FedNode(BaseModel, frozen=True):
-    name: str = Field(pattern=f"^{NODE_NAME}$")  # it appears in update object names (UPDATE_PATH)
-    dataset: str
+    name: str = Field(pattern=f"^{NODE_NAME}$", max_length=63)  # it appears in update object names (UPDATE_PATH)
+    dataset: str = Field(min_length=1, max_length=200)
+
+
+MAX_NODES = 1000
+MAX_WIDTH = 4096  # units in one hidden layer
+MAX_LAYERS = 8
+MAX_DEADLINE_S = 86400.0  # a day; the deadline sweep must see every round end
 
 
 class FederationConfig(BaseModel, frozen=True):
     """What a user declares to start a federation (`fedpipe fed start config.json`)."""
 
+    # Every number is finite and bounded: an Infinity or a 1e12 would keep a round (and the sweeper) busy forever.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     id: str
-    nodes: list[FedNode] = Field(min_length=1)
+    nodes: list[FedNode] = Field(min_length=1, max_length=MAX_NODES)
     model: Literal["logreg", "mlp", "cnn"] = "mlp"
-    hidden: tuple[int, ...] = (64,)
+    hidden: tuple[Annotated[int, Field(ge=1, le=MAX_WIDTH)], ...] = Field(default=(64,), max_length=MAX_LAYERS)
     rounds: int = Field(default=10, ge=1, le=1000)
     local_epochs: int = Field(default=2, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
-    seed: int = 0
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    learning_rate: float = Field(default=3e-3, gt=0, le=10)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
-    prox_mu: float = Field(default=0.0, ge=0)
-    server_lr: float = Field(default=1e-2, gt=0, description="fedadam/fedyogi only")
-    min_nodes: int | None = Field(default=None, ge=1, description="quorum after the deadline; default: every node")
-    round_deadline_s: float = Field(default=600.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
-    lease_seconds: float = Field(default=120.0, gt=0)
+    prox_mu: float = Field(default=0.0, ge=0, le=1000)
+    server_lr: float = Field(default=1e-2, gt=0, le=10, description="fedadam/fedyogi only")
+    min_nodes: int | None = Field(default=None, ge=1, le=MAX_NODES, description="quorum after the deadline; default: every node")
+    round_deadline_s: float = Field(default=600.0, gt=0, le=MAX_DEADLINE_S)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_seconds: float = Field(default=120.0, gt=0, le=3600)
     signed_updates: bool = Field(default=True, description="count only updates signed with the node's registered key")
 
     @model_validator(mode="after")

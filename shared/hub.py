@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import threading
 from collections import OrderedDict
 from datetime import datetime
 from functools import partial
 
+import numpy as np
 from google.api_core.exceptions import AlreadyExists, FailedPrecondition, NotFound, PreconditionFailed
 from google.cloud import firestore
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import gcs_uri, node_keys, signing, weights
 from shared.aggregation import ServerOptimizer, StreamingMean
@@ -97,7 +100,7 @@ def reject(svc: Services, fid: str, error: str, now: datetime) -> None:
         ref.set({"status": "rejected", "error": error, "created_at": now, "updated_at": now})
 
 
-def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats, dict[str, str]]:
+def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, FeatureStats, dict[str, str], dict[str, int]]:
     """Check every node has a signing key (if required) and a complete data set of one schema; merge their statistics.
 
     Only aggregate statistics (count, mean, M2 per feature) leave a node, so every
@@ -125,13 +128,14 @@ def _node_inputs(svc: Services, config: FederationConfig) -> tuple[int, int, Fea
     for s in stats[1:]:
         merged = merged.merge(s)
     param_spec(config.model, len(features), num_classes, config.hidden)  # raises for e.g. a cnn on non-square data
-    return len(features), num_classes, merged, versions
+    rows = {node.name: s.count for node, s in zip(config.nodes, stats)}  # what each node's claims are bounded by
+    return len(features), num_classes, merged, versions, rows
 
 
 def start_federation(svc: Services, config: FederationConfig, now: datetime) -> bool:
     """Create the federation and round 1, one job per node, and broadcast round 1. False if it exists."""
     try:
-        n_features, num_classes, stats, versions = _node_inputs(svc, config)
+        n_features, num_classes, stats, versions, rows = _node_inputs(svc, config)
     except ValueError as exc:
         raise FederationError(str(exc)) from exc
     jobs = {
@@ -148,7 +152,7 @@ def start_federation(svc: Services, config: FederationConfig, now: datetime) -> 
     }
     doc = {
         "config": config.model_dump(mode="json"), "status": "running", "round": 1, "n_features": n_features,
-        "num_classes": num_classes, "stats": stats.model_dump(), "global_model_uri": None,
+        "num_classes": num_classes, "stats": stats.model_dump(), "node_rows": rows, "global_model_uri": None,
         "jobs": {name: job.id for name, job in jobs.items()}, "created_at": now, "updated_at": now,
     }
 
@@ -192,9 +196,13 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
     """Count a node's update once in its round; an update after the round closed is refused as late.
 
     Each node's update is its own document, created once (a duplicate event finds it
-    there), so nodes reporting together never contend for one document.
+    there), so nodes reporting together never contend for one document. The claims an
+    upload carries (example count, metrics) and its size are checked before its bytes
+    are read: an upload too big for any update is never downloaded, and one bigger than
+    EAGER_DOWNLOAD_BYTES only once its size matches the federation's model.
     """
     updates, late, marker = _round_parts(svc, fid, r)
+    examples, metrics, problem = _read_claims(obj.metadata)
 
     def download() -> bytes | None:
         try:
@@ -202,30 +210,33 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
         except (NotFound, PreconditionFailed):
             return None
 
-    # Every round's critical path: the reads go out together, the documents in one batched get.
-    data, (round_snap, counted, closed, fed_snap, key_snap) = parallel(
-        download,
-        lambda: get_documents(
+    def documents() -> list[firestore.DocumentSnapshot]:
+        return get_documents(
             svc, round_ref(svc, fid, r), updates.document(node), marker, fed_ref(svc, fid), node_keys.node_ref(svc.db, svc.settings, node)
-        ),
-    )
-    if data is None:
+        )
+
+    # Every round's critical path: the reads go out together, the documents in one batched get.
+    eager = problem is None and 0 <= obj.size <= EAGER_DOWNLOAD_BYTES
+    data, (round_snap, counted, closed, fed_snap, key_snap) = parallel(download, documents) if eager else (None, documents())
+    if eager and data is None:
         return "ignored: the update is gone"  # deleted or replaced since; a replacement has its own event
-    try:
-        update = {
-            "node": node, "object": f"gs://{obj.bucket}/{obj.name}", "generation": obj.generation, "attempt": attempt,
-            "examples": int(obj.metadata["examples"]), "metrics": json.loads(obj.metadata["metrics"]), "at": now,
-        }
-    except (KeyError, ValueError) as exc:
-        log.error("update %s lacks its metadata (%s); refused", obj.name, exc)
-        return "refused: no examples/metrics metadata"
+    update = {
+        "node": node, "object": f"gs://{obj.bucket}/{obj.name}", "generation": obj.generation, "attempt": attempt,
+        "examples": examples, "metrics": metrics, "at": now,
+    }
     round_doc = round_snap.to_dict()
     if round_doc is None or not fed_snap.exists:
         return "refused: unknown round"
     if node not in round_doc["expected"]:
         return f"refused: {node} is not in federation {fid}"
     fed = fed_snap.to_dict()
-    if problem := _unsigned(fed, fid, r, node, attempt, update, data, obj.metadata, key_snap) or _invalid_update(fed, round_doc, data, update):
+    problem = problem or _size_problem(fed, round_doc, obj.size)
+    if problem is None and data is None:
+        if (data := download()) is None:
+            return "ignored: the update is gone"
+    if problem := (
+        problem or _unsigned(fed, fid, r, node, attempt, update, data, obj.metadata, key_snap) or _invalid_update(fed, round_doc, data, update)
+    ):
         late.document(f"{node}-a{attempt}").set({**update, "refused": problem})
         log.error("update %s refused: %s", obj.name, problem)
         return f"refused: {problem}"  # recorded, never counted: it could not be aggregated
@@ -254,6 +265,78 @@ def record_update(svc: Services, obj: RawObject, fid: str, r: int, node: str, at
 
 
 REQUIRED_METRICS = {"global_accuracy", "global_loss", "test_examples"}
+MAX_METRICS_CHARS = 4096  # the metrics metadata a worker writes is about 200 characters
+MAX_EXAMPLES = 10**9  # any node's examples, where the federation document predates per-node row counts
+EAGER_DOWNLOAD_BYTES = 8 * 2**20  # an upload up to this size downloads alongside the document reads
+HEADER_ALLOWANCE = 64 * 2**10  # safetensors header (tensor names, offsets, metadata) on top of the tensors
+MAX_EVALUATION_BYTES = 64 * 2**10  # an evaluate round's upload is its metrics as JSON
+_COUNT = re.compile(r"[0-9]{1,19}\Z")
+
+
+class UpdateMetrics(BaseModel):
+    """The metrics an update may carry; anything else, or any value out of range, refuses it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
+
+    global_accuracy: float = Field(ge=0, le=1)
+    global_loss: float = Field(ge=0, le=1e6)
+    test_examples: int = Field(ge=1, le=MAX_EXAMPLES)
+    train_accuracy: float | None = Field(default=None, ge=0, le=1)
+    train_loss: float | None = Field(default=None, ge=0, le=1e6)
+    compute_s: float | None = Field(default=None, ge=0, le=1e6)
+
+
+def _read_claims(metadata: dict[str, str]) -> tuple[int | None, dict | None, str | None]:
+    """The example count and metrics an upload claims, and why they are unusable (None if they are not).
+
+    Checked before anything is read: bounded in size, typed and in range. Reasons never
+    quote the values, and refused claims are not recorded (None in their place).
+    """
+    examples_text, metrics_text = metadata.get("examples"), metadata.get("metrics")
+    if not isinstance(examples_text, str) or not isinstance(metrics_text, str):
+        return None, None, "no examples/metrics metadata"
+    if not _COUNT.match(examples_text) or not 1 <= int(examples_text) <= MAX_EXAMPLES:
+        return None, None, f"examples must be a whole number from 1 to {MAX_EXAMPLES}"
+    if len(metrics_text) > MAX_METRICS_CHARS:
+        return None, None, f"metrics metadata exceeds {MAX_METRICS_CHARS} characters"
+    try:
+        metrics = json.loads(metrics_text)
+    except (ValueError, RecursionError):
+        return None, None, "metrics metadata is not JSON"
+    if not isinstance(metrics, dict):
+        return None, None, "metrics metadata is not a JSON object"
+    missing = REQUIRED_METRICS - metrics.keys()
+    if missing:
+        return None, None, f"metrics lack {sorted(missing)}"
+    try:
+        UpdateMetrics.model_validate(metrics)
+    except ValidationError as exc:
+        fields = sorted({str(e["loc"][0]) if e["loc"] and e["loc"][0] in UpdateMetrics.model_fields else "an unknown metric" for e in exc.errors()})
+        return None, None, f"metrics out of range or of the wrong type: {', '.join(fields)}"
+    return int(examples_text), metrics, None
+
+
+def _size_problem(fed: dict, round_doc: dict, size: int) -> str | None:
+    """Why an upload of `size` bytes cannot be this round's update (checked before it is downloaded).
+
+    Only an upload bigger than the round's update is refused here; a smaller one is read (it
+    is small) and refused by the tensor check, which says what is wrong with it.
+    """
+    if round_doc["kind"] != "train":
+        limit = MAX_EVALUATION_BYTES
+    else:
+        limit = HEADER_ALLOWANCE + sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in _param_spec(fed).values())
+    if not 0 < size <= limit:
+        return f"the upload's size is not that of this round's update (at most {limit} bytes)"
+    return None
+
+
+def _node_rows(fed: dict, node: str) -> int:
+    """The most examples `node` can have: its data set's rows when the federation started."""
+    rows = (fed.get("node_rows") or {}).get(node)
+    if rows is None:
+        rows = (fed.get("stats") or {}).get("count")  # every node's rows together: older federation documents
+    return min(int(rows), MAX_EXAMPLES) if isinstance(rows, int) else MAX_EXAMPLES
 
 
 def _unsigned(
@@ -284,24 +367,25 @@ def _unsigned(
 
 
 def _invalid_update(fed: dict, round_doc: dict, data: bytes, update: dict) -> str | None:
-    """Why this update could not be aggregated (wrong tensors, missing metrics), or None.
+    """Why this update could not be aggregated (claims beyond the node's data, wrong or non-finite tensors), or None.
 
     Checked before the update is counted, so a bad upload can never leave a round
-    closed-but-unfinishable.
+    closed-but-unfinishable. The claims were parsed and typed by _read_claims.
     """
-    missing = REQUIRED_METRICS - update["metrics"].keys()
-    if round_doc["kind"] == "train":
-        missing |= {"train_loss", "train_accuracy"} - update["metrics"].keys()
-    if missing:
-        return f"metrics lack {sorted(missing)}"
-    if update["examples"] <= 0 or update["metrics"]["test_examples"] <= 0:
-        return "examples must be positive"
+    metrics = update["metrics"]
+    if round_doc["kind"] == "train" and (metrics.get("train_loss") is None or metrics.get("train_accuracy") is None):
+        return f"metrics lack {sorted({'train_loss', 'train_accuracy'} - {k for k, v in metrics.items() if v is not None})}"
+    rows = _node_rows(fed, update["node"])
+    if update["examples"] > rows or metrics["test_examples"] > rows:
+        return f"examples claimed exceed the {rows} rows of {update['node']}'s data set"
     if round_doc["kind"] != "train":
         return None
     try:
-        weights.from_bytes(data, expected=_param_spec(fed))
+        params, _ = weights.from_bytes(data, expected=_param_spec(fed))
     except weights.WeightsMismatch as exc:
         return str(exc)
+    if not all(np.isfinite(p).all() for p in params.values()):
+        return "weights contain NaN or infinite values"
     return None
 
 

@@ -111,6 +111,34 @@ class TestConfigValidation:
         with pytest.raises(ValidationError):
             config(**{field: value})
 
+    @pytest.mark.parametrize("field,value", [
+        ("round_deadline_s", math.inf), ("round_deadline_s", 1e12), ("round_deadline_s", 86400.5),
+        ("lease_seconds", math.inf), ("lease_seconds", 1e12), ("learning_rate", math.inf),
+        ("server_lr", math.inf), ("server_lr", 1e12), ("prox_mu", math.inf),
+        ("max_attempts", 10**9), ("batch_size", 10**9), ("seed", -1), ("seed", 2**64),
+        ("hidden", (64, -1)), ("hidden", (0,)), ("hidden", (10**6,)), ("hidden", (4,) * 9),
+    ])
+    def test_unbounded_or_non_finite_values_refused(self, field, value):
+        with pytest.raises(ValidationError):
+            config(**{field: value})
+
+    def test_bounds_admit_their_limits(self):
+        cfg = config(round_deadline_s=86400, lease_seconds=3600, hidden=(4096,) * 8, max_attempts=100, learning_rate=10, server_lr=10)
+        assert (cfg.round_deadline_s, cfg.hidden, cfg.max_attempts) == (86400.0, (4096,) * 8, 100)
+
+    def test_infinite_deadline_in_json_refused(self):
+        doc = '{"id": "f", "nodes": [{"name": "us", "dataset": "d"}], "round_deadline_s": Infinity}'
+        with pytest.raises(ValidationError):
+            FederationConfig.model_validate_json(doc)
+
+    def test_node_count_and_names_bounded(self):
+        with pytest.raises(ValidationError):
+            config(nodes=nodes(*(f"n{i}" for i in range(1001))))
+        with pytest.raises(ValidationError):
+            FedNode(name="a" * 64, dataset="d")
+        with pytest.raises(ValidationError):
+            FedNode(name="a", dataset="d" * 201)
+
     def test_config_is_frozen(self):
         cfg = config()
         with pytest.raises(ValidationError):
