@@ -457,7 +457,7 @@ resource "google_pubsub_topic_iam_member" "functions_publish" {
 }
 
 # Round broadcasts: a federated worker creates its own subscription
-# fed-<federation>-<node> on fed_rounds when it starts and pulls from it
+# fed.<federation>.<node> on fed_rounds when it starts and pulls from it
 # (workers/trainer/federated.py). Creating a subscription checks two permissions:
 #   - pubsub.topics.attachSubscription on the topic: roles/pubsub.subscriber on
 #     fed_rounds only, so a worker can attach a subscription to no other topic;

@@ -109,6 +109,16 @@ def round_key(r: int) -> str:
     return f"{r:04d}"
 
 
+def member_id(fid: str, node: str) -> str:
+    """A node's place in a federation: its job's id and its round subscription's name.
+
+    '.' is in neither a federation id (REQUEST_PATH) nor a node name (NODE_NAME), so no two
+    (federation, node) pairs share it: with '-', `study-us` + `east` and `study` + `us-east`
+    would be one job.
+    """
+    return f"fed.{fid}.{node}"
+
+
 def update_object(fid: str, r: int, node: str, attempt: int, evaluate: bool) -> str:
     """Where a node's worker uploads its update; the attempt keeps a retry from overwriting."""
     return f"updates/{node}/{fid}/round-{round_key(r)}-a{attempt}.{'json' if evaluate else 'safetensors'}"

@@ -40,6 +40,7 @@ from shared.federation import (
     RoundStatus,
     close_decision,
     global_model_object,
+    member_id,
     new_round,
     round_key,
     server_state_object,
@@ -140,7 +141,7 @@ def start_federation(svc: Services, config: FederationConfig, now: datetime) -> 
         raise FederationError(str(exc)) from exc
     jobs = {
         node.name: Job.new(
-            f"fed-{config.id}-{node.name}",
+            member_id(config.id, node.name),
             JobSpec(
                 dataset=DatasetRef(node=node.name, dataset=node.dataset, version=versions[node.name]), train=config.train_spec(),
                 federation=FederationRef(id=config.id, node=node.name),

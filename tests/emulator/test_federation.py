@@ -20,7 +20,7 @@ from emulators.provision import node_key_file
 from fedpipe import fed_views
 from fedpipe.fed_demo import start_by_upload, upload_node_shares, wait_datasets, watch_federation
 from shared import weights
-from shared.federation import FederationConfig, global_model_object
+from shared.federation import FederationConfig, global_model_object, member_id
 from shared.jobs import utcnow
 from shared.signing import LocalKeySigner, signature_metadata, update_claims
 from tests.conftest import wait_for
@@ -103,7 +103,7 @@ def test_two_nodes_three_rounds_with_warm_workers(cloud, clients, shares):
 
     # One worker process per node for the whole federation, each completed with the final result.
     for node in ("us", "eu"):
-        job = wait_job(clients, f"fed-fed-e2e-{node}", {"completed", "failed"})
+        job = wait_job(clients, member_id("fed-e2e", node), {"completed", "failed"})
         assert job.status == "completed" and job.attempt == 1
         assert job.results["accuracy"] == fed["final"]["accuracy"]
         assert len(list((Path(cloud.endpoints.state_dir) / "logs" / "jobs").glob(f"{job.id}.*.log"))) == 1
@@ -149,7 +149,7 @@ def test_node_lost_mid_federation_round_completes_with_quorum(cloud, clients, sh
     # The deadline leaves room for both workers to start (JAX import, data, compile) on 2 cores.
     config = federation("fed-quorum", rounds=1, min_nodes=1, round_deadline_s=12, max_attempts=1, lease_seconds=5)
     start_by_upload(clients.gcs, clients.settings, config)
-    eu_job = wait_job(clients, "fed-fed-quorum-eu", {"running"}, timeout_s=60)
+    eu_job = wait_job(clients, member_id("fed-quorum", "eu"), {"running"}, timeout_s=60)
     os.killpg(int(worker_pid_file(Path(cloud.endpoints.state_dir), eu_job.id, 1).read_text()), signal.SIGKILL)
 
     fed = watch_federation(clients.db, clients.settings, "fed-quorum", QUIET, 120)
@@ -164,7 +164,7 @@ def test_node_lost_mid_federation_round_completes_with_quorum(cloud, clients, sh
 def test_round_without_quorum_fails_the_federation_with_its_reason(cloud, clients, shares):
     config = federation("fed-noquorum", rounds=2, round_deadline_s=12, max_attempts=1, lease_seconds=5)
     start_by_upload(clients.gcs, clients.settings, config)
-    eu_job = wait_job(clients, "fed-fed-noquorum-eu", {"running"}, timeout_s=60)
+    eu_job = wait_job(clients, member_id("fed-noquorum", "eu"), {"running"}, timeout_s=60)
     os.killpg(int(worker_pid_file(Path(cloud.endpoints.state_dir), eu_job.id, 1).read_text()), signal.SIGKILL)
 
     fed = watch_federation(clients.db, clients.settings, "fed-noquorum", QUIET, 120)

@@ -635,3 +635,13 @@ def test_round_clock_times_rounds_by_their_recorded_closes():
     assert clock["first_round_s"] == 2.5  # config drop -> round 1 closed
     assert clock["steady_round_s"] == 0.225  # median of training rounds 2..3; the evaluate-only round is not one
     assert clock["federation_s"] == 3.1  # config drop -> the last close, which completes the federation
+
+
+def test_member_ids_never_collide_across_federations_and_nodes():
+    from shared.federation import member_id
+
+    assert member_id("study-us", "east") != member_id("study", "us-east")
+    fids, nodes = ["study", "study-us", "a", "a-b"], ["us", "east", "us-east", "b", "b-c"]
+    ids = {member_id(f, n) for f in fids for n in nodes}
+    assert len(ids) == len(fids) * len(nodes)
+    assert all("/" not in i and not i.startswith("__") for i in ids)  # a valid Firestore id and subscription name

@@ -542,7 +542,7 @@ def test_parsed_workers_subscribe_to_round_broadcasts(parsed):
     assert custom["member"] == "serviceAccount:${google_service_account.worker[each.key].email}"
     assert {b["role"] for b in project_grants.values()} == {"roles/datastore.user", custom["role"]}
 
-    # The worker does what these grants allow: it creates fed-<federation>-<node>
+    # The worker does what these grants allow: it creates fed.<federation>.<node>
     # on the fed_rounds topic and streams from it (workers/trainer/federated.py).
     worker = (REPO / "workers" / "trainer" / "federated.py").read_text()
     assert "create_subscription(" in worker and "settings.fed_rounds_topic" in worker

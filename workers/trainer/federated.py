@@ -24,7 +24,7 @@ from google.cloud import firestore, pubsub_v1, storage
 from shared import gcs_uri, signing, weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
-from shared.federation import FederationConfig, round_key, round_kind, update_object
+from shared.federation import FederationConfig, member_id, round_key, round_kind, update_object
 from shared.io_pool import parallel
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
@@ -45,7 +45,7 @@ class RoundSignals:
     def __init__(self, settings: Settings, fed_ref: firestore.DocumentReference, fid: str, node: str) -> None:
         self.fid = fid
         self.subscriber = pubsub_v1.SubscriberClient()
-        path = self.subscriber.subscription_path(settings.project, f"fed-{fid}-{node}")
+        path = self.subscriber.subscription_path(settings.project, member_id(fid, node))
         try:
             topic = self.subscriber.topic_path(settings.project, settings.fed_rounds_topic)
             self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=30)
