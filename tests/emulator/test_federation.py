@@ -170,7 +170,7 @@ def test_round_without_quorum_fails_the_federation_with_its_reason(cloud, client
     fed = watch_federation(clients.db, clients.settings, "fed-noquorum", QUIET, 120)
     assert fed["status"] == "failed"
     assert fed["error"] == "round 1: 1 of 2 nodes reported by the deadline; quorum is 2"
-    us = wait_job(clients, "fed-fed-noquorum-us", {"completed", "failed"}, timeout_s=30)
+    us = wait_job(clients, member_id("fed-noquorum", "us"), {"completed", "failed"}, timeout_s=30)
     assert us.status == "failed" and "federation fed-noquorum failed" in us.error
 
 
