@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.datasets import DATASET_NAME
 from shared.jobs import TrainSpec
 
 # Anchored with \Z: `$` would also accept a trailing newline.
@@ -36,7 +37,7 @@ NODE_NAME = r"[A-Za-z0-9_-]+"
 
 class FedNode(BaseModel, frozen=True):
     name: str = Field(pattern=f"^{NODE_NAME}$", max_length=63)  # it appears in update object names (UPDATE_PATH)
-    dataset: str = Field(min_length=1, max_length=200)
+    dataset: str = Field(pattern=DATASET_NAME)  # a data set's name, as its raw-bucket prefix allows
 
 
 MAX_NODES = 1000

@@ -25,8 +25,8 @@ from google.cloud import firestore, pubsub_v1, storage
 from pydantic import ValidationError
 
 from shared.config import Settings
-from shared.datasets import MAX_SPEC_BYTES, SPEC_OBJECT, DatasetSpec, file_key, split_object_name
-from shared.manifest import ShardReady, complete_if_ready, dataset_doc_id, processed_prefix
+from shared.datasets import MAX_SPEC_BYTES, SPEC_OBJECT, DatasetSpec, split_object_name
+from shared.manifest import ShardReady, complete_if_ready, dataset_ref, file_ref, processed_prefix
 from shared.preprocess import RejectedFile, preprocess_file
 from shared.quarantine import MAX_PROBLEMS, QuarantineRecord, QuarantineStore, copy_name
 
@@ -70,15 +70,6 @@ def handle_raw_object(svc: Services, obj: RawObject, event_id: str, now: datetim
     return process_data_file(svc, node, dataset, file_name, obj, event_id, now)
 
 
-def _dataset_ref(svc: Services, node: str, dataset: str) -> firestore.DocumentReference:
-    return svc.db.collection(svc.settings.datasets_collection).document(dataset_doc_id(node, dataset))
-
-
-def file_ref(svc: Services, node: str, dataset: str, file_name: str) -> firestore.DocumentReference:
-    """The record of one file of a data set: which upload was handled, under which declaration, how."""
-    return _dataset_ref(svc, node, dataset).collection("files").document(file_key(file_name))
-
-
 def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, event_id: str, now: datetime) -> str:
     """Store the declaration, then process data files that arrived before it."""
     try:
@@ -93,7 +84,7 @@ def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, event_i
     except RejectedFile as rejected:
         quarantine(svc, node, obj, dataset, rejected, now)
         return f"quarantined: {rejected.reason}"
-    ref = _dataset_ref(svc, node, dataset)
+    ref = dataset_ref(svc.db, svc.settings, node, dataset)
 
     @firestore.transactional
     def store(transaction: firestore.Transaction) -> bool:
@@ -157,7 +148,7 @@ def claim_decision(record: dict, generation: int, spec_generation: int | None, c
 
 
 def process_data_file(svc: Services, node: str, dataset: str, file_name: str, obj: RawObject, claimant: str, now: datetime) -> str:
-    record_ref, ds_ref = file_ref(svc, node, dataset, file_name), _dataset_ref(svc, node, dataset)
+    record_ref, ds_ref = file_ref(svc.db, svc.settings, node, dataset, file_name), dataset_ref(svc.db, svc.settings, node, dataset)
     identity = {"name": file_name, "generation": obj.generation}
 
     @firestore.transactional

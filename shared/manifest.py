@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.config import Settings
 from shared.datasets import DATASET_NAME, MAX_OBJECT_NAME_BYTES, DatasetSpec, FeatureStats, file_key
+from shared.federation import NODE_NAME
 from shared.jobs import DatasetRef, Job, JobSpec
 from shared.jobstore import JobStore
 from shared.quarantine import QuarantineRecord, QuarantineStore
@@ -33,7 +34,7 @@ class ShardReady(BaseModel, frozen=True):
     """The shard-ready message, also written as `manifest.json` beside the shards."""
 
     # Bounded and shaped like what ingest writes: a message naming anything else is refused as malformed.
-    node: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    node: str = Field(pattern=f"^{NODE_NAME}$", max_length=63)
     dataset: str = Field(pattern=DATASET_NAME)
     file: str = Field(min_length=1, max_length=MAX_OBJECT_NAME_BYTES)
     generation: int = Field(ge=1)
@@ -51,6 +52,16 @@ def processed_prefix(dataset: str, file_name: str, generation: int, spec_generat
 
 def dataset_doc_id(node: str, dataset: str) -> str:
     return DatasetRef(node=node, dataset=dataset).id
+
+
+def dataset_ref(db: firestore.Client, settings: Settings, node: str, dataset: str) -> firestore.DocumentReference:
+    """A node's data set document: its declaration, status and current version."""
+    return db.collection(settings.datasets_collection).document(dataset_doc_id(node, dataset))
+
+
+def file_ref(db: firestore.Client, settings: Settings, node: str, dataset: str, file_name: str) -> firestore.DocumentReference:
+    """The record of one file of a data set, written by ingest: which upload was handled, under which declaration, how."""
+    return dataset_ref(db, settings, node, dataset).collection("files").document(file_key(file_name))
 
 
 def version_of(files: dict[str, dict], spec_generation: int | None = None) -> str:
@@ -107,7 +118,7 @@ def record_shards(db: firestore.Client, settings: Settings, ready: ShardReady, n
     for one document; the job's id is derived from the content, so concurrent or
     repeated completions create it once.
     """
-    ds_ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
+    ds_ref = dataset_ref(db, settings, ready.node, ready.dataset)
     entry_ref = ds_ref.collection("manifest").document(file_key(ready.file))
 
     @firestore.transactional
@@ -213,8 +224,7 @@ def handle_shard_ready(db: firestore.Client, settings: Settings, message: bytes,
     if ready is None:
         problem = "malformed"
     else:
-        ds_ref = db.collection(settings.datasets_collection).document(dataset_doc_id(ready.node, ready.dataset))
-        record = ds_ref.collection("files").document(file_key(ready.file)).get().to_dict()
+        record = file_ref(db, settings, ready.node, ready.dataset, ready.file).get().to_dict()
         problem = shard_ready_problem(settings, ready, message, record)
     if problem is not None:
         QuarantineStore(db, settings).put(QuarantineRecord(
