@@ -1,4 +1,6 @@
-"""Aggregation throughput: fedpipe's StreamingMean vs NumPy tensordot vs Flower's aggregate.
+"""Aggregation throughput and memory: fedpipe's StreamingMean vs NumPy tensordot vs Flower's
+aggregate, and the robust strategies (coordinate-wise median, trimmed mean) vs np.median and
+scipy.stats.trim_mean.
 
     .venv/bin/python bench/aggregate.py            # re-executes under .venv-bench if flwr is there
     .venv-bench/bin/python bench/aggregate.py      # same thing, directly
@@ -25,6 +27,16 @@ Cases: N updates of P float32 params split over a few tensors like a real model
           float32 (float64 weights make NumPy upcast the whole stack, ~8x slower).
 * flower  ``flwr.server.strategy.aggregate.aggregate([(ndarrays, num_examples), ...])``.
 
+Robust strategies, timed in their own interleaved rounds (fewer of them: the baselines are
+slow), on the same updates:
+
+* ours_median, ours_trimmed   CoordinateMedian().extend/result and TrimmedMean(TRIM_FRACTION),
+          as aggregator("median" / "trimmed_mean") gives them to the hub.
+* numpy_median, scipy_trim_mean   ``np.median(block, axis=0)`` and
+          ``scipy.stats.trim_mean(block, TRIM_FRACTION, axis=0)`` over blocks of BASELINE_BLOCK
+          columns of the stacked [N, P] array (stacking not timed). Blocked because both copy
+          their input: on the whole array that is a second N x P copy (4.4 GB for N=100).
+
 Throughput is bytes of updates read per aggregation (N * P * 4) / median wall time of
 several rounds (9 small / 5 large) that each run every method once in a shuffled order,
 after one untimed warm-up each. Peak extra memory is measured with tracemalloc (NumPy reports its buffers
@@ -33,6 +45,12 @@ includes the stacked copy, which is what that approach needs. For ours it is als
 streamed (ours_streamed_peak_bytes): each update materialised (copied) only when extend asks
 for it, as the hub reads them from the bucket, so it counts the group extend holds: a
 constant number of models (about K + 1: the group and the accumulator), not N.
+
+Memory per strategy: the streaming mean holds a few models whatever N is; median and
+trimmed mean hold all N updates (by reference) until result(), plus a sort buffer per thread
+and the result. Both are measured with tracemalloc: *_peak_extra_bytes relative to updates
+already in memory, *_streamed_peak_bytes with each update copied when asked for (as the hub
+reads them from the bucket), which is what the hub needs; both are printed in models too.
 
 Other processes on the same CPUs skew everything (and can trip the "auto" watchdog): the
 load average at start and end is printed and recorded in the JSON.
@@ -73,14 +91,20 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from shared.aggregation import GROUP_BYTES, StreamingMean, blas_axpy_available  # noqa: E402
+from shared.aggregation import GROUP_BYTES, CoordinateMedian, StreamingMean, TrimmedMean, blas_axpy_available  # noqa: E402
 
 try:
     from flwr.server.strategy.aggregate import aggregate as flower_aggregate
 except ImportError:  # pragma: no cover - depends on the venv
     flower_aggregate = None
+try:
+    from scipy.stats import trim_mean as scipy_trim_mean
+except ImportError:  # pragma: no cover - depends on the venv
+    scipy_trim_mean = None
 
 GB = 1e9
+TRIM_FRACTION = 0.1  # aggregator()'s default
+BASELINE_BLOCK = 1 << 16  # columns of the stacked array per np.median / trim_mean call (26 MB at N=100)
 
 
 def shapes_small() -> dict[str, tuple[int, ...]]:
@@ -156,7 +180,73 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
-def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int) -> dict:
+def blocked(stacked: np.ndarray, statistic) -> np.ndarray:
+    """``statistic(block)`` (a reduction over axis 0) over blocks of BASELINE_BLOCK columns, into one flat result."""
+    out = np.empty(stacked.shape[1], dtype=np.float32)
+    for lo in range(0, stacked.shape[1], BASELINE_BLOCK):
+        out[lo : lo + BASELINE_BLOCK] = statistic(stacked[:, lo : lo + BASELINE_BLOCK])
+    return out
+
+
+def robust(make, source):
+    """One round of a robust aggregator, as the hub runs it: extend with the pairs, then result()."""
+
+    def run():
+        agg = make()
+        agg.extend(source())
+        return agg.result()
+
+    return run
+
+
+def time_robust(updates, weights: list[float], stacked: np.ndarray, shapes, repeats: int) -> dict:
+    """Median and trimmed mean: ours vs NumPy/SciPy on the stacked array, interleaved like the means."""
+    n, nbytes = len(updates), stacked.nbytes
+    pairs = lambda: zip(updates, weights, strict=True)  # noqa: E731
+    methods = {
+        "ours_median": robust(CoordinateMedian, pairs),
+        "ours_trimmed": robust(lambda: TrimmedMean(TRIM_FRACTION), pairs),
+        "numpy_median": lambda: blocked(stacked, lambda b: np.median(b, axis=0)),
+    }
+    if scipy_trim_mean is not None:
+        methods["scipy_trim_mean"] = lambda: blocked(stacked, lambda b: scipy_trim_mean(b, TRIM_FRACTION, axis=0))
+    medians, outs = interleaved_medians(methods, repeats)
+    trimmed = int(TRIM_FRACTION * n)
+    row: dict = {"trim_fraction": TRIM_FRACTION, "trimmed_per_end": trimmed, "robust_repeats": repeats}
+    print(f"   -- robust (median of {repeats}; trimmed mean drops {trimmed} of {n} at each end per coordinate)")
+    for name, t in medians.items():
+        row[f"{name}_s"], row[f"{name}_gbps"] = t, nbytes / t / GB
+        print(f"   {name:15s} {t * 1e3:9.1f} ms  {nbytes / t / GB:6.2f} GB/s", flush=True)
+    row["ours_median_vs_numpy"] = row["ours_median_gbps"] / row["numpy_median_gbps"]
+    row["ours_median_rel_diff_vs_numpy"] = rel_diff(flat(outs["ours_median"][k] for k in shapes), outs["numpy_median"])
+    line = f"   ours_median/numpy_median = {row['ours_median_vs_numpy']:.2f}x"
+    if "scipy_trim_mean" in outs:
+        row["ours_trimmed_vs_scipy"] = row["ours_trimmed_gbps"] / row["scipy_trim_mean_gbps"]
+        row["ours_trimmed_rel_diff_vs_scipy"] = rel_diff(flat(outs["ours_trimmed"][k] for k in shapes), outs["scipy_trim_mean"])
+        line += f", ours_trimmed/scipy_trim_mean = {row['ours_trimmed_vs_scipy']:.2f}x"
+    else:
+        row["scipy_trim_mean_s"] = row["scipy_trim_mean_gbps"] = row["ours_trimmed_vs_scipy"] = None
+    print(line, flush=True)
+    return row
+
+
+def robust_memory(updates, weights: list[float], streamed, model_bytes: int) -> dict:
+    """Peak extra memory of median and trimmed mean, with the updates in memory and streamed."""
+    row: dict = {}
+    pairs = lambda: zip(updates, weights, strict=True)  # noqa: E731
+    for name, make in (("median", CoordinateMedian), ("trimmed", lambda: TrimmedMean(TRIM_FRACTION))):
+        row[f"ours_{name}_peak_extra_bytes"] = peak_extra_bytes(robust(make, pairs))
+        row[f"ours_{name}_streamed_peak_bytes"] = peak_extra_bytes(robust(make, streamed))
+    mib = 1 << 20
+    print("   peak extra memory, robust: " + ", ".join(
+        f"{name} {row[f'ours_{name}_peak_extra_bytes'] / mib:,.0f} MiB in memory / "
+        f"{row[f'ours_{name}_streamed_peak_bytes'] / mib:,.0f} MiB = "
+        f"{row[f'ours_{name}_streamed_peak_bytes'] / model_bytes:.1f} models streamed"
+        for name in ("median", "trimmed")), flush=True)
+    return row
+
+
+def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int, robust_repeats: int) -> dict:
     p = sum(int(np.prod(s)) for s in shapes.values())
     nbytes = n * p * 4
     print(f"\n== {name}: N={n} updates x P={p:,} float32 params in {len(shapes)} tensors "
@@ -235,6 +325,7 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     if "flower" in outs:
         row["flower_rel_diff_vs_ours"] = rel_diff(flat(outs["flower"]), ref)
     del outs, ref
+    row |= time_robust(updates, weights.tolist(), stacked, shapes, robust_repeats)
     stacked = None  # free 4.4 GB before the next case (the closures above are done with it)
     gc.collect()
 
@@ -251,6 +342,7 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
         print("   flower      (flwr not installed: see the module docstring)", flush=True)
     fl_in = None  # free Flower's input copies
     gc.collect()
+    row |= robust_memory(updates, weights.tolist(), streamed, p * 4)
 
     row["ours_vs_numpy"] = row["ours_gbps"] / row["numpy_gbps"]
     row["ours_vs_flower"] = row["ours_gbps"] / row["flower_gbps"] if row["flower_gbps"] else None
@@ -310,7 +402,10 @@ def main() -> None:
     if mach["openblas_coretype"]:
         print(f"note: OPENBLAS_CORETYPE={mach['openblas_coretype']} is set: OpenBLAS (tensordot, and our "
               "saxpy) uses that kernel set instead of auto-detecting one; left as is.")
-    cases = [run_case("small", 10, shapes_small(), repeats=9), run_case("large", 100, shapes_large(), repeats=5)]
+    cases = [
+        run_case("small", 10, shapes_small(), repeats=9, robust_repeats=5),
+        run_case("large", 100, shapes_large(), repeats=5, robust_repeats=3),
+    ]
     big = cases[-1]
     mach["loadavg_at_end"] = os.getloadavg()
     summary = {
@@ -330,6 +425,12 @@ def main() -> None:
         "ours_peak_extra_bytes": big["ours_peak_extra_bytes"],
         "ours_streamed_peak_bytes": big["ours_streamed_peak_bytes"],
         "numpy_peak_extra_bytes": big["numpy_peak_extra_bytes"],
+        "ours_median_gbps": round(big["ours_median_gbps"], 3),
+        "ours_trimmed_gbps": round(big["ours_trimmed_gbps"], 3),
+        "ours_median_vs_numpy": round(big["ours_median_vs_numpy"], 2),
+        "ours_trimmed_vs_scipy": round(big["ours_trimmed_vs_scipy"], 2) if big["ours_trimmed_vs_scipy"] else None,
+        "ours_median_streamed_peak_bytes": big["ours_median_streamed_peak_bytes"],
+        "ours_trimmed_streamed_peak_bytes": big["ours_trimmed_streamed_peak_bytes"],
         "machine": mach,
         "cases": cases,
     }

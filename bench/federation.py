@@ -33,7 +33,7 @@ seed 0: exactly what ``fedpipe demo --rounds R --local-epochs E`` runs with N no
   ``flwr run``). accuracy: the final model on every node's held-out rows pooled (ours' rows).
 
 Same data on both sides: the bench rebuilds each node's rows as the product stores and splits
-them and checks them against what ``load_dataset`` reads back from the stack (``data_identical``).
+them and checks them against what ``read_split`` reads back from the stack (``data_identical``).
 
 Where a steady fedpipe round goes (``stages_median_s``, rounds 2..R, for the node whose update
 closed the round), each stage from one recorded instant to the next, so they add up to the
@@ -234,14 +234,16 @@ def analyze_ours(recorded: dict, rounds: int) -> dict:
 
 def check_data(db, gcs, settings, config: FederationConfig, expected: dict) -> dict:
     """Do the rows given to Flower equal what each fedpipe worker loaded?"""
+    from shared.dataset_shards import pinned_dataset
     from shared.jobs import DatasetRef
-    from workers.trainer.data import load_dataset
+    from workers.trainer.data import read_split
 
     fed = db.collection(settings.federations_collection).document(config.id).get().to_dict()
     stats = FeatureStats.model_validate(fed["stats"])
     max_diff, same_labels = 0.0, True
     for i, node in enumerate(config.nodes):
-        split = load_dataset(db, gcs, settings, DatasetRef(node=node.name, dataset=node.dataset), config.test_fraction, config.seed, stats)
+        dataset = pinned_dataset(db, settings, DatasetRef(node=node.name, dataset=node.dataset))
+        split = read_split(gcs, dataset, config.test_fraction, config.seed, stats)
         for key, got in (("x_train", split.x_train), ("x_test", split.x_test)):
             want = expected[f"n{i}_{key}"]
             if got.shape != want.shape:

@@ -25,6 +25,9 @@ class Endpoints:
     firestore_port: int
     gcs_port: int
     router_port: int
+    issuer_port: int = 0  # the local ID-token issuer (emulators/metadata_server.py)
+    metadata_ports: dict[str, int] = field(default_factory=dict)  # each node's local metadata endpoint
+    worker_modules: dict[str, str] = field(default_factory=dict)  # nodes that run a worker of their own (StackOptions)
     function_ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     supervisor_pid: int | None = None  # the `fedpipe up`/`demo` process that owns the children
@@ -45,6 +48,19 @@ class Endpoints:
 
     def function_url(self, function: str) -> str:
         return f"http://127.0.0.1:{self.function_ports[function]}/"
+
+    def identity_env(self) -> dict[str, str]:
+        """Where the functions find the node API's audience and the token issuer's keys."""
+        return {
+            "FEDPIPE_NODE_API_URL": self.function_url("node_api"),
+            "FEDPIPE_ID_TOKEN_CERTS_URL": f"http://127.0.0.1:{self.issuer_port}/oauth2/v3/certs",
+            "FEDPIPE_ID_TOKEN_ISSUER": f"http://127.0.0.1:{self.issuer_port}",
+        }
+
+    def worker_env(self, node: str) -> dict[str, str]:
+        """What a worker of `node` is told: the node API, and the metadata endpoint that gives it `node`'s ID tokens."""
+        host = f"127.0.0.1:{self.metadata_ports[node]}"
+        return {"FEDPIPE_NODE_API_URL": self.function_url("node_api"), "GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
 
     @property
     def path(self) -> Path:

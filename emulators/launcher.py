@@ -14,8 +14,10 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
+from emulators.endpoints import Endpoints
 from emulators.provision import node_key_file
 from shared import signing
 from shared.jobs import Job
@@ -72,6 +74,21 @@ def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:
     return state_dir / "logs" / "jobs" / f"{job_id}.{attempt}.log"
 
 
+# What a worker must not be handed: the control plane's emulators, the function's own identity and
+# settings. A worker reaches Firestore and Pub/Sub only through the node API, as in production.
+WITHHELD = ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE", "FEDPIPE_LAUNCHER", "THREADS")
+WITHHELD_PREFIXES = ("CLOUDSDK_", "FEDPIPE_ID_TOKEN_")
+
+
+def worker_env(parent: Mapping[str, str], endpoints: Endpoints, job: Job) -> dict[str, str]:
+    """The environment of `job`'s worker: the launching function's, less the control plane, plus the
+    node API and the metadata endpoint that gives it the ID tokens of the job's node."""
+    if job.spec.dataset.node not in endpoints.metadata_ports:
+        raise LaunchError(f"node {job.spec.dataset.node} is not one of this local stack's nodes ({', '.join(endpoints.metadata_ports)})")
+    env = {k: v for k, v in parent.items() if k not in WITHHELD and not k.startswith(WITHHELD_PREFIXES)}
+    return {**env, **endpoints.worker_env(job.spec.dataset.node), "FEDPIPE_JOB_ID": job.id, "FEDPIPE_JOB_ATTEMPT": str(job.attempt)}
+
+
 class LocalProcessLauncher:
     def __init__(self, state_dir: Path, python: str = sys.executable) -> None:
         self.state_dir = state_dir
@@ -82,22 +99,26 @@ class LocalProcessLauncher:
         pid_path = worker_pid_file(self.state_dir, job.id, job.attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         pid_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FEDPIPE_JOB_ID": job.id, "FEDPIPE_JOB_ATTEMPT": str(job.attempt)}
+        endpoints = Endpoints.load(self.state_dir)
+        env = worker_env(os.environ, endpoints, job)
         env |= {name.upper(): str(value) for name, value in compilation_cache(self.state_dir).items()}  # read as JAX is imported
-        env.pop("K_SERVICE", None)
         key = node_key_file(self.state_dir, job.spec.dataset.node)
         if key.exists():
             env[signing.ENV_VAR] = str(key)  # the node's own key: the hub admits only updates it signed
-        pid = spawn_from_zygote(zygote_socket(self.state_dir), env, log_path) or self._start_process(env, log_path)
+        module = endpoints.worker_modules.get(job.spec.dataset.node)
+        if module is not None:  # the node runs a worker of its own (as a site may, with its own image)
+            pid = self._start_process(env, log_path, module)
+        else:
+            pid = spawn_from_zygote(zygote_socket(self.state_dir), env, log_path) or self._start_process(env, log_path)
         pid_path.write_text(str(pid))
         return f"local:pid={pid}:log={log_path}"
 
-    def _start_process(self, env: dict[str, str], log_path: Path) -> int:
+    def _start_process(self, env: dict[str, str], log_path: Path, module: str = "workers.trainer") -> int:
         try:
             with open(log_path, "ab") as log:
                 # Its own session: the worker outlives the function's request, and `fedpipe down` stops its group.
                 proc = subprocess.Popen(
-                    [self.python, "-m", "workers.trainer"],
+                    [self.python, "-m", module],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 )
         except OSError as exc:

@@ -13,6 +13,7 @@ from emulators.endpoints import (
     GCS_NOTIFICATIONS_TOPIC,
     REPLAY_TOPIC,
 )
+from emulators.metadata_server import local_identity
 from shared import node_keys
 from shared.config import Settings
 from shared.jobs import utcnow
@@ -20,7 +21,7 @@ from shared.signing import create_node_key
 
 
 def topics(settings: Settings) -> list[str]:
-    declared = [settings.shard_ready_topic, settings.fed_rounds_topic, settings.tick_topic, settings.dead_letter_topic]
+    declared = [settings.shard_ready_topic, settings.tick_topic, settings.dead_letter_topic]
     return [*declared, GCS_NOTIFICATIONS_TOPIC, FIRESTORE_EVENTS_TOPIC, REPLAY_TOPIC]
 
 
@@ -47,10 +48,12 @@ def node_key_file(state_dir: Path, node: str) -> Path:
     return state_dir / "keys" / f"{node}.pem"
 
 
-def ensure_node_keys(settings: Settings, state_dir: Path) -> None:
-    """One signing key per node, registered so the hub admits that node's updates."""
+def ensure_nodes(settings: Settings, state_dir: Path) -> None:
+    """Register every node: its workers' local identity (the node API speaks to them as that node)
+    and a signing key (the hub admits only updates it signed)."""
     db = firestore.Client(project=settings.project)
     for node in settings.nodes:
         path = node_key_file(state_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
         node_keys.register(db, settings, node, create_node_key(path), f"local:{path}", utcnow())
+        node_keys.register_identity(db, settings, node, local_identity(settings.project, node), utcnow())

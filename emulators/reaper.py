@@ -28,8 +28,8 @@ def run_reaper(settings: Settings, interval_s: float, state_dir: Path, stop: thr
         try:
             reaped, rounds = tick(svc, utcnow())
             for outcome in rounds:
-                if "closed" in outcome or "failed" in outcome:
-                    log.warning("deadline sweep: %s", outcome)
+                if outcome.moved or outcome.error:
+                    log.warning("deadline sweep: %s", outcome.message)
             for job, lost_attempt in reaped:
                 log.warning("job %s attempt %d lost its lease: now %s", job.id, lost_attempt, job.status)
                 # A hung worker may still be alive: make sure it cannot write results late.

@@ -25,6 +25,7 @@ from emulators import provision
 from emulators.code_watch import CodeWatcher
 from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
 from emulators.launcher import KEPT_CACHE, zygote_socket
+from emulators.metadata_server import MetadataConfig, issuer_key_file
 from emulators.processes import (
     ManagedProcess,
     StartupError,
@@ -35,7 +36,9 @@ from emulators.processes import (
 )
 from emulators.router_config import RouterConfig
 from shared.config import Settings
-from shared.triggers import function_names
+from shared.triggers import HTTP_FUNCTIONS, function_names
+
+HTTP_THREADS = 64  # requests the node API serves at once locally: a long poll per worker, and their reports
 
 MISSING_EMULATOR = (
     "the {what} emulator is not installed: install `{apt}` from Google's apt repository, "
@@ -86,6 +89,9 @@ class StackOptions:
     ports: dict[str, int] = field(default_factory=dict)  # pubsub, firestore, gcs, router; 0 or absent = free port
     reload: bool = False  # restart the functions when functions/ or shared/ change
     router: RouterConfig = field(default_factory=RouterConfig)
+    # A node whose worker is not fedpipe's: node -> the Python module its worker runs (`python -m`).
+    # Each site may run its own image in production; the tests run hostile nodes this way.
+    worker_modules: dict[str, str] = field(default_factory=dict)
 
 
 class LocalCloud:
@@ -133,9 +139,18 @@ class LocalCloud:
             gcs_port=self._port("gcs"),
             router_port=self._port("router"),
         )
-        ep.function_ports = {name: free_port() for name in function_names(settings)}
+        ep.function_ports = {name: free_port() for name in [*function_names(settings), *HTTP_FUNCTIONS]}
+        ep.issuer_port = self._port("issuer")
+        ep.metadata_ports = {node: free_port() for node in settings.nodes}
+        ep.worker_modules = dict(opts.worker_modules)
         self.endpoints = ep
         env = {**ep.client_env(), "FEDPIPE_STATE_DIR": str(state_dir), "JAVA_TOOL_OPTIONS": "-Xss4m"}
+
+        self.on_step("starting the LOCAL STAND-IN metadata server and ID-token issuer (not Google's: valid for this stack only)")
+        metadata = MetadataConfig(
+            project=settings.project, issuer_port=ep.issuer_port, node_ports=ep.metadata_ports, key_path=issuer_key_file(state_dir)
+        )
+        identity = self._spawn("metadata-server", [sys.executable, "-m", "emulators.metadata_server", metadata.model_dump_json()], env)
 
         self.on_step("starting Pub/Sub emulator")
         pubsub = self._spawn("pubsub", [str(pubsub_bin), "--host=127.0.0.1", f"--port={ep.pubsub_port}"], env)
@@ -166,13 +181,14 @@ class LocalCloud:
         wait_ready(gcs, http_ok(f"http://127.0.0.1:{ep.gcs_port}/storage/v1/b"), 30)
         wait_ready(firestore, http_ok(f"http://127.0.0.1:{ep.firestore_port}/"), 60)
         provision.ensure_buckets(settings)
-        provision.ensure_node_keys(settings, state_dir)
+        provision.ensure_nodes(settings, state_dir)
+        wait_ready(identity, http_ok(f"http://127.0.0.1:{ep.issuer_port}/"), 30)
 
         # Workers fork from here with their imports loaded (emulators/worker_zygote.py).
         self._spawn("worker-zygote", [sys.executable, "-m", "emulators.worker_zygote", str(zygote_socket(state_dir))], env)
 
         self.on_step("starting functions")
-        self._env = env
+        self._env = {**env, **ep.identity_env()}
         for name in ep.function_ports:
             self.start_function(name, wait=False)
 
@@ -222,7 +238,10 @@ class LocalCloud:
         source = Path(functions.__file__).parent / "main.py"
         ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
         argv = [ff, "--target", name, "--source", str(source), "--port", str(ep.function_ports[name]), "--host", "127.0.0.1"]
-        proc = self._spawn(f"function-{name}", argv, {**self._env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name})
+        env = {**self._env, "FEDPIPE_LAUNCHER": "local", "K_SERVICE": name}
+        if name in HTTP_FUNCTIONS:
+            env["THREADS"] = str(HTTP_THREADS)  # functions-framework's gunicorn threads: each long poll holds one
+        proc = self._spawn(f"function-{name}", argv, env)
         if wait:
             wait_ready(proc, http_ok(f"http://127.0.0.1:{ep.function_ports[name]}/"), 60)
         return proc

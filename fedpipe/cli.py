@@ -19,8 +19,7 @@ from rich.console import Console
 
 from emulators.endpoints import REPLAY_TOPIC, Endpoints, default_state_dir
 from fedpipe import context, views
-from shared.federation import NODE_NAME
-from shared.jobs import DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
+from shared.jobs import NODE_NAME, DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
 
 app = typer.Typer(help="fedpipe: event-driven federated training on Google Cloud, locally and for real.", no_args_is_help=True)
@@ -59,8 +58,10 @@ def _print_endpoints(ep: Endpoints) -> None:
         console.print(f"  {node}: gs://{settings.raw_bucket(node)} (drop data here)  gs://{settings.processed_bucket(node)}  gs://{settings.quarantine_bucket(node)}")
     console.print(f"  hub: gs://{settings.hub_bucket}")
     console.print(f"[bold]Topics[/]  {settings.tick_topic} (publish to run the clock now), {settings.dead_letter_topic} (events that failed "
-                  f"every attempt); {settings.shard_ready_topic} and {settings.fed_rounds_topic} are fedpipe's own")
+                  f"every attempt); {settings.shard_ready_topic} is fedpipe's own")
     console.print("[bold]Functions[/]  " + ", ".join(f"{n} :{p}" for n, p in ep.function_ports.items()))
+    console.print(f"[bold]Identity[/]  LOCAL STAND-IN metadata server and ID-token issuer (not Google's; valid for this stack only): "
+                  f"issuer :{ep.issuer_port}, " + ", ".join(f"{n} :{p}" for n, p in ep.metadata_ports.items()))
     console.print(f"[bold]Logs[/]  {ep.state_dir}/logs/")
 
 
@@ -310,11 +311,16 @@ def _deliveries():
 
 @events_app.command("tail")
 def events_tail(
-    limit: int = 20,
-    status: Annotated[str | None, typer.Option(help="delivered, retrying or dead_lettered")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    status: Annotated[str | None, typer.Option(help="delivered, retrying or dead_lettered (local cloud only)")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    project: Annotated[str | None, typer.Option(help="read a deployed project's dead letters instead of the local router's deliveries")] = None,
+    subscription: Annotated[str | None, typer.Option(help="the dead-letter subscription to read (projects/P/subscriptions/S) [default: the --project's <dead-letter topic>-hold]")] = None,
 ) -> None:
-    """Recent deliveries: event, trigger, function, status, attempts."""
+    """Recent deliveries: event, trigger, function, status, attempts; with --project, the deployed dead letters."""
+    if project or subscription:
+        _dead_letters_tail(project, subscription, limit, follow)
+        return
     log = _deliveries()
     records = log.recent(limit, status)
     console.print(views.deliveries_table(list(reversed(records))))
@@ -325,6 +331,32 @@ def events_tail(
         if fresh:
             console.print(views.deliveries_table(fresh))
             seen.update((r["id"], r["status"], r["attempts"]) for r in fresh)
+
+
+def _dead_letters_tail(project: str | None, subscription: str | None, limit: int, follow: bool) -> None:
+    """Production: what Pub/Sub dead-lettered after each trigger's retry budget (infra/delivery.tf), left in place."""
+    from google.api_core import exceptions
+    from google.cloud import pubsub_v1
+
+    from fedpipe import dead_letters
+
+    try:
+        path = dead_letters.check_subscription(subscription) if subscription else dead_letters.subscription_path(project, context.settings())
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    subscriber = pubsub_v1.SubscriberClient()
+    seen: set[str] = set()
+    while True:
+        try:
+            letters = [d for d in dead_letters.peek(subscriber, path, limit) if d.message_id not in seen]
+        except exceptions.GoogleAPICallError as exc:
+            raise _fail(f"could not read {path}: {exc.message}") from None
+        if letters or not seen:
+            console.print(dead_letters.table(letters))
+        seen.update(d.message_id for d in letters)
+        if not follow:
+            return
+        time.sleep(5)
 
 
 @events_app.command("replay")
@@ -403,7 +435,7 @@ def main() -> None:
     app()
 
 
-nodes_app = typer.Typer(help="Nodes and the keys their updates must be signed with.", no_args_is_help=True)
+nodes_app = typer.Typer(help="The node registry: each node's worker identity and update-signing key.", no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
 
 
@@ -412,12 +444,15 @@ def nodes_register(
     node: str,
     public_key: Annotated[str | None, typer.Option(help="base64 of the node's 32-byte Ed25519 public key")] = None,
     kms: Annotated[str | None, typer.Option(help="the node's Cloud KMS key version (projects/.../cryptoKeyVersions/N); its public key is fetched")] = None,
+    identity: Annotated[str | None, typer.Option(help="the service account NODE's workers run as: its ID tokens speak for NODE")] = None,
 ) -> None:
-    """Admit NODE's updates: the hub counts only updates signed with the key registered here."""
+    """Admit NODE: its workers' identity (the node API answers them as NODE) and the key its updates must be signed with."""
     from shared import node_keys, signing
 
-    if (public_key is None) == (kms is None):
-        raise _fail("give exactly one of --public-key and --kms")
+    if public_key is not None and kms is not None:
+        raise _fail("give at most one of --public-key and --kms")
+    if public_key is None and kms is None and identity is None:
+        raise _fail("give --identity, and --public-key or --kms")
     if not re.fullmatch(NODE_NAME, node):
         raise _fail(f"node names are letters, digits, '-' and '_' (they appear in update paths); got {node!r}")
     source = "cli"
@@ -427,21 +462,27 @@ def nodes_register(
         except Exception as exc:  # the KMS error as the user should see it
             raise _fail(f"could not read the public key of {kms}: {exc}") from exc
     try:
-        node_keys.register(context.db(), context.settings(), node, public_key, source, utcnow())
+        if identity is not None:
+            node_keys.register_identity(context.db(), context.settings(), node, identity, utcnow())
+            console.print(f"registered {node}'s worker identity {identity.lower()}")
+        if public_key is not None:
+            node_keys.register(context.db(), context.settings(), node, public_key, source, utcnow())
+            console.print(f"registered {node}'s signing key {public_key} ({source})")
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"registered {node}'s signing key {public_key} ({source})")
 
 
 @nodes_app.command("list")
 def nodes_list() -> None:
-    """Every node with a registered signing key."""
+    """Every registered node: its workers' identity and its update-signing key."""
     from rich.table import Table
 
-    table = Table("node", "public key", "source", "registered")
+    from shared.node_keys import NodeRecord
+
+    table = Table("node", "worker identity", "public key", "source", "registered")
     for snap in context.db().collection(context.settings().nodes_collection).stream():
-        doc = snap.to_dict()
-        table.add_row(snap.id, doc.get("public_key", ""), doc.get("source", ""), str(doc.get("registered_at", "")))
+        record = NodeRecord.model_validate(snap.to_dict())
+        table.add_row(snap.id, record.identity or "", record.public_key or "", record.source, str(record.registered_at or ""))
     console.print(table)
 
 

@@ -141,12 +141,16 @@ def centralized_baseline(db: firestore.Client, gcs: storage.Client, settings: Se
 
     Only this baseline pools data; it is the yardstick, not part of the federation.
     """
-    from workers.trainer.data import load_dataset
+    from shared.dataset_shards import pinned_dataset
+    from workers.trainer.data import read_split
     from workers.trainer.training import TrainConfig, Trainer
 
     config = FederationConfig.model_validate(fed["config"])
     stats = FeatureStats.model_validate(fed["stats"])
-    splits = [load_dataset(db, gcs, settings, DatasetRef(node=n.name, dataset=n.dataset), config.test_fraction, config.seed, stats) for n in config.nodes]
+    splits = [
+        read_split(gcs, pinned_dataset(db, settings, DatasetRef(node=n.name, dataset=n.dataset)), config.test_fraction, config.seed, stats)
+        for n in config.nodes
+    ]
     x_train = np.concatenate([s.x_train for s in splits])
     y_train = np.concatenate([s.y_train for s in splits])
     spec = config.train_spec().model_copy(update={"epochs": config.rounds * config.local_epochs, "prox_mu": 0.0})

@@ -12,7 +12,7 @@ from shared.config import Settings
 
 def load(db: firestore.Client, settings: Settings, fid: str, from_round: int = 1, late: bool = True) -> tuple[dict | None, list[dict]]:
     """The federation document and its rounds from `from_round` on, each with its `updates` (node -> update)
-    and, with `late`, its late updates.
+    and, with `late`, the updates it did not count (late or refused, each with its reason code).
 
     Firestore's own times ride along: each update's `counted_at` (when the hub counted it) and
     a closed round's `committed_at` (when its close was committed, which opened the next round).
@@ -54,7 +54,8 @@ def rounds_table(fed: dict, rounds: list[dict]) -> Table:
                 train = f" train loss {m['train_loss']:.3f}" if "train_loss" in m else ""
                 cells.append(f"[green]✓[/] acc {m['global_accuracy']:.3f}{train}")
         gm = rd.get("global_metrics")
-        late = f"; late: {', '.join(x['node'] for x in rd['late'])}" if rd.get("late") else ""
+        refused = ", ".join(f"{x['node']} ({x['reason']})" for x in rd.get("late") or [])
+        late = f"; not counted: {refused}" if refused else ""
         table.add_row(
             str(rd["round"]), rd["kind"], rd["status"], *cells,
             f"acc {gm['accuracy']:.4f} loss {gm['loss']:.4f}" if gm else "", (rd.get("reason") or "") + late,

@@ -23,4 +23,5 @@ log = logging.getLogger("fedpipe.functions.hub_upload")
 def on_hub_upload(cloud_event: CloudEvent) -> None:
     obj = storage_object(cloud_event.data)
     services = clients.services()
-    log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, handle_hub_object(services, obj, utcnow()))
+    outcome = handle_hub_object(services, obj, utcnow())
+    log.info("gs://%s/%s#%d: %s", obj.bucket, obj.name, obj.generation, outcome.message if outcome else "ignored: not a federation request")

@@ -21,4 +21,4 @@ def on_tick(cloud_event: CloudEvent) -> None:
     for job, lost in reaped:
         log.warning("job %s attempt %d lost its lease: now %s", job.id, lost, job.status)
     for outcome in rounds:
-        log.info("deadline sweep: %s", outcome)
+        log.log(logging.WARNING if outcome.moved or outcome.error else logging.INFO, "deadline sweep: %s", outcome.message)

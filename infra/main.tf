@@ -7,9 +7,11 @@
 #   2. Customer-managed keys (one key ring + key per region that holds data)
 #   3. Buckets (per node, in the node's region; hub; function source)
 #   4. Pub/Sub topics, the clock (Cloud Scheduler) and Firestore
-#   5. Service accounts and IAM (least privilege; service agents)
-#   6. Functions: one google_cloudfunctions2_function per trigger
+#   5. (iam.tf) Service accounts and IAM: one identity per role and per node
+#   6. Functions: one google_cloudfunctions2_function per trigger, and the node API
+#      (how events reach them and where failures go: delivery.tf)
 #   7. Workers: Cloud Run jobs per node (CPU, optional GPU) and Artifact Registry
+#      (their network: network.tf)
 #   8. Monitoring alert and budget
 
 # ---------------------------------------------------------------------------
@@ -24,6 +26,7 @@ locals {
       "cloudfunctions.googleapis.com",
       "cloudkms.googleapis.com",
       "cloudscheduler.googleapis.com",
+      "compute.googleapis.com",
       "eventarc.googleapis.com",
       "firestore.googleapis.com",
       "iam.googleapis.com",
@@ -162,6 +165,20 @@ resource "google_storage_bucket" "node" {
     default_kms_key_name = google_kms_crypto_key.data[each.value.region].id
   }
 
+  # An overwritten or deleted object stays recoverable for a while.
+  versioning {
+    enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   dynamic "lifecycle_rule" {
     for_each = each.value.kind == "quarantine" ? [var.quarantine_retention_days] : []
     content {
@@ -197,6 +214,15 @@ resource "google_storage_bucket" "hub" {
     enabled = true
   }
 
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   depends_on = [google_kms_crypto_key_iam_member.gcs_uses_data_key]
 }
 
@@ -210,6 +236,20 @@ resource "google_storage_bucket" "functions_source" {
   force_destroy               = true
   labels                      = merge(var.labels, { kind = "functions-source" })
 
+  versioning {
+    enabled = true
+  }
+
+  # Content-addressed archives: older ones are only needed for a rollback.
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   depends_on = [google_project_service.api]
 }
 
@@ -222,7 +262,9 @@ locals {
     { for f in fileset("${local.repo_root}/functions", "**/*.py") : "functions/${f}" => "${local.repo_root}/functions/${f}" },
   )
 
-  function_entry_points = sort(distinct([for t in var.triggers : t.function]))
+  # The node API is an HTTP function, not a trigger.
+  node_api_entry_point  = "node_api"
+  function_entry_points = sort(distinct(concat([for t in var.triggers : t.function], [local.node_api_entry_point])))
 
   # The Python runtime loads main.py from the source root; re-export the entry
   # points of functions/main.py there, so the repo layout stays as it is.
@@ -266,32 +308,22 @@ resource "google_storage_bucket_object" "functions_source" {
 # ---------------------------------------------------------------------------
 # 4. Pub/Sub, the clock and Firestore
 # ---------------------------------------------------------------------------
-# Topics (var.topics): shard_ready (on_raw_upload -> on_shard_ready),
-# fed_rounds (the hub's round broadcasts; every federated worker pulls them
-# through its own subscription), tick (Cloud Scheduler -> on_tick) and
-# dead_letter.
+# Topics (var.topics): shard_ready (on_raw_upload -> on_shard_ready), tick
+# (Cloud Scheduler -> on_tick) and dead_letter (Pub/Sub moves events there after
+# their retry budget, delivery.tf). Workers hear of rounds through the node API,
+# not Pub/Sub. Storage events travel on Eventarc's own topics (delivery.tf).
 
 resource "google_pubsub_topic" "topic" {
-  for_each = toset(values(var.topics))
-  name     = each.value
-  labels   = var.labels
+  for_each     = toset(values(var.topics))
+  name         = each.value
+  labels       = var.labels
+  kms_key_name = google_kms_crypto_key.data[var.region].id
 
-  depends_on = [google_project_service.api]
-}
-
-# Functions publish events they gave up on to the dead-letter topic; without a
-# subscription those messages would be dropped. Inspect or replay from here.
-resource "google_pubsub_subscription" "dead_letter" {
-  name                       = "${var.topics.dead_letter}-hold"
-  topic                      = google_pubsub_topic.topic[var.topics.dead_letter].id
-  message_retention_duration = "604800s" # 7 days, the maximum
-  retain_acked_messages      = true
-  ack_deadline_seconds       = 60
-  labels                     = var.labels
-
-  expiration_policy {
-    ttl = "" # never expire for inactivity
+  message_storage_policy {
+    allowed_persistence_regions = [var.region]
   }
+
+  depends_on = [google_project_service.api, google_kms_crypto_key_iam_member.pubsub_uses_data_key]
 }
 
 # The clock: what must happen on time rather than on an event (reap jobs whose
@@ -312,9 +344,9 @@ resource "google_cloud_scheduler_job" "tick" {
     data = base64encode("tick")
   }
 
-  # Ticks published before on_tick's trigger exists would have no subscription
-  # and be dropped: start the clock once the functions are deployed.
-  depends_on = [google_project_service.api, google_cloudfunctions2_function.fn]
+  # Ticks published before on_tick's subscription exists would be dropped:
+  # start the clock once the functions' subscriptions are there.
+  depends_on = [google_project_service.api, google_pubsub_subscription.trigger]
 }
 
 resource "google_firestore_database" "db" {
@@ -330,259 +362,21 @@ resource "google_firestore_database" "db" {
 }
 
 # ---------------------------------------------------------------------------
-# 5. Service accounts and IAM
+# 6. Functions: one per trigger, and the node API
 # ---------------------------------------------------------------------------
-# Three identities, each with only what its code does:
-#   functions       runs every function and is the Eventarc trigger identity;
-#   worker-<node>   one per node: reads only its own node's processed shards
-#                   and the hub's global models, adds updates only under
-#                   updates/<node>/ in the hub, follows round broadcasts on
-#                   fed_rounds;
-#   build           builds function containers (Cloud Build).
-# No service-account keys: everything runs as an attached identity.
-
-resource "google_service_account" "functions" {
-  account_id   = "${var.name_prefix}-functions"
-  display_name = "fedpipe functions and their Eventarc triggers"
-
-  depends_on = [google_project_service.api]
-}
-
-resource "google_service_account" "worker" {
-  for_each     = var.nodes
-  account_id   = "${var.name_prefix}-worker-${each.key}"
-  display_name = "fedpipe worker for node ${each.key}"
-
-  depends_on = [google_project_service.api]
-}
-
-resource "google_service_account" "build" {
-  account_id   = "${var.name_prefix}-build"
-  display_name = "fedpipe function builds"
-
-  depends_on = [google_project_service.api]
-}
-
-locals {
-  functions_member = "serviceAccount:${google_service_account.functions.email}"
-
-  # Functions read uploads, write shards/manifests/quarantine (objectUser: an
-  # idempotent rewrite of the same object needs delete), and in the hub read
-  # federation requests and weight updates and write global models and server
-  # state (on_hub_upload, and on_tick closing rounds past their deadline).
-  functions_bucket_roles = merge(
-    {
-      for k, b in local.node_buckets : k => {
-        bucket = google_storage_bucket.node[k].name
-        role   = b.kind == "raw" ? "roles/storage.objectViewer" : "roles/storage.objectUser"
-      }
-    },
-    { hub = { bucket = google_storage_bucket.hub.name, role = "roles/storage.objectUser" } },
-  )
-
-  # A worker reads its own node's shards and the global model, and adds its
-  # model/metrics (models/<job>/attempt-<n>/, in its node's processed bucket)
-  # and weight update (hub) as new objects: create only, so it cannot alter
-  # shards or other attempts' results. Its update's custom metadata (examples,
-  # metrics) travels in the upload itself, which objects.create covers.
-  # In the hub (object names: shared.federation) a worker gets two prefixes:
-  #   read    federations/        global models federations/<id>/global/round-<r>
-  #                               (the prefix also covers the hub's server state
-  #                               federations/<id>/global/server-state-<r>, which
-  #                               is derived from aggregates only; the id sits
-  #                               first, so startsWith cannot exclude it);
-  #   create  updates/<node>/     its own updates updates/<node>/<id>/round-<r>-a<n>.*
-  #                               and nothing else.
-  # The hub takes an update's node from its object name, so the per-node create
-  # prefix is what stops a compromised worker from uploading an update in
-  # another node's name; the trailing "/" keeps node "us" out of "us-east".
-  # Neither prefix covers requests/: a worker can neither read nor drop a
-  # federation request, which would start a federation over every node's data.
-  # Nor can a worker read updates/ at all, its own or other nodes' (a single
-  # node's update says more about its data than the aggregate does).
-  worker_hub_read_prefix   = "federations/"
-  worker_hub_update_prefix = { for node, _ in var.nodes : node => "updates/${node}/" }
-  worker_bucket_roles = merge([
-    for node, _ in var.nodes : {
-      "${node}-processed-read"   = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectViewer", prefix = null }
-      "${node}-processed-create" = { node = node, bucket = google_storage_bucket.node["${node}-processed"].name, role = "roles/storage.objectCreator", prefix = null }
-      "${node}-hub-read"         = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectViewer", prefix = local.worker_hub_read_prefix }
-      "${node}-hub-create"       = { node = node, bucket = google_storage_bucket.hub.name, role = "roles/storage.objectCreator", prefix = local.worker_hub_update_prefix[node] }
-    }
-  ]...)
-}
-
-resource "google_storage_bucket_iam_member" "functions" {
-  for_each = local.functions_bucket_roles
-  bucket   = each.value.bucket
-  role     = each.value.role
-  member   = local.functions_member
-}
-
-resource "google_storage_bucket_iam_member" "worker" {
-  for_each = local.worker_bucket_roles
-  bucket   = each.value.bucket
-  role     = each.value.role
-  member   = "serviceAccount:${google_service_account.worker[each.value.node].email}"
-
-  # Object-name prefix (IAM Conditions on Cloud Storage need uniform
-  # bucket-level access, which every bucket here has). Listing is evaluated on
-  # the bucket, so it is denied under a condition; workers fetch by name only.
-  # Not verified on a real bucket: that the condition admits the resumable
-  # upload google-cloud-storage switches to above 8 MiB (larger models; the
-  # object name is only in the request that opens the session) as it admits a
-  # single-request upload.
-  dynamic "condition" {
-    for_each = each.value.prefix == null ? [] : [each.value.prefix]
-    content {
-      title       = "only ${condition.value}"
-      description = "fedpipe worker ${each.value.node}: objects under ${condition.value} only"
-      expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value.bucket}/objects/${condition.value}\")"
-    }
-  }
-}
-
-# Functions publish shard-ready events (on_raw_upload), round broadcasts
-# (on_hub_upload, on_tick) and give-ups (dead letter). Not the tick topic:
-# only Cloud Scheduler publishes there.
-locals {
-  functions_publish_topics = toset([var.topics.shard_ready, var.topics.fed_rounds, var.topics.dead_letter])
-}
-
-resource "google_pubsub_topic_iam_member" "functions_publish" {
-  for_each = local.functions_publish_topics
-  topic    = google_pubsub_topic.topic[each.key].id
-  role     = "roles/pubsub.publisher"
-  member   = local.functions_member
-}
-
-# Round broadcasts: a federated worker creates its own subscription
-# fed.<federation>.<node> on fed_rounds when it starts and pulls from it
-# (workers/trainer/federated.py). Creating a subscription checks two permissions:
-#   - pubsub.topics.attachSubscription on the topic: roles/pubsub.subscriber on
-#     fed_rounds only, so a worker can attach a subscription to no other topic;
-#   - pubsub.subscriptions.create on the project (a subscription's only parent).
-#     The narrowest predefined roles holding it are roles/pubsub.editor and
-#     roles/pubsub.admin, which would also let a worker create and delete topics
-#     and update, seek or delete every subscription: hence a custom role.
-# The worker must also consume (pull, ack) its subscription. It does not exist
-# before the worker creates it, so no subscription-level grant can be made in
-# advance, and Pub/Sub IAM conditions cannot match resource names (only Pub/Sub
-# Lite supports them): consume is granted at project level as well.
-# The worker deletes its subscription when the federation ends, so finished
-# federations do not leave subscriptions receiving every later broadcast (a crashed
-# worker's expires after 31 days of idleness, Pub/Sub's default).
-# Not granted: pubsub.subscriptions.update/get/list.
-resource "google_project_iam_custom_role" "round_subscriber" {
-  role_id     = "${replace(var.name_prefix, "-", "_")}_round_subscriber"
-  title       = "${var.name_prefix} round-broadcast subscriber"
-  description = "Create a pull subscription (topic-level pubsub.topics.attachSubscription is granted on the fed-rounds topic only), consume it, delete it."
-  permissions = [
-    "pubsub.subscriptions.create",
-    "pubsub.subscriptions.consume",
-    "pubsub.subscriptions.delete",
-  ]
-
-  depends_on = [google_project_service.api]
-}
-
-resource "google_project_iam_member" "worker_round_subscriptions" {
-  for_each = var.nodes
-  project  = var.project
-  role     = google_project_iam_custom_role.round_subscriber.name
-  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
-}
-
-resource "google_pubsub_topic_iam_member" "worker_fed_rounds" {
-  for_each = var.nodes
-  topic    = google_pubsub_topic.topic[var.topics.fed_rounds].id
-  role     = "roles/pubsub.subscriber" # attachSubscription on this topic only
-  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
-}
-
-# Firestore has no per-collection IAM: datastore.user is the narrowest role
-# that reads and writes documents (jobs, datasets, quarantine).
-resource "google_project_iam_member" "functions" {
-  for_each = toset([
-    "roles/datastore.user",
-    "roles/eventarc.eventReceiver", # as the trigger identity, receive events
-  ])
-  project = var.project
-  role    = each.value
-  member  = local.functions_member
-}
-
-resource "google_project_iam_member" "worker_firestore" {
-  for_each = var.nodes
-  project  = var.project
-  role     = "roles/datastore.user" # status, heartbeat and results of its job
-  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
-}
-
-resource "google_project_iam_member" "build" {
-  project = var.project
-  role    = "roles/cloudbuild.builds.builder"
-  member  = "serviceAccount:${google_service_account.build.email}"
-}
-
-resource "google_storage_bucket_iam_member" "build_reads_source" {
-  bucket = google_storage_bucket.functions_source.name
-  role   = "roles/storage.objectViewer"
-  member = "serviceAccount:${google_service_account.build.email}"
-}
-
-# Service agents the triggers need.
-# - Cloud Storage publishes object events to Eventarc's Pub/Sub transport.
-resource "google_project_iam_member" "gcs_agent_publishes_events" {
-  project = var.project
-  role    = "roles/pubsub.publisher"
-  member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
-}
-
-# - Pub/Sub mints the OIDC tokens that authenticate pushes to the functions
-#   (granted automatically only in projects created after April 2021).
-resource "google_project_service_identity" "pubsub" {
-  provider = google-beta
-  project  = var.project
-  service  = "pubsub.googleapis.com"
-
-  depends_on = [google_project_service.api]
-}
-
-resource "google_project_iam_member" "pubsub_agent_token_creator" {
-  project = var.project
-  role    = "roles/iam.serviceAccountTokenCreator"
-  member  = "serviceAccount:${google_project_service_identity.pubsub.email}"
-}
-
-# - Eventarc manages the triggers' subscriptions with its own agent.
-resource "google_project_service_identity" "eventarc" {
-  provider = google-beta
-  project  = var.project
-  service  = "eventarc.googleapis.com"
-
-  depends_on = [google_project_service.api]
-}
-
-resource "google_project_iam_member" "eventarc_agent" {
-  project = var.project
-  role    = "roles/eventarc.serviceAgent"
-  member  = "serviceAccount:${google_project_service_identity.eventarc.email}"
-}
-
-# ---------------------------------------------------------------------------
-# 6. Functions: one per trigger
-# ---------------------------------------------------------------------------
-# A 2nd-gen function has exactly one event trigger, so each trigger of
-# shared.triggers is one function (on_raw_upload is deployed once per node).
-# Where it runs:
-#   storage   in the bucket's region (the trigger must be there, and raw data
-#             is processed where it lives): raw-upload-<node> in the node's
-#             region, hub-upload (on_hub_upload) in the hub region;
+# A 2nd-gen function serves one trigger, so each trigger of shared.triggers is
+# one function (on_raw_upload is deployed once per node). Where it runs:
+#   storage   in the bucket's region (raw data is processed where it lives):
+#             raw-upload-<node> in the node's region, hub-upload in the hub region;
 #   pubsub    in the hub region (shard-ready -> on_shard_ready, tick -> on_tick);
-#   firestore in the hub region, its trigger in the database's location.
-# Eventarc retries failed deliveries with backoff (RETRY_POLICY_RETRY) for up to
-# 24 h; every function is idempotent, so a redelivery has no second effect.
+#   firestore in the hub region, its Eventarc trigger in the database's location.
+# As whom it runs: a function watching a node's raw bucket runs as that node's
+# ingest identity; every other function as the hub. Storage and Firestore events
+# arrive by Eventarc (google.cloud.storage.object.v1.finalized and
+# google.cloud.firestore.document.v1.written, the CloudEvents the local router
+# reproduces), Pub/Sub events by our own push subscriptions (delivery.tf); both
+# retry with backoff, then dead-letter. Every function is idempotent, so a
+# redelivery has no second effect.
 
 locals {
   triggers = { for t in var.triggers : t.name => t }
@@ -591,27 +385,47 @@ locals {
     for name, t in local.triggers : name => (t.kind == "storage" ? local.bucket_region[t.bucket] : var.region)
   }
 
-  trigger_region = {
-    for name, t in local.triggers : name => (t.kind == "firestore" ? local.firestore_location : local.function_location[name])
+  # raw bucket -> its node; a trigger on it belongs to that node.
+  raw_bucket_node = { for node, b in var.nodes : b.raw_bucket => node }
+  trigger_node = {
+    for name, t in local.triggers : name => (t.kind == "storage" ? lookup(local.raw_bucket_node, t.bucket, null) : null)
+  }
+  function_identity = {
+    for name, node in local.trigger_node : name => (node == null ? google_service_account.hub.email : google_service_account.ingest[node].email)
   }
 
-  topic_ids = { for name, topic in google_pubsub_topic.topic : name => topic.id }
+  # Every region that runs a function has its own image repository (builds push there).
+  function_regions = toset(concat(values(local.function_location), [var.region]))
+
+  # Storage and Firestore triggers are Eventarc triggers (delivery.tf says why).
+  # A storage trigger lives in its bucket's region (Eventarc requires it for a
+  # single-region bucket), the Firestore trigger in the database's location.
+  eventarc_triggers = { for name, t in local.triggers : name => t if t.kind != "pubsub" }
+  trigger_region = {
+    for name, t in local.eventarc_triggers : name => (t.kind == "firestore" ? local.firestore_location : local.bucket_region[t.bucket])
+  }
 
   # Eventarc filters per trigger (the event type is its own attribute).
   event_filters = merge(
-    { for name, t in local.triggers : name => [] },
     {
-      for name, t in local.triggers : name => [
-        { attribute = "bucket", value = t.bucket, operator = "" },
+      for name, t in local.eventarc_triggers : name => [
+        { attribute = "bucket", value = t.bucket, operator = null },
       ] if t.kind == "storage"
     },
     {
-      for name, t in local.triggers : name => [
-        { attribute = "database", value = google_firestore_database.db.name, operator = "" },
+      for name, t in local.eventarc_triggers : name => [
+        { attribute = "database", value = google_firestore_database.db.name, operator = null },
         { attribute = "document", value = t.document, operator = "match-path-pattern" },
       ] if t.kind == "firestore"
     },
   )
+
+  # The node API's deterministic Cloud Run URL: https://<service>-<project number>.<region>.run.app.
+  # It is the audience workers request their ID tokens for and the one the node
+  # API checks (FEDPIPE_NODE_API_URL); the function's own service_config.uri
+  # cannot be fed back into its environment (a cycle).
+  node_api_name = "${var.name_prefix}-node-api"
+  node_api_url  = "https://${local.node_api_name}-${data.google_project.this.number}.${var.region}.run.app"
 
   # The launch function starts workers through shared.launchers.cloud_run.
   worker_job_base = "${var.name_prefix}-worker"
@@ -625,6 +439,17 @@ locals {
   }
 }
 
+resource "google_artifact_registry_repository" "functions" {
+  for_each      = local.function_regions
+  location      = each.key
+  repository_id = "${var.name_prefix}-functions"
+  format        = "DOCKER"
+  description   = "fedpipe function images (Cloud Build pushes here as the build identity)"
+  labels        = var.labels
+
+  depends_on = [google_project_service.api]
+}
+
 resource "google_cloudfunctions2_function" "fn" {
   for_each    = local.triggers
   name        = "${var.name_prefix}-${each.key}"
@@ -633,9 +458,10 @@ resource "google_cloudfunctions2_function" "fn" {
   labels      = merge(var.labels, { trigger = each.key })
 
   build_config {
-    runtime         = var.functions_runtime
-    entry_point     = each.value.function
-    service_account = google_service_account.build.id
+    runtime           = var.functions_runtime
+    entry_point       = each.value.function
+    service_account   = google_service_account.build.id
+    docker_repository = google_artifact_registry_repository.functions[local.function_location[each.key]].id
     source {
       storage_source {
         bucket = google_storage_bucket.functions_source.name
@@ -649,33 +475,46 @@ resource "google_cloudfunctions2_function" "fn" {
     timeout_seconds                = var.function_timeout_seconds
     min_instance_count             = 0 # scale to zero
     max_instance_count             = var.function_max_instances
-    ingress_settings               = "ALLOW_INTERNAL_ONLY" # only Eventarc calls them
+    ingress_settings               = "ALLOW_INTERNAL_ONLY" # only Pub/Sub pushes and Eventarc call them
     all_traffic_on_latest_revision = true
-    service_account_email          = google_service_account.functions.email
-    environment_variables          = merge(var.settings_env, local.launcher_env, { FEDPIPE_TRIGGER = each.key })
+    service_account_email          = local.function_identity[each.key]
+    environment_variables = merge(
+      var.settings_env,
+      local.trigger_node[each.key] == null ? local.launcher_env : {},
+      { FEDPIPE_TRIGGER = each.key },
+    )
   }
 
-  event_trigger {
-    event_type            = each.value.event_type
-    trigger_region        = local.trigger_region[each.key]
-    retry_policy          = "RETRY_POLICY_RETRY"
-    service_account_email = google_service_account.functions.email
-    pubsub_topic          = each.value.kind == "pubsub" ? lookup(local.topic_ids, each.value.topic, null) : null
+  # Storage and Firestore events come through Eventarc, with the delivery
+  # identity as trigger identity; Pub/Sub events through our own push
+  # subscriptions (delivery.tf), so those functions have no event trigger.
+  dynamic "event_trigger" {
+    for_each = each.value.kind != "pubsub" ? [each.value] : []
+    content {
+      event_type            = event_trigger.value.event_type
+      trigger_region        = local.trigger_region[each.key]
+      retry_policy          = "RETRY_POLICY_RETRY"
+      service_account_email = google_service_account.delivery.email
 
-    dynamic "event_filters" {
-      for_each = local.event_filters[each.key]
-      content {
-        attribute = event_filters.value.attribute
-        value     = event_filters.value.value
-        operator  = event_filters.value.operator == "" ? null : event_filters.value.operator
+      dynamic "event_filters" {
+        for_each = local.event_filters[each.key]
+        content {
+          attribute = event_filters.value.attribute
+          value     = event_filters.value.value
+          operator  = event_filters.value.operator
+        }
       }
     }
   }
 
   lifecycle {
     precondition {
-      condition     = each.value.kind != "pubsub" || contains(keys(local.topic_ids), coalesce(each.value.topic, "-"))
+      condition     = each.value.kind != "pubsub" || contains(values(var.topics), coalesce(each.value.topic, "-"))
       error_message = "Trigger ${each.key} listens to a topic that var.topics does not create."
+    }
+    precondition {
+      condition     = each.value.function != "on_raw_upload" || local.trigger_node[each.key] != null
+      error_message = "Trigger ${each.key} runs on_raw_upload on a bucket that is no node's raw bucket."
     }
   }
 
@@ -685,24 +524,90 @@ resource "google_cloudfunctions2_function" "fn" {
     # the buckets they watch (node raw buckets, the hub) are explicit here.
     google_storage_bucket.node,
     google_storage_bucket.hub,
-    google_project_iam_member.functions,
-    google_project_iam_member.build,
     google_storage_bucket_iam_member.build_reads_source,
-    google_project_iam_member.gcs_agent_publishes_events,
-    google_project_iam_member.pubsub_agent_token_creator,
+    google_artifact_registry_repository_iam_member.build_pushes_images,
+    google_project_iam_member.build_writes_logs,
+    google_project_iam_member.delivery_receives_events,
     google_project_iam_member.eventarc_agent,
+    google_project_iam_member.gcs_agent_publishes_events,
+    google_service_account_iam_member.pubsub_agent_signs_as_delivery,
   ]
 }
 
-# A 2nd-gen function is a Cloud Run service: its trigger identity needs
-# run.invoker on that service only (not project-wide).
-resource "google_cloud_run_service_iam_member" "trigger_invokes_function" {
+# A 2nd-gen function is a Cloud Run service: the delivery identity may invoke
+# the event-driven ones, each on its own service (not project-wide).
+resource "google_cloud_run_service_iam_member" "delivery_invokes_function" {
   for_each = google_cloudfunctions2_function.fn
   project  = var.project
   location = each.value.location
   service  = each.value.service_config[0].service
   role     = "roles/run.invoker"
-  member   = local.functions_member
+  member   = local.delivery_member
+}
+
+# The node API (functions/main.py node_api, an HTTP function): workers report
+# on their jobs and fetch round state and global models here, with a
+# Google-signed ID token whose audience is this service's deterministic URL
+# (local.node_api_url, FEDPIPE_NODE_API_URL on both sides). Internal ingress:
+# only from the workers' VPC (network.tf) and Google's own services.
+resource "google_cloudfunctions2_function" "node_api" {
+  name        = local.node_api_name
+  location    = var.region
+  description = "${local.node_api_entry_point}: the workers' only way to the hub (authenticated HTTP)"
+  labels      = merge(var.labels, { function = "node-api" })
+
+  build_config {
+    runtime           = var.functions_runtime
+    entry_point       = local.node_api_entry_point
+    service_account   = google_service_account.build.id
+    docker_repository = google_artifact_registry_repository.functions[var.region].id
+    source {
+      storage_source {
+        bucket = google_storage_bucket.functions_source.name
+        object = google_storage_bucket_object.functions_source.name
+      }
+    }
+  }
+
+  service_config {
+    available_memory = var.function_memory
+    # Long polls for round changes hold a request open; the worker asks again.
+    timeout_seconds                = var.function_timeout_seconds
+    min_instance_count             = 0
+    max_instance_count             = var.function_max_instances
+    ingress_settings               = "ALLOW_INTERNAL_ONLY"
+    all_traffic_on_latest_revision = true
+    service_account_email          = google_service_account.hub.email
+    # The audience it checks: its own URL, which Terraform cannot read back into it.
+    environment_variables = merge(var.settings_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
+  }
+
+  lifecycle {
+    precondition {
+      # Cloud Run gives a service its deterministic URL only while
+      # "<service>-<project number>" fits a 63-character DNS label.
+      condition     = length("${local.node_api_name}-${data.google_project.this.number}") <= 63
+      error_message = "The node API's deterministic URL needs <name_prefix>-node-api-<project number> within 63 characters: shorten name_prefix."
+    }
+  }
+
+  depends_on = [
+    google_project_service.api,
+    google_storage_bucket_iam_member.build_reads_source,
+    google_artifact_registry_repository_iam_member.build_pushes_images,
+    google_project_iam_member.build_writes_logs,
+  ]
+}
+
+# Each node's worker may call the node API (and no other function); the API
+# maps the caller's verified identity to its node.
+resource "google_cloud_run_service_iam_member" "worker_invokes_node_api" {
+  for_each = var.nodes
+  project  = var.project
+  location = google_cloudfunctions2_function.node_api.location
+  service  = google_cloudfunctions2_function.node_api.service_config[0].service
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.worker[each.key].email}"
 }
 
 # ---------------------------------------------------------------------------
@@ -727,6 +632,16 @@ locals {
   image_base       = "${var.region}-docker.pkg.dev/${var.project}/${google_artifact_registry_repository.images.repository_id}"
   worker_image     = coalesce(var.worker_image, "${local.image_base}/trainer:${var.worker_image_tag}")
   worker_gpu_image = coalesce(var.worker_gpu_image, "${local.image_base}/trainer-gpu:${var.worker_image_tag}")
+
+  # What a worker is told: its node, its signing key, and where the node API is
+  # (it reaches the hub through nothing else).
+  worker_env = {
+    for node, _ in var.nodes : node => merge(var.settings_env, {
+      FEDPIPE_NODE         = node
+      FEDPIPE_SIGNING_KEY  = "${google_kms_crypto_key.signing[node].id}/cryptoKeyVersions/1"
+      FEDPIPE_NODE_API_URL = local.node_api_url
+    })
+  }
 }
 
 resource "google_cloud_run_v2_job" "worker" {
@@ -746,6 +661,15 @@ resource "google_cloud_run_v2_job" "worker" {
       max_retries           = 0
       execution_environment = "EXECUTION_ENVIRONMENT_GEN2"
 
+      # All egress through the node's subnet: the node API admits internal traffic only.
+      vpc_access {
+        egress = "ALL_TRAFFIC"
+        network_interfaces {
+          network    = google_compute_network.workers.id
+          subnetwork = google_compute_subnetwork.workers[each.key].id
+        }
+      }
+
       containers {
         name  = "trainer" # shared.launchers.cloud_run.CONTAINER_NAME
         image = local.worker_image
@@ -758,7 +682,7 @@ resource "google_cloud_run_v2_job" "worker" {
         }
 
         dynamic "env" {
-          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key, FEDPIPE_SIGNING_KEY = "${google_kms_crypto_key.signing[each.key].id}/cryptoKeyVersions/1" })
+          for_each = local.worker_env[each.key]
           content {
             name  = env.key
             value = env.value
@@ -789,6 +713,15 @@ resource "google_cloud_run_v2_job" "worker_gpu" {
       max_retries           = 0
       execution_environment = "EXECUTION_ENVIRONMENT_GEN2"
 
+      # All egress through the node's subnet: the node API admits internal traffic only.
+      vpc_access {
+        egress = "ALL_TRAFFIC"
+        network_interfaces {
+          network    = google_compute_network.workers.id
+          subnetwork = google_compute_subnetwork.workers[each.key].id
+        }
+      }
+
       # The GPU is part of the template, which run overrides cannot change:
       # that is why GPU work has its own job resource.
       node_selector {
@@ -809,7 +742,7 @@ resource "google_cloud_run_v2_job" "worker_gpu" {
         }
 
         dynamic "env" {
-          for_each = merge(var.settings_env, { FEDPIPE_NODE = each.key, FEDPIPE_SIGNING_KEY = "${google_kms_crypto_key.signing[each.key].id}/cryptoKeyVersions/1" })
+          for_each = local.worker_env[each.key]
           content {
             name  = env.key
             value = env.value
@@ -822,8 +755,8 @@ resource "google_cloud_run_v2_job" "worker_gpu" {
   depends_on = [google_project_service.api]
 }
 
-# The functions may start (with overrides) exactly these jobs, nothing else.
-resource "google_cloud_run_v2_job_iam_member" "functions_run_worker" {
+# The hub (on_job_written) may start (with overrides) exactly these jobs, nothing else.
+resource "google_cloud_run_v2_job_iam_member" "hub_runs_worker" {
   for_each = merge(
     google_cloud_run_v2_job.worker,
     { for node, job in google_cloud_run_v2_job.worker_gpu : "${node}-gpu" => job },
@@ -832,7 +765,7 @@ resource "google_cloud_run_v2_job_iam_member" "functions_run_worker" {
   location = each.value.location
   name     = each.value.name
   role     = "roles/run.jobsExecutorWithOverrides"
-  member   = local.functions_member
+  member   = local.hub_member
 }
 
 # ---------------------------------------------------------------------------
@@ -854,7 +787,10 @@ locals {
   alert_channels = concat(var.alert_notification_channels, google_monitoring_notification_channel.email[*].id)
 
   # A 2nd-gen function's Cloud Run service has the function's name.
-  function_services = [for name, _ in local.triggers : "\"${var.name_prefix}-${name}\""]
+  function_services = concat(
+    [for name, _ in local.triggers : "\"${var.name_prefix}-${name}\""],
+    ["\"${google_cloudfunctions2_function.node_api.name}\""],
+  )
   worker_jobs = concat(
     [for node, _ in var.nodes : "\"${local.worker_job_base}-${node}\""],
     var.gpu_worker_enabled ? [for node, _ in var.nodes : "\"${local.worker_job_base}-${node}-gpu\""] : [],
@@ -900,13 +836,30 @@ resource "google_monitoring_alert_policy" "errors" {
     }
   }
 
+  # An event that failed every delivery attempt is on the dead-letter topic:
+  # `fedpipe events tail --project <project>` shows which and why.
+  conditions {
+    display_name = "Events dead-lettered"
+    condition_threshold {
+      filter          = "resource.type = \"pubsub_topic\" AND metric.type = \"pubsub.googleapis.com/topic/send_message_operation_count\" AND resource.labels.topic_id = \"${var.topics.dead_letter}\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+      aggregations {
+        alignment_period     = "300s"
+        per_series_aligner   = "ALIGN_SUM"
+        cross_series_reducer = "REDUCE_SUM"
+      }
+    }
+  }
+
   alert_strategy {
     auto_close = "86400s"
   }
 
   documentation {
     mime_type = "text/markdown"
-    content   = "fedpipe: a function keeps failing (see its logs and the job documents' `error`), or a worker execution failed (the job is retried or failed by the lease watchdog)."
+    content   = "fedpipe: a function keeps failing (see its logs and the job documents' `error`), an event was dead-lettered after its retry budget (`fedpipe events tail --project <project>`), or a worker execution failed (the job is retried or failed by the lease watchdog)."
   }
 
   depends_on = [google_project_service.api]

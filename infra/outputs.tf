@@ -44,14 +44,34 @@ output "launcher_env" {
 }
 
 output "service_accounts" {
-  description = "Identities of functions, workers and builds."
+  description = "Identities: the hub, each node's ingest and worker, event delivery, builds (README: Who can do what)."
   value = {
-    functions = google_service_account.functions.email
-    build     = google_service_account.build.email
-    workers   = { for node, sa in google_service_account.worker : node => sa.email }
-    # Custom role letting workers create and consume their fed-rounds subscriptions.
-    worker_subscription_role = google_project_iam_custom_role.round_subscriber.name
+    hub      = google_service_account.hub.email
+    ingest   = { for node, sa in google_service_account.ingest : node => sa.email }
+    workers  = { for node, sa in google_service_account.worker : node => sa.email }
+    delivery = google_service_account.delivery.email
+    build    = google_service_account.build.email
   }
+}
+
+output "node_api_url" {
+  description = "The node API's deterministic URL: FEDPIPE_NODE_API_URL of the workers (their ID tokens' audience) and of the node API (the audience it checks)."
+  value       = local.node_api_url
+}
+
+output "dead_letter_subscription" {
+  description = "Where events that failed every delivery attempt are kept: `fedpipe events tail --project <project>` reads it."
+  value       = google_pubsub_subscription.dead_letter.id
+}
+
+output "trigger_subscriptions" {
+  description = "The push subscription delivering each Pub/Sub trigger (dead-letter policy attached)."
+  value       = { for name, sub in google_pubsub_subscription.trigger : name => sub.id }
+}
+
+output "eventarc_triggers" {
+  description = "The Eventarc trigger of each storage and Firestore trigger (scripts/eventarc-dead-letter.sh gives its subscription the dead-letter policy)."
+  value       = { for name, _ in local.eventarc_triggers : name => google_cloudfunctions2_function.fn[name].event_trigger[0].trigger }
 }
 
 output "data_keys" {

@@ -40,7 +40,6 @@ variable "topics" {
   description = "Pub/Sub topic names (Settings.*_topic)."
   type = object({
     shard_ready = string
-    fed_rounds  = string
     tick        = string
     dead_letter = string
   })
@@ -140,6 +139,17 @@ variable "quarantine_retention_days" {
   default     = 30
 }
 
+variable "noncurrent_retention_days" {
+  description = "Days an overwritten or deleted object version is kept (every data bucket is versioned)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.noncurrent_retention_days >= 1 && var.noncurrent_retention_days <= 3650
+    error_message = "noncurrent_retention_days: 1 to 3650."
+  }
+}
+
 variable "force_destroy_buckets" {
   description = "Let `terraform destroy` delete non-empty buckets (development projects only)."
   type        = bool
@@ -178,6 +188,25 @@ variable "function_max_instances" {
   default     = 10
 }
 
+# Event delivery (delivery.tf).
+
+variable "max_delivery_attempts" {
+  description = "Deliveries of one event before Pub/Sub moves it to the dead-letter topic (Pub/Sub allows 5-100)."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100 && floor(var.max_delivery_attempts) == var.max_delivery_attempts
+    error_message = "max_delivery_attempts: a whole number from 5 to 100 (Pub/Sub's bounds)."
+  }
+}
+
+variable "eventarc_dead_letter" {
+  description = "Give each Eventarc trigger's subscription (storage and Firestore triggers) a dead-letter policy with gcloud (scripts/eventarc-dead-letter.sh; needs gcloud where terraform runs)."
+  type        = bool
+  default     = true
+}
+
 # The clock (Cloud Scheduler -> tick topic -> on_tick).
 
 variable "tick_schedule" {
@@ -187,6 +216,20 @@ variable "tick_schedule" {
 }
 
 # Workers (Cloud Run Jobs).
+
+variable "worker_subnet_cidrs" {
+  description = "IP range of each node's worker subnet (Direct VPC egress, Private Google Access). Every node in var.nodes needs one."
+  type        = map(string)
+  default = {
+    us = "10.8.0.0/24"
+    eu = "10.8.1.0/24"
+  }
+
+  validation {
+    condition     = alltrue([for cidr in values(var.worker_subnet_cidrs) : can(cidrhost(cidr, 0))])
+    error_message = "worker_subnet_cidrs: every value must be an IPv4 CIDR range."
+  }
+}
 
 variable "worker_image" {
   description = "Trainer image (workers/trainer/Dockerfile); null = <region>-docker.pkg.dev/<project>/<name_prefix>/trainer:<worker_image_tag>. Push it before the first apply."

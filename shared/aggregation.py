@@ -1,4 +1,5 @@
-"""Hub-side aggregation: streaming FedAvg and server optimizers (FedAvg, FedAdam, FedYogi).
+"""Hub-side aggregation: streaming FedAvg, robust coordinate-wise statistics, update
+clipping and server optimizers (FedAvg, FedAdam, FedYogi).
 
 NumPy only, so the aggregation Cloud Function stays light: no JAX/optax import here.
 
@@ -25,6 +26,19 @@ ServerOptimizer
     gradient; its state is a flat dict of arrays so the hub can keep it in a bucket
     between rounds as safetensors (no pickle).
 
+CoordinateMedian, TrimmedMean
+    Robust statistics per coordinate (Yin et al., "Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates", ICML 2018): one hostile node cannot move them far,
+    whatever it sends. Unweighted, and they need all n updates at once (n models, not
+    one): see their docstrings.
+
+aggregator(strategy)
+    The one entry point the hub uses: a StreamingMean for the mean-based strategies, a
+    CoordinateMedian or TrimmedMean for the robust ones; all are ``Aggregator``s.
+
+clip_update
+    Update-norm clipping against the round's global model, before aggregation.
+
 FedProx is a client-side proximal term (mu/2 * ||w - w_global||^2 added to the local
 loss); the server side of FedProx is plain FedAvg, so nothing for it lives here.
 """
@@ -41,16 +55,25 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
 __all__ = [
     "GROUP_BYTES",
     "SERVER_OPTIMIZERS",
+    "STRATEGIES",
+    "Aggregator",
+    "CoordinateMedian",
     "ServerOptimizer",
+    "Strategy",
     "StreamingMean",
+    "TrimmedMean",
+    "aggregator",
     "blas_axpy_available",
+    "clip_update",
     "fedavg",
+    "update_norm",
 ]
 
 Params = dict[str, np.ndarray]
@@ -349,9 +372,7 @@ class StreamingMean:
 
     def _stage(self, staged: _Staged, update: Mapping[str, np.ndarray], weight: float) -> int:
         """Validate one pair into ``staged`` (which is left as it was if it is rejected); returns the update's bytes."""
-        w = float(weight)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        w = _checked_weight(weight)
         flat, schema = _flatten(update, staged.schema)
         alpha = None
         if w > 0.0 and staged.w0 > 0.0:
@@ -497,6 +518,13 @@ class StreamingMean:
             np.add(acc[s : s + t.size], t, out=acc[s : s + t.size])
 
 
+def _checked_weight(weight: float) -> float:
+    w = float(weight)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+    return w
+
+
 def _flatten(update: Mapping[str, np.ndarray], schema: Schema | None) -> tuple[dict[str, np.ndarray], Schema]:
     """The update's tensors as flat C-contiguous arrays in schema order, checked against
     `schema` (or defining it, when None); ValueError naming the first bad tensor."""
@@ -533,6 +561,220 @@ def fedavg(
     mean = StreamingMean(**kwargs)
     mean.extend(updates, group_bytes=group_bytes)
     return mean.result()
+
+
+# --------------------------------------------------------------------------------------
+# Robust aggregation: coordinate-wise median and trimmed mean
+# --------------------------------------------------------------------------------------
+
+# Coordinates are sorted a block at a time: the block's values from every update are
+# copied into a [coordinates, n] buffer, so each coordinate's n values are contiguous and
+# NumPy's SIMD sort (x86-simd-sort in NumPy >= 2) does the work. Measured on the 2-core
+# AMD EPYC of bench/aggregate.py (n=100): ~5x faster than np.partition on the same
+# buffer, and ~3x faster than sorting along axis 0 of an [n, coordinates] buffer. This is
+# the buffer's size per thread for float32 params: in L2 with room to spare.
+_SORT_BLOCK_BYTES = 1 << 21
+# Averaging the middle m values of each sorted row: up to this many, adding them column by
+# column into a float64 vector is ~3x faster (n=10) than a float64 row sum, whose inner
+# loop runs over only m values per row; for many more (n=100, m=80) the row sum is ~2x faster.
+_COLUMN_SUM_MAX = 16
+
+
+class _SortedMean:
+    """Holds every update; per coordinate, sorts the n values and averages the middle ones.
+
+    Subclasses say how many values to drop at each end (``_trim``). Updates go through the
+    same checks as StreamingMean's (names, shapes, dtypes, weights), and the first one
+    fixes the schema. Nothing is copied on ``extend``: the caller must not modify an
+    update's arrays before ``result()``. Non-finite values are not looked for here (sorting
+    puts NaN last, so it may be trimmed or may not): admission refuses them first.
+    """
+
+    def __init__(self, *, threads: int | None = None) -> None:
+        self.threads = _default_threads() if threads is None else max(1, int(threads))
+        self._schema: Schema | None = None
+        self._updates: list[dict[str, np.ndarray]] = []  # flat views, positive weights only
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Updates added so far (including zero-weight ones, which take no part)."""
+        return self._count
+
+    def _trim(self, n: int) -> int:
+        raise NotImplementedError
+
+    def extend(self, updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> None:
+        """Hold every ``(update, weight)`` pair; the weight only decides whether it takes part (> 0).
+
+        As with StreamingMean, an update that is rejected (``ValueError`` naming the tensor or
+        the weight) stops the iteration: the pairs before it are kept, it and the rest are not.
+        """
+        for update, weight in updates:
+            w = _checked_weight(weight)
+            flat, self._schema = _flatten(update, self._schema)
+            self._count += 1
+            if w > 0.0:
+                self._updates.append(flat)
+
+    def result(self) -> Params:
+        """The statistic per coordinate, as new arrays with the params' shapes and dtypes."""
+        if self._schema is None:
+            raise ValueError("no updates were added")
+        n = len(self._updates)
+        if n == 0:
+            raise ValueError("every update has weight zero: nothing to aggregate")
+        trim = self._trim(n)
+        out = {name: np.empty(math.prod(shape), dtype=dtype) for name, (shape, dtype) in self._schema.items()}
+        per_block = max(1, _SORT_BLOCK_BYTES // (n * 4))  # coordinates per block
+        blocks = [(name, lo, min(lo + per_block, a.size)) for name, a in out.items() for lo in range(0, a.size, per_block)]
+        values = n * sum(a.size for a in out.values())
+        workers = min(self.threads if values >= _MIN_PARALLEL else 1, len(blocks))
+        if workers == 1:
+            self._reduce(blocks, per_block, trim, out)
+        else:  # np.sort releases the GIL
+            shares = [blocks[len(blocks) * k // workers : len(blocks) * (k + 1) // workers] for k in range(workers)]
+            for f in [_pool(workers).submit(self._reduce, share, per_block, trim, out) for share in shares]:
+                f.result()
+        return {name: out[name].reshape(shape) for name, (shape, _) in self._schema.items()}
+
+    def _reduce(self, blocks: list[tuple[str, int, int]], per_block: int, trim: int, out: dict[str, np.ndarray]) -> None:
+        """For each block: gather [coordinates, n], sort each row, mean of the middle n - 2*trim in float64."""
+        n = len(self._updates)
+        buf = None
+        for name, lo, hi in blocks:
+            if buf is None or buf.dtype != out[name].dtype:
+                buf = np.empty((per_block, n), dtype=out[name].dtype)
+            block = buf[: hi - lo]
+            for i, update in enumerate(self._updates):
+                block[:, i] = update[name][lo:hi]
+            block.sort(axis=1)
+            middle = block[:, trim : n - trim]
+            m = middle.shape[1]
+            if m <= _COLUMN_SUM_MAX:
+                sums = middle[:, 0].astype(np.float64)
+                for j in range(1, m):
+                    sums += middle[:, j]
+            else:
+                sums = middle.sum(axis=1, dtype=np.float64)
+            np.divide(sums, m, out=out[name][lo:hi], casting="same_kind")
+
+
+class CoordinateMedian(_SortedMean):
+    """Coordinate-wise median of the updates (the mean of the two middle values for even n).
+
+    Unweighted over nodes: every update with a positive weight counts once, whatever its
+    weight. The weight is the node's claimed example count, and a hostile node can inflate
+    it; a robust statistic must not trust it.
+
+    Memory: unlike StreamingMean (one model), this holds all n updates until ``result()``
+    (n models, by reference), plus a sort buffer of 2 MiB (for float32) and a few MiB of
+    sums per thread, and the result (one model). The caller cannot stream updates past it.
+    """
+
+    def _trim(self, n: int) -> int:
+        return (n - 1) // 2
+
+
+class TrimmedMean(_SortedMean):
+    """Coordinate-wise trimmed mean: per coordinate, drop the floor(trim_fraction * n)
+    largest and as many smallest values, and average the rest (in float64).
+
+    With n too small to drop anything, it is the plain unweighted mean. Unweighted over
+    nodes, like CoordinateMedian and for the same reason (a claimed example count can be
+    inflated by a hostile node); same memory: n models held, plus a sort buffer per thread.
+    """
+
+    def __init__(self, trim_fraction: float = 0.1, *, threads: int | None = None) -> None:
+        if not 0.0 <= float(trim_fraction) < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+        super().__init__(threads=threads)
+        self.trim_fraction = float(trim_fraction)
+
+    def _trim(self, n: int) -> int:
+        # Rounded first so that e.g. 0.29 * 100 = 28.999999999999996 trims 29, not 28.
+        return math.floor(round(self.trim_fraction * n, 9))
+
+
+# --------------------------------------------------------------------------------------
+# Strategy selection
+# --------------------------------------------------------------------------------------
+
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+class Aggregator(Protocol):
+    """What the hub feeds a round's ``(update, example count)`` pairs into, whatever the strategy."""
+
+    def extend(self, updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> None: ...
+
+    def result(self) -> Params: ...
+
+
+def aggregator(strategy: Strategy, trim_fraction: float = 0.1) -> Aggregator:
+    """A fresh aggregator for one round of a federation using ``strategy``.
+
+    fedavg, fedprox, fedadam and fedyogi all average (a StreamingMean, a few models of
+    memory); fedadam/fedyogi's server step is applied to that average afterwards, by the
+    hub, with ServerOptimizer. median and trimmed_mean hold all n updates (see their
+    classes). ``trim_fraction`` is used by trimmed_mean only.
+    """
+    if strategy == "median":
+        return CoordinateMedian()
+    if strategy == "trimmed_mean":
+        return TrimmedMean(trim_fraction)
+    if strategy in STRATEGIES:
+        return StreamingMean()
+    raise ValueError(f"unknown aggregation strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+# --------------------------------------------------------------------------------------
+# Update-norm clipping
+# --------------------------------------------------------------------------------------
+
+
+def update_norm(params: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """Global L2 norm of ``params - reference`` over all tensors, accumulated in float64.
+
+    ValueError when the two do not have the same tensor names and shapes.
+    """
+    if set(params) != set(reference):
+        diff = sorted(set(params) ^ set(reference))
+        raise ValueError(f"params and reference differ in tensor {diff[0]!r} (all: {diff})")
+    total = 0.0
+    for name, p in params.items():
+        p, r = np.asarray(p), np.asarray(reference[name])
+        if p.shape != r.shape:
+            raise ValueError(f"tensor {name!r}: shape {p.shape} != reference shape {r.shape}")
+        delta = p.astype(np.float64) - r
+        total += float(np.vdot(delta, delta))
+    return math.sqrt(total)
+
+
+def clip_update(params: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_norm: float) -> Params:
+    """``params`` with its delta from ``reference`` (the round's global model) scaled down to a
+    global L2 norm of at most ``max_norm``; the same arrays when it is within the bound already.
+
+    Bounds how far one node can pull a mean in a round, whatever it trained on (a scaled
+    update that passed admission is the case in point). The scaling is done in float64 and
+    the result has the params' dtypes. ValueError on mismatched names or shapes, a
+    non-finite delta, or a ``max_norm`` that is not finite and > 0.
+    """
+    if not (math.isfinite(float(max_norm)) and max_norm > 0):
+        raise ValueError(f"max_norm must be finite and > 0, got {max_norm!r}")
+    norm = update_norm(params, reference)
+    if not math.isfinite(norm):
+        raise ValueError("the update's distance from the reference is not finite")
+    if norm <= max_norm:  # a zero delta included
+        return {name: np.asarray(p) for name, p in params.items()}
+    scale = max_norm / norm
+    clipped: Params = {}
+    for name, p in params.items():
+        p = np.asarray(p)
+        r = np.asarray(reference[name], dtype=np.float64)
+        clipped[name] = (r + (p.astype(np.float64) - r) * scale).astype(p.dtype)
+    return clipped
 
 
 # --------------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ class Settings(BaseModel, frozen=True):
 
     # Pub/Sub topics.
     shard_ready_topic: str = "shard-ready"
-    fed_rounds_topic: str = "fed-rounds"  # the hub's round broadcasts
     tick_topic: str = "fedpipe-tick"  # Cloud Scheduler's clock for shared/timekeeper.py
     dead_letter_topic: str = "fedpipe-dead-letter"
 
@@ -63,7 +62,14 @@ class Settings(BaseModel, frozen=True):
     datasets_collection: str = "datasets"
     quarantine_collection: str = "quarantine"
     federations_collection: str = "federations"
-    nodes_collection: str = "nodes"  # each node's registered update-signing key (shared/node_keys.py)
+    nodes_collection: str = "nodes"  # the node registry: each node's worker identity and signing key (shared/node_keys.py)
+    refusals_collection: str = "refusals"  # node API requests refused for their identity (shared/node_api.py)
+
+    # The node API (functions/node_api.py): workers reach it with a Google-signed ID token
+    # whose audience is its URL; it checks the token against these certificates and issuers.
+    node_api_url: str = ""
+    id_token_certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    id_token_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -79,4 +85,10 @@ class Settings(BaseModel, frozen=True):
             values["region"] = region
         if max_bytes := env.get("FEDPIPE_MAX_UPLOAD_BYTES"):
             values["max_upload_bytes"] = int(max_bytes)
+        if node_api_url := env.get("FEDPIPE_NODE_API_URL"):
+            values["node_api_url"] = node_api_url
+        if certs_url := env.get("FEDPIPE_ID_TOKEN_CERTS_URL"):
+            values["id_token_certs_url"] = certs_url
+        if issuer := env.get("FEDPIPE_ID_TOKEN_ISSUER"):
+            values["id_token_issuers"] = (issuer,)
         return cls(**values)

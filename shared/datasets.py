@@ -22,15 +22,23 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
-from shared.jobs import TrainSpec
+from shared.jobs import DATASET_NAME, TrainSpec
 
 SPEC_OBJECT = "_dataset.json"
 MAX_SPEC_BYTES = 1024 * 1024  # a declaration is a few KiB; a bigger one is refused before it is read
 MAX_OBJECT_NAME_BYTES = 1024  # Cloud Storage's limit on an object name, in UTF-8 bytes
-MAX_EXPECTED_FILES = 10_000
+MAX_EXPECTED_FILES = 1_000  # so that each file may make at least one shard (max_shards_per_file)
+MAX_FEATURES = 10_000
+MAX_COLUMN_NAME = 256  # characters of a feature's or the label's column name
+# A data set's document (and each version's) holds the declaration, every file's statistics and
+# shard URIs, and must stay under Firestore's 1 MiB: the declaration and statistics get this
+# much, the shard URIs the rest (so each file is allowed `max_shards_per_file` shards).
+DOCUMENT_BYTES = 1_000_000
+DECLARATION_BUDGET = 600_000
+SHARD_URI_BYTES = 300  # gs://{project}-{node}-processed/{dataset}/{file_key}/g{generation}-s{spec}/shard-NNNNN.parquet, at most
 MIN_SHARD_ROWS = 64  # rows per processed shard object: not one object per row...
 MAX_SHARD_ROWS = 1_048_576  # ...nor one unbounded object per file
-DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
 _NAME = re.compile(DATASET_NAME)
 
 
@@ -85,11 +93,26 @@ def _valid_file_name(name: str, info: ValidationInfo) -> str:
     return name
 
 
+ColumnName = Annotated[str, Field(min_length=1, max_length=MAX_COLUMN_NAME)]
+
+
+def _document_bytes(spec: DatasetSpec) -> int:
+    """What the declaration and the statistics of every file and of their merge take in a data set's document, at most.
+
+    Firestore stores a number in 8 bytes plus its field overhead; 16 covers both.
+    """
+    names = sum(len(n.encode()) for n in [*spec.features, spec.label, *spec.expected_files])
+    files = len(spec.expected_files)
+    per_file = 300 + 3 * max((len(n.encode()) for n in spec.expected_files), default=0)  # name as key, field and in the source URI; generations, rows
+    stats = (files + 1) * (2 * len(spec.features) + spec.num_classes) * 16
+    return names + files * per_file + stats
+
+
 class DatasetSpec(BaseModel, frozen=True):
     """The declaration a user uploads as `{dataset}/_dataset.json`."""
 
-    features: list[str] = Field(min_length=1)
-    label: str
+    features: list[ColumnName] = Field(min_length=1, max_length=MAX_FEATURES)
+    label: ColumnName
     num_classes: int = Field(ge=2, le=10_000)
     expected_files: list[Annotated[str, AfterValidator(_valid_file_name)]] = Field(min_length=1, max_length=MAX_EXPECTED_FILES)
     shard_rows: int = Field(default=4096, ge=MIN_SHARD_ROWS, le=MAX_SHARD_ROWS)  # 1 would make one object per row
@@ -111,11 +134,26 @@ class DatasetSpec(BaseModel, frozen=True):
             raise ValueError("features lists a column twice")
         return self
 
+    @model_validator(mode="after")
+    def _fits_a_document(self) -> DatasetSpec:
+        """Refused now rather than when the complete data set's document cannot be written (a retry loop)."""
+        if (size := _document_bytes(self)) > DECLARATION_BUDGET:
+            raise ValueError(
+                f"{len(self.features)} features, {self.num_classes} classes and {len(self.expected_files)} files make a data set record of "
+                f"about {size} bytes; the limit is {DECLARATION_BUDGET} (fewer files or features)"
+            )
+        return self
+
+    @property
+    def max_shards_per_file(self) -> int:
+        """How many shards one file may make, so that every file's shard URIs fit the data set's document."""
+        return (DOCUMENT_BYTES - DECLARATION_BUDGET) // SHARD_URI_BYTES // len(self.expected_files)
+
 
 def split_object_name(name: str) -> tuple[str, str] | None:
     """`dataset/file` -> (dataset, file); None for names outside that layout or refused by `file_name_problem`."""
     dataset, sep, file = name.partition("/")
-    if not sep or not _NAME.match(dataset) or file_name_problem(dataset, file):
+    if not sep or not _NAME.fullmatch(dataset) or file_name_problem(dataset, file):
         return None
     return dataset, file
 

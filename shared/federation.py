@@ -7,36 +7,41 @@ deadline), aggregates, and opens the next round. Rounds 1..R train; round R+1 on
 evaluates the final global model on every node's held-out split.
 
 Everything here is pure (documents in, decisions out), so the protocol is tested
-without a cloud; shared/hub.py does the I/O.
+without a cloud; shared/fedstore.py holds the documents and shared/hub/ does the I/O.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.aggregation import Strategy
 from shared.datasets import DATASET_NAME
-from shared.jobs import TrainSpec
+from shared.jobs import NODE_NAME, TrainSpec
+
+if TYPE_CHECKING:
+    from shared.fedstore import Round
 
 # Anchored with \Z: `$` would also accept a trailing newline.
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 # Each node writes under its own prefix, so the hub can trust the node a name claims:
 # the node's identity may create objects under updates/<node>/ only (infra/main.tf).
+# Every part is bounded: each becomes part of a document id or a number the hub stores (max_attempts <= 100).
 UPDATE_PATH = re.compile(
-    r"^updates/(?P<node>[A-Za-z0-9_-]+)/(?P<fid>[a-z0-9][a-z0-9-]*)/round-(?P<round>\d{4})-a(?P<attempt>\d+)\.(?P<kind>safetensors|json)\Z"
+    r"^updates/(?P<node>[A-Za-z0-9_-]{1,63})/(?P<fid>[a-z0-9][a-z0-9-]{0,62})/round-(?P<round>\d{4})-a(?P<attempt>[1-9][0-9]{0,2})"
+    r"\.(?P<kind>safetensors|json)\Z"
 )
-REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9][a-z0-9-]*)\.json\Z")
+REQUEST_PATH = re.compile(r"^requests/(?P<fid>[a-z0-9][a-z0-9-]{0,62})\.json\Z")
 
 
-NODE_NAME = r"[A-Za-z0-9_-]+"
 
 
 class FedNode(BaseModel, frozen=True):
-    name: str = Field(pattern=f"^{NODE_NAME}$", max_length=63)  # it appears in update object names (UPDATE_PATH)
+    name: str = Field(pattern=NODE_NAME)  # it appears in update object names (UPDATE_PATH)
     dataset: str = Field(pattern=DATASET_NAME)  # a data set's name, as its raw-bucket prefix allows
 
 
@@ -44,6 +49,7 @@ MAX_NODES = 1000
 MAX_WIDTH = 4096  # units in one hidden layer
 MAX_LAYERS = 8
 MAX_DEADLINE_S = 86400.0  # a day; the deadline sweep must see every round end
+MAX_WEIGHT_BOUND = 1e12  # the largest |weight| a federation may admit; float32 reaches 3.4e38
 
 
 class FederationConfig(BaseModel, frozen=True):
@@ -62,9 +68,20 @@ class FederationConfig(BaseModel, frozen=True):
     learning_rate: float = Field(default=3e-3, gt=0, le=10)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    strategy: Strategy = "fedavg"
     prox_mu: float = Field(default=0.0, ge=0, le=1000)
     server_lr: float = Field(default=1e-2, gt=0, le=10, description="fedadam/fedyogi only")
+    trim_fraction: float = Field(
+        default=0.1, ge=0, lt=0.5, description="trimmed_mean only: the share of values dropped at each end of every coordinate"
+    )
+    clip_norm: float | None = Field(
+        default=None, gt=0, le=MAX_WEIGHT_BOUND,
+        description="clip each update's change from the previous global model to this L2 norm before aggregating; from round 2 on, "
+        "since round 1 starts from the shared seed, which the hub never holds",
+    )
+    max_abs_weight: float = Field(
+        default=1e4, gt=0, le=MAX_WEIGHT_BOUND, description="an update with any weight beyond this magnitude is refused"
+    )
     min_nodes: int | None = Field(default=None, ge=1, le=MAX_NODES, description="quorum after the deadline; default: every node")
     round_deadline_s: float = Field(default=600.0, gt=0, le=MAX_DEADLINE_S)
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -138,29 +155,43 @@ def round_kind(config: FederationConfig, r: int) -> Literal["train", "evaluate"]
     return "evaluate" if r > config.rounds else "train"
 
 
-def new_round(config: FederationConfig, r: int, now: datetime) -> dict:
-    return {
-        "round": r,
-        "kind": round_kind(config, r),
-        "status": RoundStatus.OPEN.value,
-        "expected": config.node_names,
-        "opened_at": now,
-        "deadline_at": now + timedelta(seconds=config.round_deadline_s),
-    }
-
-
-def close_decision(round_doc: dict, reported: list[str], quorum: int, now: datetime) -> tuple[RoundStatus, str] | None:
+def close_decision(rd: Round, reported: list[str], quorum: int, now: datetime) -> tuple[RoundStatus, str] | None:
     """Whether the round can close now with the nodes that `reported`, and why; None to keep waiting."""
-    if round_doc["status"] != RoundStatus.OPEN:
+    if rd.status is not RoundStatus.OPEN:
         return None
-    count, expected = len(set(reported) & set(round_doc["expected"])), len(round_doc["expected"])
+    count, expected = len(set(reported) & set(rd.expected)), len(rd.expected)
     if count == expected:
         return RoundStatus.CLOSED, f"all {expected} nodes reported"
-    if now < round_doc["deadline_at"]:
+    if now < rd.deadline_at:
         return None
     if count >= quorum:
         return RoundStatus.CLOSED, f"deadline passed with {count} of {expected} nodes (quorum {quorum})"
-    return RoundStatus.FAILED, f"round {round_doc['round']}: {count} of {expected} nodes reported by the deadline; quorum is {quorum}"
+    return RoundStatus.FAILED, f"round {rd.round}: {count} of {expected} nodes reported by the deadline; quorum is {quorum}"
+
+
+MAX_EXAMPLES = 10**9  # any node's examples; each is bounded further by its data set's rows
+
+
+class UpdateMetrics(BaseModel):
+    """The metrics an update may carry; anything else, or any value out of range, refuses it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
+
+    global_accuracy: float = Field(ge=0, le=1)
+    global_loss: float = Field(ge=0, le=1e6)
+    test_examples: int = Field(ge=1, le=MAX_EXAMPLES)
+    train_accuracy: float | None = Field(default=None, ge=0, le=1)
+    train_loss: float | None = Field(default=None, ge=0, le=1e6)
+    compute_s: float | None = Field(default=None, ge=0, le=1e6)
+
+
+class RoundMetrics(BaseModel, frozen=True):
+    """The pooled accuracy and loss of a round's updates; `round` names the global model evaluated."""
+
+    examples: float
+    accuracy: float
+    loss: float
+    round: int | None = None
 
 
 def weighted_metrics(updates: dict[str, dict], prefix: str) -> dict[str, float]:

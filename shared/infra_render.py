@@ -60,7 +60,6 @@ def render(settings: Settings) -> dict:
         "hub_bucket": settings.hub_bucket,
         "topics": {
             "shard_ready": settings.shard_ready_topic,
-            "fed_rounds": settings.fed_rounds_topic,
             "tick": settings.tick_topic,
             "dead_letter": settings.dead_letter_topic,
         },

@@ -26,9 +26,21 @@ from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.datasets import MAX_SPEC_BYTES, SPEC_OBJECT, DatasetSpec, split_object_name
-from shared.manifest import ShardReady, complete_if_ready, dataset_ref, file_ref, processed_prefix
+from shared.datasetstore import (
+    FILE_DONE,
+    Dataset,
+    DatasetStore,
+    FileRecord,
+    FileStatus,
+    FirestoreDatasetStore,
+    check_file_transition,
+    declared,
+)
+from shared.jobs import Job
+from shared.jobstore import JobStore
+from shared.manifest import ShardReady, complete_if_ready, processed_prefix
 from shared.preprocess import RejectedFile, preprocess_file
-from shared.quarantine import MAX_PROBLEMS, QuarantineRecord, QuarantineStore, copy_name
+from shared.quarantine import MAX_PROBLEMS, QuarantineRecord, QuarantineStore, copy_name, object_source
 
 log = logging.getLogger("fedpipe.ingest")
 
@@ -48,6 +60,14 @@ class Services:
     db: firestore.Client
     gcs: storage.Client
     publisher: pubsub_v1.PublisherClient
+    datasets: DatasetStore | None = None  # default: the Firestore store over `db`
+
+    def __post_init__(self) -> None:
+        if self.datasets is None:
+            self.datasets = FirestoreDatasetStore(self.db, self.settings)
+
+    def create_job(self, job: Job) -> bool:
+        return JobStore(self.db, self.settings).create(job)
 
 
 def handle_raw_object(svc: Services, obj: RawObject, event_id: str, now: datetime) -> str:
@@ -84,33 +104,16 @@ def _accept_spec(svc: Services, node: str, dataset: str, obj: RawObject, event_i
     except RejectedFile as rejected:
         quarantine(svc, node, obj, dataset, rejected, now)
         return f"quarantined: {rejected.reason}"
-    ref = dataset_ref(svc.db, svc.settings, node, dataset)
-
-    @firestore.transactional
-    def store(transaction: firestore.Transaction) -> bool:
-        """False only for an older declaration arriving late; the same one again catches up below."""
-        current = (ref.get(transaction=transaction).to_dict() or {})
-        held = current.get("spec_generation", 0)
-        if held > obj.generation:
-            return False
-        if held < obj.generation:
-            # A new declaration starts collecting again; its files may already all be in (checked below).
-            base = {"node": node, "dataset": dataset, "files": {}, "created_at": now}
-            transaction.set(ref, {
-                **base, **current, "status": "collecting", "spec": spec.model_dump(mode="json"),
-                "spec_generation": obj.generation, "updated_at": now,
-            })
-        return True
-
-    # A retried delivery (held == generation) still runs the catch-up: the first try may
+    svc.datasets.update_dataset(node, dataset, lambda current: declared(current, node, dataset, spec, obj.generation, now))
+    # A retried delivery (the same declaration held) still runs the catch-up: the first try may
     # have stored the declaration and then failed on a waiting file.
-    if not store(svc.db.transaction()):
+    if svc.datasets.dataset(node, dataset).spec_generation > obj.generation:
         return "stale: a newer declaration is stored"
     waiting = [(b, parts[1]) for b in svc.gcs.list_blobs(obj.bucket, prefix=f"{dataset}/") if b.name != obj.name and (parts := split_object_name(b.name))]
     for blob, file_name in waiting:
         process_data_file(svc, node, dataset, file_name, RawObject(obj.bucket, blob.name, blob.generation, blob.size), event_id, now)
     # A re-declaration of files that are all in already gets no new shard-ready message.
-    complete_if_ready(svc.db, svc.settings, ref, now)
+    complete_if_ready(svc.datasets, svc.create_job, node, dataset, now)
     return f"declaration stored; {len(waiting)} earlier file(s) processed"
 
 
@@ -127,49 +130,52 @@ class Claim(StrEnum):
 CLAIM_LEASE_S = 600.0  # longer than any function's timeout: a claim this old was left by a delivery that died for good
 
 
-def claim_decision(record: dict, generation: int, spec_generation: int | None, claimant: str, now: datetime) -> Claim:
+def claim_decision(record: FileRecord | None, generation: int, spec_generation: int | None, claimant: str, now: datetime) -> Claim:
     """Pure: may the delivery `claimant` process this upload, given the file's record?
 
-    An upload's record goes processing -> publishing -> processed (or quarantined).
-    The claimant may take its own unfinished claim back: it is a retry of the same
-    event, whose first try may have died anywhere before the end. Anyone else leaves a
-    live claim alone and takes over one that has outlived CLAIM_LEASE_S.
+    A claimed upload's record goes processing -> publishing -> processed (or quarantined),
+    along FILE_TRANSITIONS. The claimant may take its own unfinished claim back: it is a
+    retry of the same event, whose first try may have died anywhere before the end.
+    Anyone else leaves a live claim alone and takes over one that has outlived CLAIM_LEASE_S.
     """
-    if record.get("generation", 0) > generation:
+    if record is not None and record.generation > generation:
         return Claim.STALE
     if spec_generation is None:
         return Claim.AWAITING_DECLARATION
-    if (record.get("generation"), record.get("spec_generation")) != (generation, spec_generation):
-        return Claim.CLAIMED
-    if record.get("status") in ("processed", "quarantined"):
+    if record is None or (record.generation, record.spec_generation) != (generation, spec_generation):
+        return Claim.CLAIMED  # a new upload or declaration
+    if record.status in FILE_DONE:
         return Claim.DUPLICATE
-    live = record.get("status") in ("processing", "publishing") and (now - record["claimed_at"]).total_seconds() < CLAIM_LEASE_S
-    return Claim.BUSY if live and record.get("claimed_by") != claimant else Claim.CLAIMED
+    live = record.status is not FileStatus.AWAITING_DECLARATION and (now - record.claimed_at).total_seconds() < CLAIM_LEASE_S
+    return Claim.BUSY if live and record.claimed_by != claimant else Claim.CLAIMED
+
+
+def claimed(record: FileRecord | None, name: str, generation: int, spec_generation: int | None, claimant: str, now: datetime) -> FileRecord:
+    """Pure: the record of a claim (`claim_decision` said CLAIMED or AWAITING_DECLARATION); what an older claim held is dropped."""
+    status = FileStatus.AWAITING_DECLARATION if spec_generation is None else FileStatus.PROCESSING
+    check_file_transition(record.status if record else None, status)
+    if status is FileStatus.AWAITING_DECLARATION:
+        return FileRecord(name=name, generation=generation, status=status, updated_at=now)
+    return FileRecord(name=name, generation=generation, spec_generation=spec_generation, status=status, claimed_by=claimant,
+                      claimed_at=now, updated_at=now)
 
 
 def process_data_file(svc: Services, node: str, dataset: str, file_name: str, obj: RawObject, claimant: str, now: datetime) -> str:
-    record_ref, ds_ref = file_ref(svc.db, svc.settings, node, dataset, file_name), dataset_ref(svc.db, svc.settings, node, dataset)
-    identity = {"name": file_name, "generation": obj.generation}
+    decision, ds = Claim.STALE, None
 
-    @firestore.transactional
-    def claim(transaction: firestore.Transaction) -> tuple[Claim, dict]:
-        record = record_ref.get(transaction=transaction).to_dict() or {}
-        ds = ds_ref.get(transaction=transaction).to_dict()
-        spec_generation = None if ds is None else ds.get("spec_generation")
+    def claim(record: FileRecord | None, current: Dataset | None) -> FileRecord | None:
+        nonlocal decision, ds
+        ds, spec_generation = current, current.spec_generation if current else None
         decision = claim_decision(record, obj.generation, spec_generation, claimant, now)
-        if decision is Claim.CLAIMED:
-            transaction.set(record_ref, {
-                **identity, "spec_generation": spec_generation, "status": "processing", "claimed_by": claimant, "claimed_at": now, "updated_at": now,
-            })
-        elif decision is Claim.AWAITING_DECLARATION:
-            transaction.set(record_ref, {**identity, "status": "awaiting_declaration", "updated_at": now})
-        return decision, ds or {}
+        if decision in (Claim.CLAIMED, Claim.AWAITING_DECLARATION):
+            return claimed(record, file_name, obj.generation, spec_generation, claimant, now)
+        return None
 
-    decision, ds = claim(svc.db.transaction())
+    svc.datasets.update_file(node, dataset, file_name, claim)
     if decision is not Claim.CLAIMED:
         return f"{decision.value}: gs://{obj.bucket}/{obj.name}#{obj.generation}"
-    spec, spec_generation = DatasetSpec.model_validate(ds["spec"]), ds.get("spec_generation")
-    mine = {**identity, "spec_generation": spec_generation, "claimed_by": claimant}
+    spec, spec_generation = ds.spec, ds.spec_generation
+    mine = Mine(node, dataset, file_name, obj.generation, spec_generation, claimant)
     try:
         if file_name not in spec.expected_files:
             raise RejectedFile("unexpected_file", f"not in expected_files of {dataset}/{SPEC_OBJECT}")
@@ -179,7 +185,7 @@ def process_data_file(svc: Services, node: str, dataset: str, file_name: str, ob
         processed = preprocess_file(data, file_name, spec, svc.settings.max_upload_bytes)
     except RejectedFile as rejected:
         quarantine(svc, node, obj, dataset, rejected, now)
-        _finish(svc, record_ref, mine, {"status": "quarantined", "reason": str(rejected), "updated_at": now})
+        _finish(svc, mine, FileStatus.QUARANTINED, now, reason=str(rejected))
         return f"quarantined: {rejected.reason}"
 
     out_bucket = svc.gcs.bucket(svc.settings.processed_bucket(node))
@@ -197,27 +203,37 @@ def process_data_file(svc: Services, node: str, dataset: str, file_name: str, ob
     message = ready.model_dump_json().encode()
     # The record holds the message's digest before it is published: shard-ready accepts only
     # the message ingest wrote (shared.manifest.shard_ready_problem), not one made up by a publisher.
-    publishing = {"status": "publishing", "rows": processed.rows, "shards": len(shard_uris), "manifest_sha256": hashlib.sha256(message).hexdigest()}
-    if not _finish(svc, record_ref, mine, {**publishing, "updated_at": now}):
+    digest = hashlib.sha256(message).hexdigest()
+    if not _finish(svc, mine, FileStatus.PUBLISHING, now, rows=processed.rows, shards=len(shard_uris), manifest_sha256=digest):
         return "superseded: a newer upload or declaration took over while this one was processed"
     topic = svc.publisher.topic_path(svc.settings.project, svc.settings.shard_ready_topic)
     svc.publisher.publish(topic, message, node=node, dataset=dataset).result(timeout=30)
-    _finish(svc, record_ref, mine, {"status": "processed", "updated_at": now})
+    _finish(svc, mine, FileStatus.PROCESSED, now)
     return f"processed: {processed.rows} rows in {len(shard_uris)} shard(s)"
 
 
-def _finish(svc: Services, record_ref: firestore.DocumentReference, mine: dict, outcome: dict) -> bool:
-    """Record how a claimed upload ended, unless a newer upload or declaration has taken the record since."""
+@dataclass(frozen=True)
+class Mine:
+    """One delivery's claim on one upload: whose record `_finish` may move."""
 
-    @firestore.transactional
-    def write(transaction: firestore.Transaction) -> bool:
-        record = record_ref.get(transaction=transaction).to_dict() or {}
-        if any(record.get(k) != v for k, v in mine.items()):
-            return False
-        transaction.set(record_ref, {**record, **outcome})
-        return True
+    node: str
+    dataset: str
+    file_name: str
+    generation: int
+    spec_generation: int
+    claimant: str
 
-    return write(svc.db.transaction())
+    def holds(self, record: FileRecord | None) -> bool:
+        return record is not None and (record.generation, record.spec_generation, record.claimed_by) == (
+            self.generation, self.spec_generation, self.claimant)
+
+
+def _finish(svc: Services, mine: Mine, target: FileStatus, now: datetime, **fields: object) -> bool:
+    """Move a claimed upload's record on, unless a newer upload or declaration has taken the record since."""
+    written = svc.datasets.update_file(
+        mine.node, mine.dataset, mine.file_name, lambda record, _ds: record.moved(target, now, **fields) if mine.holds(record) else None,
+    )
+    return written is not None
 
 
 def quarantine(svc: Services, node: str, obj: RawObject, dataset: str | None, rejected: RejectedFile, now: datetime) -> None:
@@ -232,9 +248,25 @@ def quarantine(svc: Services, node: str, obj: RawObject, dataset: str | None, re
         log.warning("could not copy an object of %s to quarantine: %s", obj.bucket, type(exc).__name__)
         copied = None
     QuarantineStore(svc.db, svc.settings).put(QuarantineRecord(
-        node=node, dataset=dataset, source=f"gs://{obj.bucket}/{obj.name}", generation=obj.generation,
+        node=node, dataset=dataset, source=object_source(obj.bucket, obj.name), generation=obj.generation,
         reason=rejected.reason, detail=rejected.detail, problems=rejected.problems[:MAX_PROBLEMS], kept_at=copied, at=now,
     ))
+
+
+def refuse_undecodable(svc: Services, bucket: str, event_id: str, now: datetime) -> str:
+    """Record an event whose object cannot even be decoded (a name that is not UTF-8): no retry can fix it.
+
+    Nothing can be copied, as the object has no usable name; the record is keyed by the
+    event, so a redelivery overwrites it.
+    """
+    node = svc.settings.node_of_bucket(bucket)
+    if node is None:
+        return f"ignored: {bucket} is not a raw bucket"
+    QuarantineStore(svc.db, svc.settings).put(QuarantineRecord(
+        node=node, source=f"gs://{bucket}/?event={event_id[:200]}", reason="bad_event",
+        detail="the event's object could not be decoded (its name is not valid UTF-8, or the event is malformed)", at=now,
+    ))
+    return "quarantined: bad_event"
 
 
 def _errors(exc: ValidationError) -> list[str]:

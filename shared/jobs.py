@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JobStatus(StrEnum):
@@ -56,29 +56,40 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The names a data set's document id is made of: '~' is in neither, so no two (node, data set) pairs share an id.
+NODE_NAME = r"^[A-Za-z0-9_-]{1,63}$"  # it appears in bucket names, update paths and ids
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # a raw-bucket prefix: no '/', and never '.' or '..'
+
+
 class DatasetRef(BaseModel, frozen=True):
     """A node's data set; with `version`, exactly that content (a later re-upload does not change it)."""
 
-    node: str
-    dataset: str
-    version: str | None = None
+    node: str = Field(pattern=NODE_NAME)
+    dataset: str = Field(pattern=DATASET_NAME)
+    version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
 
     @property
     def id(self) -> str:
         return f"{self.node}~{self.dataset}"
 
 
+MAX_WIDTH = 4096  # units in one hidden layer
+MAX_LAYERS = 8
+
+
 class TrainSpec(BaseModel, frozen=True):
     """What to train. Validated on submit, so a bad job never reaches a worker."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: Literal["logreg", "mlp", "cnn"] = "mlp"
-    hidden: tuple[int, ...] = (64,)
+    hidden: tuple[Annotated[int, Field(ge=1, le=MAX_WIDTH)], ...] = Field(default=(64,), max_length=MAX_LAYERS)
     epochs: int = Field(default=30, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=1 << 16)
     learning_rate: float = Field(default=3e-3, gt=0, le=10)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    prox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal term; 0 = plain local training")
+    prox_mu: float = Field(default=0.0, ge=0, le=1000, description="FedProx proximal term; 0 = plain local training")
 
 
 class FederationRef(BaseModel, frozen=True):

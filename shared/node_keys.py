@@ -1,9 +1,13 @@
-"""The public key each node signs its updates with, registered as `nodes/{node}` in Firestore.
+"""The node registry, `nodes/{node}` in Firestore: each node's worker identity and update-signing key.
 
-The hub trusts an update only if it verifies against the key registered here, so
-registering is the step that admits a node to federations: `fedpipe nodes register`
-in production (the key comes from the node's Cloud KMS key version), automatic for
-the local stack, which creates one key file per node.
+Registering is the step that admits a node to federations, and only the operator
+does it (`fedpipe nodes register`; automatic for the local stack):
+- `identity` is the service account the node's workers run as. The node API maps a
+  verified ID token's email to its node through it, so a worker can speak only for
+  its own node.
+- `public_key` verifies the node's updates: the hub trusts an update only if it
+  verifies against the key registered here (Cloud KMS holds the private key in
+  production, a key file in the local stack).
 """
 
 from __future__ import annotations
@@ -13,10 +17,23 @@ import binascii
 from datetime import datetime
 
 from google.cloud import firestore
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import Settings
 
 ED25519_PUBLIC_KEY_BYTES = 32
+SERVICE_ACCOUNT = r"^[a-z0-9][a-z0-9.@_-]{2,253}$"  # pydantic patterns are Rust regexes: $ is the very end
+
+
+class NodeRecord(BaseModel):
+    """One node's entry in the registry."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    public_key: str | None = None
+    identity: str | None = Field(default=None, pattern=SERVICE_ACCOUNT)
+    source: str = ""
+    registered_at: datetime | None = None
 
 
 def node_ref(db: firestore.Client, settings: Settings, node: str) -> firestore.DocumentReference:
@@ -36,4 +53,20 @@ def check_public_key(public_key: str) -> str:
 
 def register(db: firestore.Client, settings: Settings, node: str, public_key: str, source: str, now: datetime) -> None:
     """Admit `node`'s key (replacing an earlier one: rotation); `source` says where it came from."""
-    node_ref(db, settings, node).set({"public_key": check_public_key(public_key), "source": source, "registered_at": now})
+    node_ref(db, settings, node).set(
+        {"public_key": check_public_key(public_key), "source": source, "registered_at": now}, merge=True
+    )
+
+
+def register_identity(db: firestore.Client, settings: Settings, node: str, identity: str, now: datetime) -> None:
+    """Name the service account `node`'s workers run as: its ID tokens speak for `node`, and for no other."""
+    record = NodeRecord(identity=identity.lower())
+    node_ref(db, settings, node).set({"identity": record.identity, "identity_registered_at": now}, merge=True)
+
+
+def node_of_identity(db: firestore.Client, settings: Settings, identity: str) -> str | None:
+    """The node whose workers run as `identity`, or None. Two nodes claiming one identity is a
+    registry error, and then the identity speaks for neither."""
+    query = db.collection(settings.nodes_collection).where(filter=firestore.FieldFilter("identity", "==", identity.lower())).limit(2)
+    nodes = [snap.id for snap in query.stream()]
+    return nodes[0] if len(nodes) == 1 else None

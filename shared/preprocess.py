@@ -70,6 +70,12 @@ def preprocess_file(data: bytes, file_name: str, spec: DatasetSpec, max_bytes: i
         raise RejectedFile("no_rows", f"{file_name} has no data rows")
     if table.num_rows > MAX_ROWS:
         raise RejectedFile("too_large", f"{table.num_rows} rows exceeds the limit of {MAX_ROWS}")
+    if (shards := -(-table.num_rows // spec.shard_rows)) > spec.max_shards_per_file:
+        raise RejectedFile(
+            "too_many_shards",
+            f"{table.num_rows} rows make {shards} shards of {spec.shard_rows} rows; a file of this data set may make "
+            f"{spec.max_shards_per_file} (raise shard_rows, or split the data set)",
+        )
     for column_name in [*spec.features, spec.label]:
         _check_no_nulls(table.column(column_name), column_name)
     columns = [_feature_values(table.column(f), f) for f in spec.features]

@@ -28,7 +28,7 @@ class QuarantineRecord(BaseModel, frozen=True):
 
     node: str | None = Field(description="None when a refused message names no node of this deployment")
     dataset: str | None = None
-    source: str = Field(description="gs://bucket/object, or pubsub://topic/message-id for a refused message")
+    source: str = Field(max_length=2048, description="gs://bucket/object (see object_source), or pubsub://topic/message-id for a refused message")
     generation: int | None = None
     reason: str
     detail: str
@@ -60,6 +60,14 @@ class QuarantineStore:
         else:
             query = query.order_by("at", direction=firestore.Query.DESCENDING).limit(limit)
         return [QuarantineRecord.model_validate(snap.to_dict()) for snap in query.stream()]
+
+
+def object_source(bucket: str, name: str) -> str:
+    """`gs://bucket/name` as a record and logs show it; a name longer than Cloud Storage allows
+    (only a forged event has one) is cut, and told apart from others by its digest."""
+    if len(name.encode()) <= MAX_OBJECT_NAME_BYTES:
+        return f"gs://{bucket}/{name}"
+    return f"gs://{bucket}/{name[:200]}...(sha256 {hashlib.sha256(name.encode()).hexdigest()[:16]})"
 
 
 def copy_name(object_name: str, generation: int) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from shared.hub import sweep_deadlines
+from shared.hub import SweepOutcome, sweep_deadlines
 from shared.ingest import Services
 from shared.jobs import Job
 from shared.jobstore import JobStore
 
 
-def tick(svc: Services, now: datetime) -> tuple[list[tuple[Job, int]], list[str]]:
+def tick(svc: Services, now: datetime) -> tuple[list[tuple[Job, int]], list[SweepOutcome]]:
     """Returns the reaped jobs (as written, and the attempt that was lost) and the round outcomes."""
     try:
         reaped = JobStore(svc.db, svc.settings).reap(now)

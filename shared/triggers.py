@@ -76,5 +76,9 @@ def triggers(settings: Settings) -> list[Trigger]:
 
 
 def function_names(settings: Settings) -> list[str]:
-    """Entry points that need a running function, in declaration order."""
+    """Entry points that events are delivered to, in declaration order."""
     return list(dict.fromkeys(t.function for t in triggers(settings)))
+
+
+# Functions called over HTTP rather than by a trigger: workers call the node API with an ID token.
+HTTP_FUNCTIONS = ("node_api",)

@@ -36,9 +36,12 @@ def cloud(tmp_path_factory):
     os.environ["FEDPIPE_HEARTBEAT_S"] = "0.3"
     state_dir = Path(tmp_path_factory.mktemp("fedpipe-state"))
     os.environ["FEDPIPE_STATE_DIR"] = str(state_dir)  # where CLI commands find this stack
+    # mallory is a registered node that runs a hostile worker of its own (tests/emulator/hostile_worker.py).
+    os.environ["FEDPIPE_NODES"] = "us,eu,mallory"
     options = StackOptions(
         state_dir=state_dir,
         router=RouterConfig(retry=RetryPolicy(min_backoff_s=0.3, max_backoff_s=2.0, max_attempts=6), reaper_interval_s=0.5),
+        worker_modules={"mallory": "tests.emulator.hostile_worker"},
     )
     with LocalCloud(options) as local:
         yield local

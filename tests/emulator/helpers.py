@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import requests
 from google.cloud import firestore
 
 from emulators.endpoints import DELIVERIES_COLLECTION
+from emulators.metadata_server import IDENTITY_PATH
 from fedpipe.demo import upload_dataset
+from shared.federation import UPDATE_PATH
 from shared.jobs import Job, TrainSpec
 from shared.manifest import dataset_doc_id
 from tests.conftest import wait_for
@@ -75,3 +78,18 @@ def event_mentions(record: dict, text: str) -> bool:
 
 def after(ts: datetime):
     return lambda r: r["updated_at"] >= ts
+
+
+def report_update(cloud, node: str, blob) -> requests.Response:
+    """Report an uploaded update through the node API as `node`'s worker does: with the ID token
+    of `node`'s metadata endpoint. The hub counts updates only when their node reports them."""
+    port = cloud.endpoints.metadata_ports[node]
+    url = cloud.endpoints.function_url("node_api")
+    token = requests.get(
+        f"http://127.0.0.1:{port}{IDENTITY_PATH}", params={"audience": url, "format": "full"}, headers={"Metadata-Flavor": "Google"}, timeout=10
+    ).text
+    match = UPDATE_PATH.match(blob.name)
+    return requests.post(
+        f"{url.rstrip('/')}/v1/federations/{match['fid']}/rounds/{int(match['round'])}/updates",
+        json={"object": blob.name, "generation": blob.generation}, headers={"Authorization": f"Bearer {token}"}, timeout=60,
+    )

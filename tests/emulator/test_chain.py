@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from emulators.endpoints import REPLAY_TOPIC
-from shared.datasets import SPEC_OBJECT, file_key
+from shared.datasets import SPEC_OBJECT
 from shared.jobs import JobStatus, utcnow
 from tests.conftest import wait_for
 from tests.emulator.helpers import (
@@ -142,15 +142,18 @@ def test_a_slow_completion_never_steps_the_summary_back_to_an_older_version(clou
     from google.cloud.firestore import DocumentReference
 
     from shared import manifest
+    from shared.datasetstore import FirestoreDatasetStore
+    from shared.jobstore import JobStore
 
     now = utcnow()
+    store, create_job = FirestoreDatasetStore(clients.db, clients.settings), JobStore(clients.db, clients.settings).create
     spec = {"features": ["a"], "label": "y", "num_classes": 2, "expected_files": ["part.csv"], "train_on_complete": False}
-    ds_ref = clients.db.collection(clients.settings.datasets_collection).document(manifest.dataset_doc_id("us", "race-summary"))
-    ds_ref.set({"node": "us", "dataset": "race-summary", "spec": spec, "status": "pending"})
+    ds_ref = store.dataset_ref("us", "race-summary")
+    ds_ref.set({"node": "us", "dataset": "race-summary", "spec": spec, "status": "collecting", "created_at": now, "updated_at": now})
     stats = {"count": 4, "mean": [0.5], "m2": [1.0], "label_counts": [2, 2]}
-    entry = ds_ref.collection("manifest").document(file_key("part.csv"))
+    entry = store.entry_ref("us", "race-summary", "part.csv")
     entry.set({"file": "part.csv", "generation": 1, "spec_generation": 0, "rows": 4, "shards": ["gs://x/1"], "stats": stats, "source": "gs://x/part.csv"})
-    v1 = manifest.version_of({"part.csv": {"generation": 1}}, None)
+    v1 = manifest.version_of({"part.csv": 1}, 0)
 
     real_set, raced = DocumentReference.set, []
 
@@ -159,13 +162,13 @@ def test_a_slow_completion_never_steps_the_summary_back_to_an_older_version(clou
         if self.path.endswith(f"/versions/{v1}") and not raced:
             raced.append(True)  # while the v1 delivery is between its reads and its summary write:
             real_set(entry, {**entry.get().to_dict(), "generation": 2, "shards": ["gs://x/2"]})
-            manifest.complete_if_ready(clients.db, clients.settings, ds_ref, now)
+            manifest.complete_if_ready(store, create_job, "us", "race-summary", now)
         return result
 
     monkeypatch.setattr(DocumentReference, "set", newer_delivery_lands_first)
-    manifest.complete_if_ready(clients.db, clients.settings, ds_ref, now)
+    manifest.complete_if_ready(store, create_job, "us", "race-summary", now)
 
     summary = ds_ref.get().to_dict()
     assert raced and summary["status"] == "complete"
-    assert summary["version"] == manifest.version_of({"part.csv": {"generation": 2}}, None) != v1
+    assert summary["version"] == manifest.version_of({"part.csv": 2}, 0) != v1
     assert summary["files"]["part.csv"]["shards"] == ["gs://x/2"]

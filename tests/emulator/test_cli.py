@@ -157,7 +157,16 @@ def test_nodes_register_and_list(cloud, clients):
     short = fedpipe("nodes", "register", "lab-4", "--public-key", "AAAA")
     assert short.returncode == 1 and "an Ed25519 public key has 32 bytes, this one 3" in short.stderr
     both = fedpipe("nodes", "register", "lab-4", "--public-key", key, "--kms", "projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1")
-    assert both.returncode == 1 and "exactly one of --public-key and --kms" in both.stderr
+    assert both.returncode == 1 and "at most one of --public-key and --kms" in both.stderr
+    neither = fedpipe("nodes", "register", "lab-4")
+    assert neither.returncode == 1 and "give --identity, and --public-key or --kms" in neither.stderr
     slash = fedpipe("nodes", "register", "lab/4", "--public-key", key)
     assert slash.returncode == 1 and "node names are letters, digits" in slash.stderr
     assert not clients.db.collection("nodes").document("lab-4").get().exists
+
+    # The identity its workers run as: the node API answers that identity's tokens as lab-3.
+    done = fedpipe("nodes", "register", "lab-3", "--identity", "Worker-Lab3@p.iam.gserviceaccount.com")
+    assert done.returncode == 0, done.stderr
+    assert clients.db.collection("nodes").document("lab-3").get().get("identity") == "worker-lab3@p.iam.gserviceaccount.com"
+    assert clients.db.collection("nodes").document("lab-3").get().get("public_key") == key  # kept
+    assert "worker-lab3@p.iam.gserviceaccount.com" in fedpipe("nodes", "list").stdout

@@ -24,7 +24,7 @@ from shared.federation import FederationConfig, global_model_object, member_id
 from shared.jobs import utcnow
 from shared.signing import LocalKeySigner, signature_metadata, update_claims
 from tests.conftest import wait_for
-from tests.emulator.helpers import delivered, deliveries, wait_job
+from tests.emulator.helpers import delivered, deliveries, report_update, wait_job
 
 pytestmark = pytest.mark.emulator
 QUIET = Console(file=io.StringIO())
@@ -57,19 +57,32 @@ def signed_metadata(cloud, node: str, fid: str, r: int, attempt: int, examples: 
     return {"examples": str(examples), "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
 
 
-def open_round(clients, config: FederationConfig, now, r: int = 2, kind: str = "evaluate"):
-    """Services, plus a running federation whose round `r` is open, written directly: the hub's
-    handlers are then called in this process, with no workers. The deadline is an hour away,
-    so the stack's own deadline sweep stays out of it."""
+def open_round(clients, config: FederationConfig, now, r: int = 2):
+    """Services and the hub's store, plus a running federation whose round `r` is open, written
+    directly: the hub's handlers are then called in this process, with no workers. The deadline
+    is an hour away, so the stack's own deadline sweep stays out of it."""
     from shared import hub
+    from shared.datasets import FeatureStats
+    from shared.fedstore import Federation, FederationStatus, Round
     from shared.ingest import Services
 
     svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
-    hub.fed_ref(svc, config.id).set({"config": config.model_dump(mode="json"), "status": "running", "round": r, "n_features": 64,
-                                     "num_classes": 10, "global_model_uri": None, "created_at": now, "updated_at": now})
-    hub.round_ref(svc, config.id, r).set({"round": r, "kind": kind, "status": "open", "expected": ["eu", "us"], "opened_at": now,
-                                          "deadline_at": now + timedelta(hours=1)})
-    return svc
+    store = hub.federation_store(svc)
+    stats = FeatureStats(count=2000, mean=[0.0] * 64, m2=[1.0] * 64, label_counts=[200] * 10)
+    fed = Federation(id=config.id, status=FederationStatus.RUNNING, config=config, round=r, n_features=64, num_classes=10, stats=stats,
+                     node_rows={"us": 1000, "eu": 1000}, created_at=now, updated_at=now)
+    store.federation_ref(config.id).set(fed.to_doc())
+    rd = Round.opened(config, r, now).model_copy(update={"expected": ["eu", "us"], "deadline_at": now + timedelta(hours=1)})
+    store.round_ref(config.id, r).set(rd.to_doc())
+    return svc, store
+
+
+def counted(node: str, now, accuracy: float = 0.5):
+    """A counted evaluation update of `node`, as the hub writes it."""
+    from shared.fedstore import Update, UpdateMetrics
+
+    metrics = UpdateMetrics(global_accuracy=accuracy, global_loss=1.0, test_examples=10)
+    return Update(node=node, object=f"gs://x/{node}", generation=1, attempt=1, examples=10, metrics=metrics, at=now)
 
 
 def read(clients, uri: str) -> bytes:
@@ -136,12 +149,17 @@ def test_duplicate_and_late_updates_change_nothing(cloud, clients, shares):
     metrics = {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5}
     late.metadata = signed_metadata(cloud, "us", "fed-dups", 1, 9, 10, metrics, payload)
     late.upload_from_string(payload)
-    wait_for(lambda: fed_views.load(clients.db, clients.settings, "fed-dups")[1][0]["late"], 30, "the late update to be recorded")
+    reply = report_update(cloud, "us", late)
+    assert (reply.status_code, reply.json()["outcome"]) == (409, "late")
+    # Each counted update of round 1 reported again by its node: a duplicate, counted once.
+    for node, update in rounds[0]["updates"].items():
+        again = report_update(cloud, node, hub.get_blob(update["object"].removeprefix(f"gs://{hub.name}/"), generation=update["generation"]))
+        assert (again.status_code, again.json()["outcome"], again.json()["counted"]) == (200, "duplicate", True)
 
     fed_after, rounds_after = fed_views.load(clients.db, clients.settings, "fed-dups")
     assert [rd["participants"] for rd in rounds_after] == [rd["participants"] for rd in rounds]
     assert len(rounds_after) == 3 and fed_after["final"] == fed["final"]
-    assert [(x["node"], x["attempt"], x.get("refused")) for x in rounds_after[0]["late"]] == [("us", 9, None)]  # late, not invalid
+    assert [(x["node"], x["attempt"], x["reason"]) for x in rounds_after[0]["late"]] == [("us", 9, "late")]  # late, not invalid
     assert hub.get_blob(global_model_object("fed-dups", 1)).generation == global_gen  # not re-aggregated
 
 
@@ -238,13 +256,15 @@ def test_an_update_of_the_wrong_shape_is_refused_and_the_round_goes_on(cloud, cl
     metrics = {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5}
     bogus.metadata = signed_metadata(cloud, "eu", "fed-badshape", 1, 9, 10, metrics, payload)  # signed, yet unusable
     bogus.upload_from_string(payload)
+    reply = report_update(cloud, "eu", bogus)
+    assert (reply.status_code, reply.json()["outcome"], reply.json()["reason"]) == (422, "refused", "too_small")
 
     fed = watch_federation(clients.db, clients.settings, "fed-badshape", QUIET, 120)
     assert fed["status"] == "completed", fed.get("error")
     _, rounds = fed_views.load(clients.db, clients.settings, "fed-badshape")
     assert rounds[0]["participants"] == ["eu", "us"] and rounds[0]["updates"]["eu"]["attempt"] == 1
-    [refused] = [x for x in rounds[0]["late"] if x.get("refused")]
-    assert refused["attempt"] == 9 and refused["refused"] == "missing tensor 'dense_0.bias'"
+    [refused] = rounds[0]["late"]
+    assert (refused["attempt"], refused["reason"]) == (9, "too_small")  # refused on its size, never downloaded
 
 
 @pytest.mark.parametrize("closed_when", ["before our write", "after our write", "as we close"])
@@ -257,10 +277,10 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     from shared.ingest import RawObject
 
     fid, now = f"fed-race-{closed_when.split()[0]}", utcnow()
-    svc = open_round(clients, federation(fid, rounds=1, min_nodes=1), now)
+    svc, store = open_round(clients, federation(fid, rounds=1, min_nodes=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
-    updates, late, marker = hub._round_parts(svc, fid, 2)
-    updates.document("us").set({"node": "us", "object": "gs://x/us", "examples": 10, "metrics": metrics, "at": now})
+    store.add_update(fid, 2, counted("us", now))
+    marker = store.marker_ref(fid, 2)
     # Written where no trigger fires, so only this call handles it.
     bucket = clients.settings.processed_bucket("eu")
     name = f"updates/eu/{fid}/round-0002-a1.json"
@@ -274,7 +294,7 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     def create_racing_the_closer(self, data, *args, **kwargs):
         if closed_when == "as we close" and self.path == marker.path and data["participants"] == ["eu", "us"]:
             real_create(marker, closing)  # the closer's marker lands first; ours then fails
-        if self.path != updates.document("eu").path or closed_when == "as we close":
+        if self.path != store.update_ref(fid, 2, "eu").path or closed_when == "as we close":
             return real_create(self, data, *args, **kwargs)
         if closed_when == "before our write":
             real_create(marker, closing)
@@ -286,9 +306,9 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     monkeypatch.setattr(DocumentReference, "create", create_racing_the_closer)
     outcome = hub.record_update(svc, obj, fid, 2, "eu", 1, now)
 
-    assert outcome == "late: round 2 is closed"
-    assert [snap.get("node") for snap in late.stream()] == ["eu"]
-    assert marker.get().get("participants") == ["us"]
+    assert (outcome.kind, outcome.message) == (hub.UpdateKind.LATE, "late: round 2 is closed")
+    assert [(x.node, x.reason) for x in store.refusals(fid, 2)] == [("eu", "late")]
+    assert store.marker(fid, 2).participants == ["us"]
 
 
 @pytest.mark.parametrize(("forgery", "reason"), [
@@ -302,7 +322,7 @@ def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, cli
     from shared.ingest import RawObject
 
     fid, now = f"fed-sig-{forgery.split()[0].replace(chr(39), '')}", utcnow()
-    svc = open_round(clients, federation(fid, rounds=1), now)
+    svc, store = open_round(clients, federation(fid, rounds=1), now)
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10}
     payload = json.dumps(metrics).encode()
     meta = {
@@ -321,11 +341,10 @@ def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, cli
 
     outcome = hub.record_update(svc, RawObject(bucket, name, blob.generation, blob.size, meta), fid, 2, "eu", 1, now)
 
-    updates, late, _ = hub._round_parts(svc, fid, 2)
-    assert outcome == f"refused: {reason}"
-    assert [(snap.get("node"), snap.get("refused")) for snap in late.stream()] == [("eu", reason)]
-    assert not updates.document("eu").get().exists  # never counted
-    assert hub.round_ref(svc, fid, 2).get().get("status") == "open"
+    assert outcome.message == f"refused: {reason}"
+    assert [(x.node, x.message) for x in store.refusals(fid, 2)] == [("eu", reason)]
+    assert not store.is_counted(fid, 2, "eu")  # never counted
+    assert store.round(fid, 2).status == "open"
 
 
 def test_a_federation_with_a_node_that_has_no_signing_key_is_refused(cloud, clients, shares):
@@ -351,7 +370,7 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
     from shared.ingest import RawObject
 
     fid, now = "fed-replaced", utcnow()
-    svc = open_round(clients, federation(fid, rounds=1), now)
+    svc, store = open_round(clients, federation(fid, rounds=1), now)
     bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
     blob = clients.gcs.bucket(bucket).blob(name)
 
@@ -362,45 +381,47 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
         return RawObject(bucket, name, blob.generation, blob.size, signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, payload))
 
     first = upload(0.5)
-    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).startswith("recorded")
-    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).startswith("duplicate")
+    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).kind is hub.UpdateKind.RECORDED
+    assert hub.record_update(svc, first, fid, 2, "eu", 1, now).kind is hub.UpdateKind.DUPLICATE
     second = upload(0.9)
-    assert hub.record_update(svc, second, fid, 2, "eu", 1, now) == "refused: replaces an update already counted"
+    assert hub.record_update(svc, second, fid, 2, "eu", 1, now).message == "refused: replaces an update already counted"
 
-    updates, late, _ = hub._round_parts(svc, fid, 2)
-    counted = updates.document("eu").get().to_dict()
-    assert counted["generation"] == first.generation and counted["metrics"]["global_accuracy"] == 0.5
-    assert [(s.get("generation"), s.get("refused")) for s in late.stream()] == [(second.generation, "replaces an update already counted")]
+    kept = store.update_view(fid, 2, "eu").counted
+    assert kept.generation == first.generation and kept.metrics.global_accuracy == 0.5
+    assert [(x.generation, x.reason) for x in store.refusals(fid, 2)] == [(second.generation, "replaces_counted")]
 
 
 def test_aggregation_reuses_the_updates_this_hub_counted_instead_of_downloading_them_again(cloud, clients, monkeypatch):
     """An update is read once, when it is counted: the close averages the bytes this hub instance
     verified, and downloads only updates another instance counted."""
     from shared import gcs_uri, hub
+    from shared.hub.aggregation_io import aggregate
     from shared.ingest import RawObject
     from shared.model_spec import param_spec
 
     fid, now = "fed-held", utcnow()
-    svc = open_round(clients, federation(fid, rounds=1), now, r=1, kind="train")
+    svc, store = open_round(clients, federation(fid, rounds=1), now, r=1)
     bucket = clients.gcs.bucket(clients.settings.processed_bucket("eu"))  # no trigger there: only these calls handle them
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 10, "train_loss": 1.0, "train_accuracy": 0.5}
     updates = {}
     for node, value, examples in (("us", 1.0, 10), ("eu", 2.0, 20)):
-        payload = weights.to_bytes({k: np.full(shape, value, np.float32) for k, (shape, _) in param_spec("mlp", 64, 10, (64,)).items()})
+        params = {k: np.full(shape, value, np.float32) for k, (shape, _) in param_spec("mlp", 64, 10, (64,)).items()}
+        payload = weights.to_bytes(params, {"federation": fid, "round": "1", "node": node})
         blob = bucket.blob(f"updates/{node}/{fid}/round-0001-a1.safetensors")
         blob.upload_from_string(payload)
         updates[node] = RawObject(bucket.name, blob.name, blob.generation, blob.size, signed_metadata(cloud, node, fid, 1, 1, examples, metrics, payload))
     # Only us is counted here, so the round stays open (the stack's own deadline sweep could otherwise close it first).
-    assert hub.record_update(svc, updates["us"], fid, 1, "us", 1, now) == "recorded; round 1: 1 of 2 reported"
-    counted_elsewhere = {"object": f"gs://{bucket.name}/{updates['eu'].name}", "generation": updates["eu"].generation, "examples": 20}
+    assert hub.record_update(svc, updates["us"], fid, 1, "us", 1, now).message == "recorded; round 1: 1 of 2 reported"
+    us = store.update_view(fid, 1, "us").counted
+    counted_elsewhere = us.model_copy(update={"node": "eu", "object": f"gs://{bucket.name}/{updates['eu'].name}",
+                                              "generation": updates["eu"].generation, "examples": 20})
     downloads = []
     real_read = gcs_uri.read
     monkeypatch.setattr(gcs_uri, "read", lambda gcs, uri, generation=None: downloads.append(uri) or real_read(gcs, uri, generation))
 
-    participants = {"us": hub._round_parts(svc, fid, 1)[0].document("us").get().to_dict(), "eu": counted_elsewhere}
-    uri = hub.aggregate(svc, hub.fed_ref(svc, fid).get().to_dict(), 1, participants, recover=False)
+    uri = aggregate(hub.Hub.of(svc), store.federation(fid), 1, {"us": us, "eu": counted_elsewhere}, recover=False)
 
-    assert downloads == [counted_elsewhere["object"]]
+    assert downloads == [counted_elsewhere.object]
     global_1, _ = weights.from_bytes(read(clients, uri))
     for value in global_1.values():
         np.testing.assert_allclose(value, (1.0 * 10 + 2.0 * 20) / 30, rtol=1e-6)
@@ -410,21 +431,21 @@ def test_a_close_whose_closer_died_is_finished_from_its_marker_once_stale(cloud,
     """The delivery that creates a round's close marker finishes the close. Should it die first,
     the deadline sweep finishes it with the marker's participants once the marker is stale."""
     from shared import hub
+    from shared.fedstore import CloseMarker
 
     fid, now = "fed-dead-closer", utcnow()
-    svc = open_round(clients, federation(fid, rounds=1), now)
-    updates, _, marker = hub._round_parts(svc, fid, 2)
+    svc, store = open_round(clients, federation(fid, rounds=1), now)
     for node, accuracy in (("eu", 0.6), ("us", 0.8)):
-        metrics = {"global_accuracy": accuracy, "global_loss": 1.0, "test_examples": 10}
-        updates.document(node).set({"node": node, "object": f"gs://x/{node}", "examples": 10, "metrics": metrics, "at": now})
-    marker.create({"status": "closed", "reason": "all 2 nodes reported", "participants": ["eu", "us"], "at": now})  # ...and died here
+        store.add_update(fid, 2, counted(node, now, accuracy))
+    store.create_marker(fid, 2, CloseMarker(status="closed", reason="all 2 nodes reported", participants=["eu", "us"], at=now))  # ...and died
 
-    assert hub.advance(svc, fid, 2, now + timedelta(seconds=1), recover=True) == "round 2 is being closed by another delivery"
-    assert hub.advance(svc, fid, 2, now + timedelta(seconds=hub.STALE_CLOSE_S), recover=True) == "federation completed (all 2 nodes reported)"
+    assert hub.advance(svc, fid, 2, now + timedelta(seconds=1), recover=True).message == "round 2 is being closed by another delivery"
+    done = hub.advance(svc, fid, 2, now + timedelta(seconds=hub.STALE_CLOSE_S), recover=True)
+    assert done.message == "federation completed (all 2 nodes reported)"
 
-    fed = hub.fed_ref(svc, fid).get().to_dict()
-    assert fed["status"] == "completed" and fed["final"]["accuracy"] == pytest.approx(0.7)
-    assert hub.round_ref(svc, fid, 2).get().get("participants") == ["eu", "us"]
+    fed = store.federation(fid)
+    assert fed.status == "completed" and fed.final.accuracy == pytest.approx(0.7)
+    assert store.round(fid, 2).participants == ["eu", "us"]
 
 
 def test_a_request_that_is_gone_is_acknowledged_with_its_reason(cloud, clients):
@@ -440,7 +461,7 @@ def test_a_request_that_is_gone_is_acknowledged_with_its_reason(cloud, clients):
     blob.delete()
     svc = Services(clients.settings, clients.db, clients.gcs, clients.publisher)
 
-    assert hub.handle_hub_object(svc, obj, utcnow()) == "ignored: the request is gone"
+    assert hub.handle_hub_object(svc, obj, utcnow()).kind is hub.StartKind.IGNORED
     assert not hub.fed_ref(svc, fid).get().exists
 
 

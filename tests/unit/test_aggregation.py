@@ -1,4 +1,4 @@
-"""shared.aggregation: streaming FedAvg and FedOpt server optimizers against closed forms."""
+"""shared.aggregation: streaming FedAvg, robust statistics, clipping and FedOpt server optimizers against closed forms."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ from safetensors.numpy import save as st_save
 
 from shared import aggregation as agg
 from shared.aggregation import (
+    STRATEGIES,
+    CoordinateMedian,
     ServerOptimizer,
     StreamingMean,
+    TrimmedMean,
+    aggregator,
     blas_axpy_available,
+    clip_update,
     fedavg,
+    update_norm,
 )
 
 pytestmark = pytest.mark.unit
@@ -655,3 +661,182 @@ def test_server_optimizer_errors_name_the_tensor():
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer("fedsgd")
     assert agg.SERVER_OPTIMIZERS == ("fedavg", "fedadam", "fedyogi", "fedadagrad")
+
+
+# --------------------------------------------------------------------------------------
+# Robust aggregation: coordinate-wise median and trimmed mean
+# --------------------------------------------------------------------------------------
+
+
+def columns(*per_node: list[float]) -> list[dict[str, np.ndarray]]:
+    """One update per node, from each node's values for the 2x2 tensor 'w' (row-major) and the scalar 'b' (last)."""
+    return [{"w": np.array(v[:4], np.float32).reshape(2, 2), "b": np.array(v[4], np.float32)} for v in per_node]
+
+
+def run(agg_, updates, weights=None) -> dict[str, np.ndarray]:
+    agg_.extend(zip(updates, weights or [1.0] * len(updates), strict=True))
+    return agg_.result()
+
+
+def test_median_of_odd_n_is_the_middle_value():
+    ups = columns([1, -2, 7, 0.5, 10], [3, -1, 5, 0.25, -10], [2, 9, 6, 0.125, 0])
+    got = run(CoordinateMedian(), ups)
+    assert np.array_equal(got["w"], np.array([[2, -1], [6, 0.25]], np.float32))
+    assert np.array_equal(got["b"], np.float32(0))
+
+
+def test_median_of_even_n_is_the_mean_of_the_two_middle_values():
+    ups = columns([1, 8, -3, 0, 1], [4, 2, -1, 0, 2], [2, 6, -7, 1, 3], [10, 4, -5, 0, 4])
+    got = run(CoordinateMedian(), ups)
+    # Sorted per coordinate: [1,2,4,10] -> 3, [2,4,6,8] -> 5, [-7,-5,-3,-1] -> -4, [0,0,0,1] -> 0, [1,2,3,4] -> 2.5.
+    assert np.array_equal(got["w"], np.array([[3, 5], [-4, 0]], np.float32))
+    assert np.array_equal(got["b"], np.float32(2.5))
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    # n=5, trim 0.2: one largest and one smallest value dropped per coordinate, wherever they come from.
+    ups = columns([100, 0, 5, 1, 2], [1, -50, 5, 2, 2], [3, 6, 5, 3, 2], [2, 0, 5, 4, 2], [4, 3, 5, 5, 1e6])
+    got = run(TrimmedMean(0.2), ups)
+    # [1,2,3,4,100] -> 3, [-50,0,0,3,6] -> 1, [5]*5 -> 5, [1..5] -> 3, [2,2,2,2,1e6] -> 2.
+    assert np.array_equal(got["w"], np.array([[3, 1], [5, 3]], np.float32))
+    assert np.array_equal(got["b"], np.float32(2))
+
+
+def test_trim_fraction_is_floored_per_n_without_float_noise():
+    # 0.29 * 100 is 28.999999999999996 in floating point; the trim is 29. Values i^2 tell 28 from 29.
+    ups = [{"w": np.array([float(i * i)], np.float32)} for i in range(100)]
+    got = run(TrimmedMean(0.29), ups[::-1])
+    assert got["w"][0] == pytest.approx(np.mean([i * i for i in range(29, 71)]), rel=1e-7)
+    assert got["w"][0] != pytest.approx(np.mean([i * i for i in range(28, 72)]), rel=1e-4)
+
+
+def test_trimmed_mean_with_n_too_small_to_trim_is_the_unweighted_mean():
+    ups = columns([1, 2, 3, 4, 5], [3, 2, 1, 0, 5], [2, 8, 2, 2, 5], [10, 0, 6, 2, 5])  # 0.2 * 4 < 1: nothing trimmed
+    got = run(TrimmedMean(0.2), ups, weights=[1, 100, 1, 5])
+    assert np.array_equal(got["w"], np.array([[4, 3], [3, 2]], np.float32))
+    assert np.array_equal(got["b"], np.float32(5))
+    (one,) = make_updates(1, seed=40)
+    alone = run(TrimmedMean(0.4), [one])
+    assert all(np.array_equal(alone[k], one[k]) for k in SHAPES)
+
+
+def test_an_outlier_moves_fedavg_but_not_median_or_trimmed_mean():
+    honest = [0.9, 1.0, 1.1, 0.95, 1.05]
+    ups = [{"w": np.full(3, v, np.float32)} for v in [*honest, 1e6]]
+    weights = [100.0] * 6
+    assert fedavg(zip(ups, weights))["w"][0] == pytest.approx((sum(honest) + 1e6) / 6, rel=1e-6)
+    median = run(CoordinateMedian(), ups, weights)["w"]
+    trimmed = run(TrimmedMean(0.2), ups, weights)["w"]  # 0.2 * 6: one dropped at each end
+    np.testing.assert_allclose(median, np.full(3, (1.0 + 1.05) / 2), rtol=1e-7)
+    np.testing.assert_allclose(trimmed, np.full(3, (0.95 + 1.0 + 1.05 + 1.1) / 4), rtol=1e-7)
+
+
+def test_robust_statistics_ignore_claimed_weights_except_zero():
+    ups = make_updates(5, seed=41)
+    for make in (CoordinateMedian, lambda: TrimmedMean(0.2)):
+        even = run(make(), ups, [1, 1, 1, 1, 1])
+        inflated = run(make(), ups, [1, 2.0**62, 3, 7, 1])  # a hostile claim changes nothing
+        assert all(np.array_equal(even[k], inflated[k]) for k in SHAPES)
+        agg_ = make()
+        agg_.extend(zip(ups, [1, 0, 1, 1, 1]))  # zero weight: left out, as in the mean
+        assert agg_.count == 5
+        without = run(make(), ups[:1] + ups[2:])
+        assert all(np.array_equal(agg_.result()[k], without[k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_robust_statistics_match_numpy_and_keep_shapes_and_dtypes(threads):
+    ups = make_updates(7, seed=42)  # >= 2**19 elements: the threaded path for threads=3
+    for agg_, trim in ((CoordinateMedian(threads=threads), 3), (TrimmedMean(0.3, threads=threads), 2)):
+        got = run(agg_, ups, list(range(1, 8)))
+        for k, shape in SHAPES.items():
+            assert got[k].shape == shape and got[k].dtype == np.float32, k
+            ordered = np.sort(np.stack([u[k].astype(np.float64) for u in ups]), axis=0)
+            want = ordered[trim : 7 - trim].mean(axis=0)
+            np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+            if trim == 3:
+                assert np.array_equal(got[k], np.median(np.stack([u[k] for u in ups]), axis=0).astype(np.float32)), k
+
+
+def test_robust_statistics_refuse_bad_input_clearly():
+    a, b = make_updates(2, seed=43)
+    for make in (CoordinateMedian, TrimmedMean):
+        with pytest.raises(ValueError, match="no updates"):
+            make().result()
+        with pytest.raises(ValueError, match="weight zero"):
+            run(make(), [a, b], [0, 0.0])
+        bad = dict(b, **{"dense/kernel": np.ones((1001, 396), np.float32)})
+        agg_ = make()
+        with pytest.raises(ValueError, match=r"'dense/kernel': shape \(1001, 396\)"):
+            agg_.extend([(a, 1), (bad, 1), (b, 1)])
+        assert agg_.count == 1  # the pairs before a rejected one are kept, it and the rest are not
+        assert all(np.array_equal(agg_.result()[k], a[k]) for k in SHAPES)
+        with pytest.raises(ValueError, match="weight must be finite"):
+            make().extend([(a, float("nan"))])
+    for fraction in (-0.1, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="trim_fraction"):
+            TrimmedMean(fraction)
+
+
+def test_aggregator_picks_the_implementation_per_strategy():
+    kinds = {s: type(aggregator(s, trim_fraction=0.25)) for s in STRATEGIES}
+    assert kinds == {
+        "fedavg": StreamingMean, "fedprox": StreamingMean, "fedadam": StreamingMean, "fedyogi": StreamingMean,
+        "median": CoordinateMedian, "trimmed_mean": TrimmedMean,
+    }  # fmt: skip
+    assert aggregator("trimmed_mean", trim_fraction=0.25).trim_fraction == 0.25
+    with pytest.raises(ValueError, match="unknown aggregation strategy 'krum'"):
+        aggregator("krum")  # type: ignore[arg-type]
+    ups = columns([1, 2, 3, 4, 5], [3, 4, 5, 6, 7])
+    for strategy in STRATEGIES:  # the one interface the hub uses
+        got = run(aggregator(strategy), ups)
+        assert np.array_equal(got["w"], np.array([[2, 3], [4, 5]], np.float32)), strategy
+
+
+# --------------------------------------------------------------------------------------
+# Update-norm clipping
+# --------------------------------------------------------------------------------------
+
+
+def test_clip_scales_the_delta_to_max_norm():
+    zero = {"v": np.zeros(2, np.float32)}
+    got = clip_update({"v": np.array([3, 4], np.float32)}, zero, max_norm=1)
+    np.testing.assert_allclose(got["v"], [0.6, 0.8], rtol=1e-7)
+    assert got["v"].dtype == np.float32
+    # The norm is global over tensors (3 in one, 4 in the other), and the delta is taken from the reference.
+    params = {"a": np.array([[4.0]], np.float32), "b": np.array([-3.0, 1.0], np.float32)}
+    reference = {"a": np.array([[1.0]], np.float32), "b": np.array([1.0, 1.0], np.float32)}
+    assert update_norm(params, reference) == 5.0
+    got = clip_update(params, reference, max_norm=2.5)
+    assert got["a"].shape == (1, 1) and got["b"].shape == (2,)
+    assert np.array_equal(got["a"], [[2.5]]) and np.array_equal(got["b"], [-1.0, 1.0])
+    assert update_norm(got, reference) == pytest.approx(2.5, rel=1e-7)
+    assert np.array_equal(params["a"], [[4.0]])  # inputs untouched
+
+
+def test_clip_leaves_updates_within_the_bound_alone():
+    params = {"v": np.array([0.375, 0.5], np.float32)}  # exact in float32, and so is the norm, 0.625
+    reference = {"v": np.zeros(2, np.float32)}
+    assert clip_update(params, reference, max_norm=0.625)["v"] is params["v"]  # exactly on the bound
+    assert clip_update(params, params, max_norm=1e-30)["v"] is params["v"]  # a zero delta stays zero
+
+
+def test_update_norm_accumulates_in_float64():
+    # (3e20)^2 overflows float32; the norm does not.
+    params = {"a": np.array([3e20], np.float32), "b": np.array([4e20], np.float32)}
+    reference = {"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)}
+    assert update_norm(params, reference) == pytest.approx(5e20, rel=1e-7)
+    np.testing.assert_allclose(clip_update(params, reference, 10.0)["b"], [8.0], rtol=1e-7)
+
+
+def test_clip_refuses_mismatches_and_bad_bounds():
+    params = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="'b'"):
+        clip_update(params, {"a": np.zeros(3, np.float32)}, 1.0)
+    with pytest.raises(ValueError, match=r"'a': shape \(3,\) != reference shape \(4,\)"):
+        clip_update(params, {"a": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}, 1.0)
+    for bound in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_norm"):
+            clip_update(params, params, bound)
+    with pytest.raises(ValueError, match="not finite"):
+        clip_update({"a": np.array([np.inf, 0, 0], np.float32), "b": params["b"]}, params, 1.0)

@@ -22,12 +22,12 @@ from shared.federation import (
     RoundStatus,
     close_decision,
     global_model_object,
-    new_round,
     round_key,
     server_state_object,
     update_object,
     weighted_metrics,
 )
+from shared.fedstore import Round
 from shared.jobs import TrainSpec
 from shared.model_spec import param_spec
 from shared.weights import spec_of
@@ -121,6 +121,20 @@ class TestConfigValidation:
     def test_unbounded_or_non_finite_values_refused(self, field, value):
         with pytest.raises(ValidationError):
             config(**{field: value})
+
+    @pytest.mark.parametrize("field,value", [
+        ("trim_fraction", -0.1), ("trim_fraction", 0.5), ("trim_fraction", math.nan),
+        ("clip_norm", 0), ("clip_norm", -1.0), ("clip_norm", math.inf), ("clip_norm", 1e13),
+        ("max_abs_weight", 0), ("max_abs_weight", math.inf), ("max_abs_weight", 1e13),
+    ])
+    def test_admission_and_robustness_options_are_bounded(self, field, value):
+        with pytest.raises(ValidationError):
+            config(**{field: value})
+
+    def test_robust_strategies_and_their_defaults(self):
+        cfg = config(strategy="trimmed_mean", trim_fraction=0.49, clip_norm=5.0)
+        assert (cfg.strategy, cfg.trim_fraction, cfg.clip_norm, cfg.max_abs_weight) == ("trimmed_mean", 0.49, 5.0, 1e4)
+        assert config(strategy="median").clip_norm is None
 
     def test_bounds_admit_their_limits(self):
         cfg = config(round_deadline_s=86400, lease_seconds=3600, hidden=(4096,) * 8, max_attempts=100, learning_rate=10, server_lr=10)
@@ -227,6 +241,11 @@ class TestObjectNames:
             "updates/us/x/round-0001-a1.npz",
             "updates/us/x/round-0001.safetensors",  # no attempt
             "updates/us/x/round-0001-a.json",
+            "updates/us/x/round-0001-a0.json",  # attempts start at 1
+            "updates/us/x/round-0001-a1000.json",  # beyond any attempt a job may make
+            f"updates/us/x/round-0001-a{'9' * 5000}.json",
+            f"updates/{'n' * 64}/x/round-0001-a1.json",  # longer than a node name may be
+            f"updates/us/{'f' * 64}/round-0001-a1.json",
             "updates/us/x/round-1-a1.json",  # round not padded
             "updates/us/x/round-00001-a1.json",
             "updates/us/X/round-0001-a1.json",  # upper-case federation id
@@ -290,16 +309,16 @@ class TestObjectNames:
 class TestNewRound:
     def test_train_rounds_then_one_evaluate_round(self):
         cfg = config(rounds=3)
-        assert [new_round(cfg, r, T0)["kind"] for r in (1, 2, 3, 4)] == ["train", "train", "train", "evaluate"]
+        assert [Round.opened(cfg, r, T0).kind for r in (1, 2, 3, 4)] == ["train", "train", "train", "evaluate"]
 
     def test_single_round_federation(self):
         cfg = config(rounds=1)
-        assert new_round(cfg, 1, T0)["kind"] == "train"
-        assert new_round(cfg, 2, T0)["kind"] == "evaluate"
+        assert Round.opened(cfg, 1, T0).kind == "train"
+        assert Round.opened(cfg, 2, T0).kind == "evaluate"
 
     def test_round_document(self):
         cfg = config(rounds=5, round_deadline_s=90.5)
-        doc = new_round(cfg, 2, T0)
+        doc = Round.opened(cfg, 2, T0).to_doc()
         assert doc == {
             "round": 2,
             "kind": "train",
@@ -313,20 +332,13 @@ class TestNewRound:
 
     def test_expected_is_a_fresh_list(self):
         cfg = config()
-        doc = new_round(cfg, 1, T0)
+        doc = Round.opened(cfg, 1, T0).to_doc()
         doc["expected"].append("intruder")
         assert cfg.node_names == ["us", "eu", "asia"]
 
 
-def open_round(expected=("us", "eu", "asia"), deadline_s: float = 600.0, r: int = 4, status: str = "open") -> dict:
-    return {
-        "round": r,
-        "kind": "train",
-        "status": status,
-        "expected": list(expected),
-        "opened_at": T0,
-        "deadline_at": T0 + timedelta(seconds=deadline_s),
-    }
+def open_round(expected=("us", "eu", "asia"), deadline_s: float = 600.0, r: int = 4, status: str = "open") -> Round:
+    return Round(round=r, kind="train", status=status, expected=list(expected), opened_at=T0, deadline_at=T0 + timedelta(seconds=deadline_s))
 
 
 BEFORE = T0 + timedelta(seconds=10)
@@ -400,7 +412,7 @@ class TestCloseDecision:
 
     def test_works_on_a_new_round_document(self):
         cfg = config(min_nodes=2, round_deadline_s=30)
-        rd = new_round(cfg, 1, T0)
+        rd = Round.opened(cfg, 1, T0)
         assert close_decision(rd, ["us", "eu"], cfg.quorum, T0 + timedelta(seconds=29)) is None
         assert close_decision(rd, ["us", "eu"], cfg.quorum, T0 + timedelta(seconds=30)) == (
             RoundStatus.CLOSED, "deadline passed with 2 of 3 nodes (quorum 2)")

@@ -54,11 +54,13 @@ def test_probe_can_see_each_heavy_module(module):
 
 
 def test_entry_points_are_exported(probe):
-    assert probe["entry_points"] == {"on_hub_upload": True, "on_job_written": True, "on_raw_upload": True, "on_shard_ready": True, "on_tick": True}
+    assert probe["entry_points"] == {
+        "node_api": True, "on_hub_upload": True, "on_job_written": True, "on_raw_upload": True, "on_shard_ready": True, "on_tick": True,
+    }
 
 
 def test_entry_points_match_the_triggers(probe):
     from shared.config import Settings
-    from shared.triggers import function_names
+    from shared.triggers import HTTP_FUNCTIONS, function_names
 
-    assert sorted(function_names(Settings())) == sorted(probe["entry_points"])
+    assert sorted([*function_names(Settings()), *HTTP_FUNCTIONS]) == sorted(probe["entry_points"])

@@ -61,7 +61,6 @@ def test_render_names_every_bucket_topic_collection_and_trigger():
     assert out["hub_bucket"] == "acme-hub"
     assert out["topics"] == {
         "shard_ready": "shard-ready",
-        "fed_rounds": "fed-rounds",
         "tick": "fedpipe-tick",
         "dead_letter": "fedpipe-dead-letter",
     }
@@ -140,6 +139,11 @@ def all_tf() -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(INFRA.glob("*.tf"))}
 
 
+def all_code() -> str:
+    """Every .tf file of infra/, comments stripped, as one text."""
+    return "\n".join(strip_comments(text) for text in all_tf().values())
+
+
 def strip_comments(text: str) -> str:
     # infra/ keeps '#' out of strings, so a '#' always starts a comment.
     return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
@@ -199,17 +203,19 @@ def test_every_reference_is_declared():
 def test_one_function_resource_per_trigger_with_its_entry_point():
     main = tf_text("main.tf")
     functions = re.findall(r'^resource "google_cloudfunctions2_function" "([a-z0-9_]+)" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
-    assert len(functions) == 1, "one for_each resource deploys every trigger"
-    (_, body) = functions[0]
+    assert [name for name, _ in functions] == ["fn", "node_api"], "one for_each resource deploys every trigger; the node API is its own"
+    body = dict(functions)["fn"]
     assert re.search(r"for_each\s*=\s*local\.triggers\b", body)
     assert re.search(r"locals \{\n  triggers\s*=\s*\{ for t in var\.triggers : t\.name => t \}", main)
     assert re.search(r"entry_point\s*=\s*each\.value\.function\b", body)
     assert 'retry_policy          = "RETRY_POLICY_RETRY"' in body
-    assert 'ingress_settings               = "ALLOW_INTERNAL_ONLY"' in body
+    for _, fn_body in functions:
+        assert 'ingress_settings               = "ALLOW_INTERNAL_ONLY"' in fn_body
     # Every function named in the triggers is deployed: for_each over every
-    # trigger, and each entry point is re-exported in the source's main.py.
+    # trigger, and each entry point (the node API's too) is re-exported in the source's main.py.
     assert set(function_names(Settings())) == {t["function"] for t in render(Settings())["triggers"]}
     assert '"from functions.main import ${f}' in main
+    assert 'node_api_entry_point  = "node_api"' in main
 
 
 def test_generated_root_main_re_exports_every_entry_point():
@@ -219,16 +225,15 @@ def test_generated_root_main_re_exports_every_entry_point():
         assert callable(getattr(functions_main, name, None)), f"functions/main.py lacks {name}"
 
 
-def test_event_filters_cover_every_trigger_kind():
-    main = tf_text("main.tf")
-    assert re.search(r'\{ attribute = "bucket", value = t\.bucket, operator = "" \},\s*\] if t\.kind == "storage"', main)
-    assert re.search(
-        r'\{ attribute = "database", value = google_firestore_database\.db\.name, operator = "" \},\s*'
-        r'\{ attribute = "document", value = t\.document, operator = "match-path-pattern" \},\s*'
-        r'\] if t\.kind == "firestore"',
-        main,
-    )
-    assert re.search(r'pubsub_topic\s*=\s*each\.value\.kind == "pubsub" \? lookup\(local\.topic_ids, each\.value\.topic, null\)', main)
+def test_each_trigger_kind_has_its_delivery():
+    code = all_code()
+    # Storage and Firestore: Eventarc (the event types the local router reproduces); Pub/Sub: our push subscriptions.
+    # (tests/unit/test_infra_delivery.py evaluates these for every rendered trigger.)
+    assert 'eventarc_triggers = { for name, t in local.triggers : name => t if t.kind != "pubsub" }' in code
+    assert 'push_triggers = { for name, t in local.triggers : name => t if t.kind == "pubsub" }' in code
+    assert 'for_each = each.value.kind != "pubsub" ? [each.value] : []' in code
+    assert "event_type            = event_trigger.value.event_type" in code
+    assert 'resource "google_storage_notification"' not in code, "storage events come through Eventarc, not notifications of our own"
     assert {t.kind for t in triggers(Settings())} == {"storage", "pubsub", "firestore"}
 
 
@@ -239,6 +244,8 @@ def test_buckets_are_private_cmek_and_in_their_nodes_region():
     for name, body in buckets:
         assert "uniform_bucket_level_access = true" in body, name
         assert 'public_access_prevention    = "enforced"' in body, name
+        assert "versioning {\n    enabled = true" in body, name
+        assert "days_since_noncurrent_time = var.noncurrent_retention_days" in body, name
         if name != "functions_source":  # code only; data buckets use CMEK
             assert "default_kms_key_name = google_kms_crypto_key.data[" in body, name
             assert "depends_on = [google_kms_crypto_key_iam_member.gcs_uses_data_key]" in body, name
@@ -273,9 +280,10 @@ def test_each_node_signs_with_its_own_kms_key_that_only_its_worker_may_use():
     grant = re.search(r'^resource "google_kms_crypto_key_iam_member" "worker_signs_updates" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL).group(1)
     assert "google_kms_crypto_key.signing[each.key].id" in grant and 'role          = "roles/cloudkms.signer"' in grant
     assert "google_service_account.worker[each.key].email" in grant
-    # Both worker jobs hand the node's key version to the worker under the name signer_from_env reads.
-    env = f'{signing.ENV_VAR} = "${{google_kms_crypto_key.signing[each.key].id}}/cryptoKeyVersions/1"'
-    assert main.count(env) == 2
+    # Both worker jobs hand the node's key version (and the node API's URL) to the worker under the names it reads.
+    assert re.search(rf'{signing.ENV_VAR}\s+= "\$\{{google_kms_crypto_key\.signing\[node\]\.id\}}/cryptoKeyVersions/1"', main)
+    assert re.search(r"FEDPIPE_NODE_API_URL = local\.node_api_url$", main, re.MULTILINE)
+    assert main.count("for_each = local.worker_env[each.key]") == 2
     assert "signing_key_versions" in tf_text("outputs.tf")
 
 
@@ -301,8 +309,8 @@ def test_worker_jobs_match_the_launcher():
 
 
 def test_service_accounts_get_only_named_roles():
-    main = strip_comments(tf_text("main.tf"))
-    roles = set(re.findall(r'"(roles/[A-Za-z.]+)"', main))
+    code = all_code()
+    roles = set(re.findall(r'"(roles/[A-Za-z.]+)"', code))
     assert roles == {
         "roles/cloudkms.cryptoKeyEncrypterDecrypter",
         "roles/cloudkms.signer",
@@ -313,19 +321,21 @@ def test_service_accounts_get_only_named_roles():
         "roles/pubsub.subscriber",
         "roles/datastore.user",
         "roles/eventarc.eventReceiver",
-        "roles/cloudbuild.builds.builder",
+        "roles/logging.logWriter",
+        "roles/artifactregistry.writer",
         "roles/iam.serviceAccountTokenCreator",
         "roles/eventarc.serviceAgent",
         "roles/run.invoker",
         "roles/run.jobsExecutorWithOverrides",
     }
-    for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin"):
-        assert broad not in main
-    assert "google_service_account_key" not in main  # attached identities only
+    for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin",
+                  "roles/cloudbuild.builds.builder"):
+        assert broad not in code
+    assert "google_service_account_key" not in code  # attached identities only
+    assert "google_project_iam_custom_role" not in code
 
 
-def test_tick_scheduler_and_worker_round_access_as_text():
-    # The same facts as the parsed tests below, checked without python-hcl2.
+def test_tick_scheduler_as_text():
     main = strip_comments(tf_text("main.tf"))
     job = re.search(r'^resource "google_cloud_scheduler_job" "tick" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
     assert job, "a Cloud Scheduler job publishes the tick"
@@ -333,19 +343,6 @@ def test_tick_scheduler_and_worker_round_access_as_text():
     assert re.search(r"schedule\s*=\s*var\.tick_schedule\b", job.group(1))
     assert re.search(r'default\s*=\s*"\* \* \* \* \*"', declared_variables()["tick_schedule"])
     assert '"cloudscheduler.googleapis.com"' in main
-
-    grant = re.search(r'^resource "google_pubsub_topic_iam_member" "worker_fed_rounds" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL)
-    assert grant, "worker identities need the fed_rounds topic"
-    body = grant.group(1)
-    assert re.search(r"for_each\s*=\s*var\.nodes\b", body)
-    assert re.search(r"topic\s*=\s*google_pubsub_topic\.topic\[var\.topics\.fed_rounds\]\.id", body)
-    assert re.search(r'role\s*=\s*"roles/pubsub\.subscriber"', body)
-    assert "google_service_account.worker[each.key].email" in body
-    assert re.search(
-        r'resource "google_project_iam_member" "worker_round_subscriptions" \{[^}]*'
-        r"role\s*=\s*google_project_iam_custom_role\.round_subscriber\.name",
-        main,
-    )
 
 
 def test_budget_and_alert_are_guarded_and_present():
@@ -394,25 +391,41 @@ def _resources(doc: dict) -> dict[tuple[str, str], dict]:
 
 
 def test_every_tf_file_parses(parsed):
-    assert set(parsed) == {"main.tf", "outputs.tf", "variables.tf", "versions.tf"}
+    assert set(parsed) == {"main.tf", "iam.tf", "delivery.tf", "network.tf", "outputs.tf", "variables.tf", "versions.tf"}
+
+
+def _all_resources(parsed: dict) -> dict[tuple[str, str], dict]:
+    return {key: body for doc in parsed.values() for key, body in _resources(doc).items()}
 
 
 def test_parsed_function_resource(parsed):
-    resources = _resources(parsed["main.tf"])
-    fn = resources[("google_cloudfunctions2_function", "fn")]
+    fn = _resources(parsed["main.tf"])[("google_cloudfunctions2_function", "fn")]
     assert fn["for_each"] == "${local.triggers}"
     (build,) = fn["build_config"]
     assert build["entry_point"] == "${each.value.function}"
-    (trigger,) = fn["event_trigger"]
-    assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
-    (dynamic,) = trigger["dynamic"]
-    (content,) = dynamic["event_filters"]["content"]
-    assert set(content) - {"__is_block__"} == {"attribute", "value", "operator"}
+    (dynamic,) = fn["dynamic"]
+    trigger = dynamic["event_trigger"]
+    assert trigger["for_each"] == '${each.value.kind != "pubsub" ? [each.value] : []}'
+    (content,) = trigger["content"]
+    assert content["event_type"] == "${event_trigger.value.event_type}"
+    assert content["trigger_region"] == "${local.trigger_region[each.key]}"
+    assert content["retry_policy"] == "RETRY_POLICY_RETRY"
+    assert content["service_account_email"] == "${google_service_account.delivery.email}"
+    (filters,) = content["dynamic"]
+    assert filters["event_filters"]["for_each"] == "${local.event_filters[each.key]}"
+    (each_filter,) = filters["event_filters"]["content"]
+    assert {k: v for k, v in each_filter.items() if k != "__is_block__"} == {
+        "attribute": "${event_filters.value.attribute}",
+        "value": "${event_filters.value.value}",
+        "operator": "${event_filters.value.operator}",
+    }
 
 
 def test_parsed_resources_include_the_required_kinds(parsed):
-    kinds = {rtype for rtype, _ in _resources(parsed["main.tf"])}
+    kinds = {rtype for rtype, _ in _all_resources(parsed)}
     assert {
+        "google_pubsub_subscription",
+        "google_compute_subnetwork",
         "google_storage_bucket",
         "google_kms_key_ring",
         "google_kms_crypto_key",
@@ -434,10 +447,6 @@ def _locals(doc: dict) -> dict:
     return {name: value for item in doc.get("locals", []) for name, value in item.items()}
 
 
-def _worker_member(body: dict) -> bool:
-    return body["member"].startswith("serviceAccount:${google_service_account.worker[")
-
-
 def test_parsed_every_trigger_deploys_where_its_source_is(parsed):
     """Each rendered trigger, hub-upload and tick included, resolves to a location and a watched resource."""
     main = parsed["main.tf"]
@@ -446,12 +455,8 @@ def test_parsed_every_trigger_deploys_where_its_source_is(parsed):
     # Storage triggers run in their bucket's region; the hub bucket is in the map.
     assert "(var.hub_bucket) = var.region" in local["bucket_region"]
     assert 't.kind == "storage" ? local.bucket_region[t.bucket] : var.region' in local["function_location"]
-    fn = _resources(main)[("google_cloudfunctions2_function", "fn")]
-    # The storage filter names its bucket by a string, so the buckets are explicit dependencies.
-    assert {"${google_storage_bucket.node}", "${google_storage_bucket.hub}"} <= set(fn["depends_on"])
-    (trigger,) = fn["event_trigger"]
-    assert trigger["pubsub_topic"] == '${each.value.kind == "pubsub" ? lookup(local.topic_ids, each.value.topic, null) : null}'
-    assert local["topic_ids"] == "${{for name, topic in google_pubsub_topic.topic : name => topic.id}}"
+    # Every function's region has an image repository to build into.
+    assert local["function_regions"] == "${toset(concat(values(local.function_location), [var.region]))}"
     assert _resources(main)[("google_pubsub_topic", "topic")]["for_each"] == "${toset(values(var.topics))}"
 
     # What those expressions will meet: the rendered triggers of a 3-node deployment.
@@ -481,7 +486,7 @@ def test_parsed_cloud_scheduler_publishes_the_tick(parsed):
     assert target.get("data") or target.get("attributes"), "a Pub/Sub message needs data or an attribute"
     assert job["schedule"] == "${var.tick_schedule}"
     assert job["region"] == "${var.region}"
-    assert "${google_cloudfunctions2_function.fn}" in job["depends_on"], "start the clock after on_tick's trigger exists"
+    assert "${google_pubsub_subscription.trigger}" in job["depends_on"], "start the clock after on_tick's subscription exists"
     assert "http_target" not in job and "app_engine_http_target" not in job
     assert '"cloudscheduler.googleapis.com"' in _locals(main)["apis"]
 
@@ -492,62 +497,10 @@ def test_parsed_cloud_scheduler_publishes_the_tick(parsed):
     assert tick["kind"] == "pubsub" and tick["topic"] == render(Settings())["topics"]["tick"]
 
 
-def test_parsed_functions_publish_round_broadcasts_but_not_ticks(parsed):
-    main = parsed["main.tf"]
-    publish = _resources(main)[("google_pubsub_topic_iam_member", "functions_publish")]
-    assert publish["role"] == "roles/pubsub.publisher" and publish["member"] == "${local.functions_member}"
-    assert publish["for_each"] == "${local.functions_publish_topics}"
-    topics = _locals(main)["functions_publish_topics"]
-    for role in ("shard_ready", "fed_rounds", "dead_letter"):
-        assert f"var.topics.{role}" in topics, role
-    assert "var.topics.tick" not in topics, "only Cloud Scheduler publishes ticks"
-    # The hub code publishes its broadcasts to the fed_rounds topic.
-    assert "settings.fed_rounds_topic" in (REPO / "shared" / "hub.py").read_text()
-
-
-def test_parsed_workers_subscribe_to_round_broadcasts(parsed):
-    main = parsed["main.tf"]
-    resources = _resources(main)
-
-    # Topic level: attachSubscription on fed_rounds only, for every node's worker.
-    topic_grants = {
-        name: body for (rtype, name), body in resources.items() if rtype == "google_pubsub_topic_iam_member" and _worker_member(body)
-    }
-    assert set(topic_grants) == {"worker_fed_rounds"}
-    grant = topic_grants["worker_fed_rounds"]
-    assert grant["topic"] == "${google_pubsub_topic.topic[var.topics.fed_rounds].id}"
-    assert grant["role"] == "roles/pubsub.subscriber"
-    assert grant["for_each"] == "${var.nodes}"
-    assert grant["member"] == "serviceAccount:${google_service_account.worker[each.key].email}"
-
-    # Project level: a custom role with no more than subscription create/consume/get/delete.
-    role = resources[("google_project_iam_custom_role", "round_subscriber")]
-    permissions = set(role["permissions"])
-    assert {"pubsub.subscriptions.create", "pubsub.subscriptions.consume"} <= permissions
-    assert permissions <= {
-        "pubsub.subscriptions.create",
-        "pubsub.subscriptions.consume",
-        "pubsub.subscriptions.get",
-        "pubsub.subscriptions.delete",
-    }
-    project_grants = {
-        name: body for (rtype, name), body in resources.items() if rtype == "google_project_iam_member" and _worker_member(body)
-    }
-    custom = project_grants["worker_round_subscriptions"]
-    assert custom["role"] in (
-        "${google_project_iam_custom_role.round_subscriber.name}",
-        "${google_project_iam_custom_role.round_subscriber.id}",
-    )
-    assert custom["for_each"] == "${var.nodes}"
-    assert custom["member"] == "serviceAccount:${google_service_account.worker[each.key].email}"
-    assert {b["role"] for b in project_grants.values()} == {"roles/datastore.user", custom["role"]}
-
-    # The worker does what these grants allow: it creates fed.<federation>.<node>
-    # on the fed_rounds topic and streams from it (workers/trainer/federated.py).
-    worker = (REPO / "workers" / "trainer" / "federated.py").read_text()
-    assert "create_subscription(" in worker and "settings.fed_rounds_topic" in worker
-    assert ".subscribe(" in worker
-    assert "delete_subscription" not in worker or "pubsub.subscriptions.delete" in permissions
+def test_parsed_no_round_broadcasts_and_nothing_of_ours_publishes_ticks(parsed):
+    publishers = [body for (rtype, _), body in _all_resources(parsed).items() if rtype == "google_pubsub_topic_iam_member"]
+    assert "${google_pubsub_topic.topic[var.topics.tick].id}" not in {b["topic"] for b in publishers}, "only Cloud Scheduler publishes ticks"
+    assert "fed_rounds" not in render(Settings())["topics"] and "fed_rounds" not in tf_text("variables.tf")
 
 
 def _hub_grants(roles: str) -> dict[str, tuple[str, str]]:
@@ -555,7 +508,7 @@ def _hub_grants(roles: str) -> dict[str, tuple[str, str]]:
     entries = re.findall(
         r'"\$\{node\}-([a-z-]+)"\s*=\s*\{node = node, bucket = ([^,]+), role = "([^"]+)", prefix = ([^,}]+)\}', roles
     )
-    assert len(entries) == 4, roles  # processed read/create, hub read/create
+    assert len(entries) == 3, roles  # processed read/create, hub create
     return {key: (role, prefix.strip()) for key, bucket, role, prefix in entries if bucket == "google_storage_bucket.hub.name"}
 
 
@@ -567,70 +520,69 @@ def _node_prefix(template_expr: str, node: str) -> str:
     return m.group(1).replace("${node}", node)
 
 
-def test_parsed_workers_read_global_models_and_create_only_their_own_updates_in_the_hub(parsed):
+def test_parsed_workers_create_only_their_own_updates_in_the_hub(parsed):
     from shared.federation import REQUEST_PATH, UPDATE_PATH, global_model_object, server_state_object, update_object
 
-    main = parsed["main.tf"]
-    local = _locals(main)
-    read_prefix = local["worker_hub_read_prefix"]
+    local = _locals(parsed["iam.tf"])
     write_prefix = {node: _node_prefix(local["worker_hub_update_prefix"], node) for node in ("us", "eu", "us-east")}
-
-    # The names shared.federation uses are the ones the conditions admit.
-    assert read_prefix == "federations/"
-    assert global_model_object("f", 1).startswith(read_prefix)
-    assert server_state_object("f", 1).startswith(read_prefix)  # covered too (see main.tf)
     for evaluate in (False, True):
         update = update_object("f", 1, "us", 1, evaluate)
         assert update.startswith(write_prefix["us"]), (update, write_prefix["us"])
         assert UPDATE_PATH.match(update)["node"] == "us"  # the node the hub reads is the one the prefix pins
-        # Not in another node's name, a node sharing its first letters included ...
         assert not update.startswith(write_prefix["eu"]) and not update.startswith(write_prefix["us-east"])
         assert not update_object("f", 1, "us-east", 1, evaluate).startswith(write_prefix["us"])
-        # ... and workers cannot read updates, their own or others'.
-        assert not update.startswith(read_prefix)
-    # Neither prefix reaches federation requests, and global models are not writable.
-    for prefix in (read_prefix, *write_prefix.values()):
-        assert not REQUEST_PATH.match(prefix + "x.json") and not prefix.startswith("requests/")
-        assert REQUEST_PATH.match("requests/x.json")
     for prefix in write_prefix.values():
+        assert not REQUEST_PATH.match(prefix + "x.json") and not prefix.startswith("requests/")
         assert not global_model_object("f", 1).startswith(prefix) and not server_state_object("f", 1).startswith(prefix)
-
-    # The grants: in the hub, view under the read prefix, create under the node's own prefix, nothing else.
-    hub = _hub_grants(local["worker_bucket_roles"])
-    assert hub == {
-        "hub-read": ("roles/storage.objectViewer", "local.worker_hub_read_prefix"),
-        "hub-create": ("roles/storage.objectCreator", "local.worker_hub_update_prefix[node]"),
-    }
-    # No worker gets create on federations/: its only create in the hub is under updates/<node>/,
-    # which neither contains nor is contained in federations/.
-    for node, value in write_prefix.items():
-        assert value == f"updates/{node}/"
-        assert not value.startswith("federations/") and not "federations/".startswith(value), (node, value)
-
-    # The condition pins the object name to that prefix.
-    worker = _resources(main)[("google_storage_bucket_iam_member", "worker")]
-    (dynamic,) = worker["dynamic"]
-    (condition,) = dynamic["condition"]["content"]
-    # (python-hcl2 keeps the HCL escapes of the inner quotes.)
-    assert condition["expression"] == 'resource.name.startsWith(\\"projects/_/buckets/${each.value.bucket}/objects/${condition.value}\\")'
-    assert dynamic["condition"]["for_each"] == "${each.value.prefix == null ? [] : [each.value.prefix]}"
+    # In the hub a worker creates under its own prefix and reads nothing (global models come through the node API).
+    assert _hub_grants(local["worker_bucket_roles"]) == {"hub-create": ("roles/storage.objectCreator", "local.worker_hub_update_prefix[node]")}
 
 
-def test_worker_hub_prefixes_as_text():
-    # The same split as the parsed test above, checked without python-hcl2.
-    from shared.federation import global_model_object, update_object
+def test_worker_hub_prefix_as_text():
+    from shared.federation import update_object
 
-    main = strip_comments(tf_text("main.tf"))
-    read = re.search(r'^  worker_hub_read_prefix\s*=\s*"([^"]+)"$', main, re.MULTILINE)
-    write = re.search(r'^  worker_hub_update_prefix\s*=\s*\{ for node, _ in var\.nodes : node => "([^"]+)" \}$', main, re.MULTILINE)
-    assert read and write
-    assert global_model_object("f", 1).startswith(read.group(1))
+    iam = strip_comments(tf_text("iam.tf"))
+    write = re.search(r'^  worker_hub_update_prefix = \{ for node, _ in var\.nodes : node => "([^"]+)" \}$', iam, re.MULTILINE)
+    assert write
     assert update_object("f", 1, "us", 1, False).startswith(write.group(1).replace("${node}", "us"))
     assert not update_object("f", 1, "us", 1, False).startswith(write.group(1).replace("${node}", "us-east"))
-    assert "worker_hub_prefix " not in main and "worker_hub_prefix\n" not in main, "the shared read/create prefix is gone"
-    creates = re.findall(r'role = "roles/storage\.objectCreator", prefix = ([^ }]+)', main)
+    assert "worker_hub_read_prefix" not in iam, "workers read no hub object"
+    creates = re.findall(r'role = "roles/storage\.objectCreator", prefix = ([^ }]+)', iam)
     assert sorted(creates) == ["local.worker_hub_update_prefix[node]", "null"]
     assert re.search(r'validation \{[^}]*keys\(var\.nodes\)[^}]*\^\[A-Za-z0-9_-\]\+\$', declared_variables()["nodes"])
+
+
+def test_node_api_url_is_cloud_runs_deterministic_url_on_both_sides(parsed):
+    """FEDPIPE_NODE_API_URL: the audience workers request and the node API checks, without a cycle."""
+    local = _locals(parsed["main.tf"])
+    assert local["node_api_name"] == "${var.name_prefix}-node-api"
+    assert local["node_api_url"] == "https://${local.node_api_name}-${data.google_project.this.number}.${var.region}.run.app"
+    resources = _resources(parsed["main.tf"])
+    node_api = resources[("google_cloudfunctions2_function", "node_api")]
+    assert node_api["name"] == "${local.node_api_name}"
+    (service,) = node_api["service_config"]
+    assert service["environment_variables"] == "${merge(var.settings_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
+    # The workers (CPU and GPU jobs) get the same value from local.worker_env.
+    assert "FEDPIPE_NODE_API_URL = local.node_api_url" in local["worker_env"]
+    assert "service_config[0].uri" not in local["worker_env"] and "service_config[0].uri" not in service["environment_variables"]
+    for job in ("worker", "worker_gpu"):
+        (template,) = resources[("google_cloud_run_v2_job", job)]["template"]
+        (task,) = template["template"]
+        (container,) = task["containers"]
+        assert container["dynamic"][0]["env"]["for_each"] == "${local.worker_env[each.key]}"
+
+    # By value, for a project: the URL Cloud Run gives the service, which the
+    # worker's client (workers/trainer/node_client.py) and shared.identity read.
+    values = {"var.name_prefix": "fedpipe", "data.google_project.this.number": "123456789012", "var.region": "us-central1"}
+    name = local["node_api_name"].replace("${var.name_prefix}", values["var.name_prefix"])
+    url = local["node_api_url"].replace("${local.node_api_name}", name)
+    for ref, value in values.items():
+        url = url.replace("${" + ref + "}", value)
+    assert url == "https://fedpipe-node-api-123456789012.us-central1.run.app"
+    # Cloud Run only has that URL while "<service>-<number>" fits a DNS label.
+    (lifecycle,) = node_api["lifecycle"]
+    (precondition,) = lifecycle["precondition"]
+    assert precondition["condition"] == '${length("${local.node_api_name}-${data.google_project.this.number}") <= 63}'
 
 
 def test_parsed_variables_cover_the_render(parsed):

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.datasets import MAX_OBJECT_NAME_BYTES, SPEC_OBJECT, DatasetSpec, FeatureStats, file_key, split_object_name
+from shared.datasetstore import Dataset, DatasetVersion, FileEntry, FileRecord
 from shared.jobs import DatasetRef, JobStatus, TrainSpec
 from shared.manifest import (
     ShardReady,
@@ -39,30 +40,25 @@ def stats_of(x: np.ndarray, y: np.ndarray, num_classes: int = 3) -> FeatureStats
     )
 
 
-def entry(generation: int, stats: FeatureStats, name: str = "a.csv") -> dict:
-    return {
-        "generation": generation,
-        "rows": stats.count,
-        "shards": [f"iris/{name}/{generation}/shard-00000.parquet"],
-        "stats": stats.model_dump(),
-        "source": f"gs://fedpipe-local-us-raw/iris/{name}",
-    }
+def entry(generation: int, stats: FeatureStats, name: str = "a.csv", spec_generation: int = 0) -> FileEntry:
+    return FileEntry(file=name, generation=generation, spec_generation=spec_generation, rows=stats.count,
+                     shards=[f"iris/{name}/{generation}/shard-00000.parquet"], stats=stats, source=f"gs://fedpipe-local-us-raw/iris/{name}")
 
 
 STATS_A = FeatureStats(count=3, mean=[1.0, 2.0], m2=[3.0, 4.0], label_counts=[1, 1, 1])
 STATS_B = FeatureStats(count=5, mean=[10.0, -2.0], m2=[30.0, 40.0], label_counts=[2, 0, 3])
 
 
-def dataset_doc(**extra) -> dict:
-    return {"node": "us", "dataset": "iris", "spec": SPEC.model_dump(), **extra}
+def dataset_doc(**extra) -> Dataset:
+    return Dataset(node="us", dataset="iris", status="collecting", spec=SPEC, created_at=NOW, updated_at=NOW, **extra)
 
 
 # -- version_of / merged_stats ------------------------------------------------
 
 
 def test_version_is_order_independent():
-    one = {"a.csv": {"generation": 1}, "b.csv": {"generation": 2}}
-    other = {"b.csv": {"generation": 2}, "a.csv": {"generation": 1}}
+    one = {"a.csv": 1, "b.csv": 2}
+    other = {"b.csv": 2, "a.csv": 1}
     assert list(one) != list(other)
     assert version_of(one) == version_of(other)
     assert len(version_of(one)) == 10
@@ -70,25 +66,21 @@ def test_version_is_order_independent():
 
 
 def test_version_changes_with_a_generation():
-    base = {"a.csv": {"generation": 1}, "b.csv": {"generation": 2}}
-    assert version_of(base) != version_of({**base, "b.csv": {"generation": 3}})
-    assert version_of(base) != version_of({"a.csv": {"generation": 2}, "b.csv": {"generation": 1}})
-
-
-def test_version_ignores_other_fields():
-    assert version_of({"a.csv": {"generation": 1, "rows": 5}}) == version_of({"a.csv": {"generation": 1, "rows": 9}})
+    base = {"a.csv": 1, "b.csv": 2}
+    assert version_of(base) != version_of({**base, "b.csv": 3})
+    assert version_of(base) != version_of({"a.csv": 2, "b.csv": 1})
+    assert version_of(base) != version_of(base, 0) != version_of(base, 1)  # and with the declaration
 
 
 def test_merged_stats_equals_a_merge_by_hand():
-    files = {"b.csv": entry(2, STATS_B, "b.csv"), "a.csv": entry(1, STATS_A)}
-    merged = merged_stats(files)
+    merged = merged_stats([STATS_A, STATS_B])
     assert merged == STATS_A.merge(STATS_B)
     # mean = (3*1 + 5*10)/8, (3*2 - 5*2)/8; m2 = m2_a + m2_b + delta**2 * 3*5/8 (all exact in binary)
     assert merged == FeatureStats(count=8, mean=[6.625, -0.5], m2=[184.875, 74.0], label_counts=[3, 1, 4])
 
 
 def test_merged_stats_of_one_file_is_that_file():
-    assert merged_stats({"a.csv": entry(1, STATS_A)}) == STATS_A
+    assert merged_stats([STATS_A]) == STATS_A
 
 
 def test_dataset_doc_id():
@@ -98,80 +90,77 @@ def test_dataset_doc_id():
 def test_entry_of_a_shard_ready_message():
     ready = ShardReady(node="us", dataset="iris", file="a.csv", generation=5, source="gs://b/iris/a.csv",
                        rows=3, shards=["s0"], stats=STATS_A)
-    assert entry_of(ready) == {
-        "file": "a.csv", "generation": 5, "spec_generation": 0, "rows": 3, "shards": ["s0"], "stats": STATS_A.model_dump(), "source": "gs://b/iris/a.csv"
-    }
+    assert entry_of(ready) == FileEntry(file="a.csv", generation=5, spec_generation=0, rows=3, shards=["s0"], stats=STATS_A,
+                                        source="gs://b/iris/a.csv")
 
 
 def test_only_files_processed_under_the_current_declaration_complete_it():
-    doc = {**dataset_doc(), "spec_generation": 2}
-    old = {"a.csv": {**entry(11, STATS_A), "spec_generation": 1}, "b.csv": {**entry(22, STATS_B, "b.csv"), "spec_generation": 1}}
+    doc = dataset_doc(spec_generation=2)
+    old = [entry(11, STATS_A, spec_generation=1), entry(22, STATS_B, "b.csv", spec_generation=1)]
     assert completion(doc, old, NOW) is None
-    new = {name: {**e, "spec_generation": 2} for name, e in old.items()}
-    summary, job = completion(doc, new, NOW)
-    assert summary["version"] == version_of({n: new[n] for n in ("a.csv", "b.csv")}, 2) != version_of(new)
+    new = [e.model_copy(update={"spec_generation": 2}) for e in old]
+    complete, _, _ = completion(doc, new, NOW)
+    assert complete.version == version_of({"a.csv": 11, "b.csv": 22}, 2) != version_of({"a.csv": 11, "b.csv": 22})
 
 
 # -- completion ---------------------------------------------------------------
 
 
 def test_incomplete_data_set_has_no_job():
-    assert completion(dataset_doc(), {}, NOW) is None
-    assert completion(dataset_doc(), {"a.csv": entry(1, STATS_A)}, NOW) is None
+    assert completion(dataset_doc(), [], NOW) is None
+    assert completion(dataset_doc(), [entry(1, STATS_A)], NOW) is None
     # A file that is not expected does not stand in for a missing one.
-    assert completion(dataset_doc(), {"a.csv": entry(1, STATS_A), "c.csv": entry(1, STATS_B, "c.csv")}, NOW) is None
+    assert completion(dataset_doc(), [entry(1, STATS_A), entry(1, STATS_B, "c.csv")], NOW) is None
 
 
-def test_complete_data_set_gives_summary_and_job():
-    entries = {"a.csv": entry(11, STATS_A), "b.csv": entry(22, STATS_B, "b.csv")}
+def test_complete_data_set_gives_summary_version_and_job():
+    entries = [entry(11, STATS_A), entry(22, STATS_B, "b.csv")]
     outcome = completion(dataset_doc(), entries, NOW)
     assert outcome is not None
-    summary, job = outcome
-    version = version_of(entries)
+    complete, content, job = outcome
+    version = version_of({"a.csv": 11, "b.csv": 22}, 0)
     assert job.id == f"train-us-iris-{version}"
     assert job.status is JobStatus.PENDING and job.attempt == 1
     assert job.created_at == NOW
     assert job.spec.dataset == DatasetRef(node="us", dataset="iris", version=version)  # pinned to this content
     assert job.spec.train == TRAIN
-    assert summary["status"] == "complete"
-    assert summary["version"] == version
-    assert summary["job_id"] == job.id
-    assert summary["rows"] == STATS_A.count + STATS_B.count == 8
-    assert summary["stats"] == STATS_A.merge(STATS_B).model_dump()
-    assert summary["files"] == entries
-    assert summary["completed_at"] == NOW and summary["updated_at"] == NOW
+    assert (complete.status, complete.version, complete.job_id, complete.rows) == ("complete", version, job.id, 8)
+    assert complete.stats == STATS_A.merge(STATS_B)
+    assert complete.files == {"a.csv": entries[0], "b.csv": entries[1]}
+    assert complete.completed_at == NOW and complete.updated_at == NOW
+    assert content == DatasetVersion(spec=SPEC, files=complete.files, stats=complete.stats, rows=8, completed_at=NOW)
+    assert content.shard_uris() == {"a.csv": entries[0].shards, "b.csv": entries[1].shards}
 
 
 def test_extra_entries_are_left_out_of_the_summary():
-    entries = {"a.csv": entry(1, STATS_A), "b.csv": entry(2, STATS_B, "b.csv"), "old.csv": entry(9, STATS_A, "old.csv")}
-    summary, job = completion(dataset_doc(), entries, NOW)
-    assert set(summary["files"]) == {"a.csv", "b.csv"}
-    assert summary["rows"] == 8
-    assert job.id == f"train-us-iris-{version_of({k: entries[k] for k in ('a.csv', 'b.csv')})}"
+    entries = [entry(1, STATS_A), entry(2, STATS_B, "b.csv"), entry(9, STATS_A, "old.csv")]
+    complete, _, job = completion(dataset_doc(), entries, NOW)
+    assert set(complete.files) == {"a.csv", "b.csv"}
+    assert complete.rows == 8
+    assert job.id == f"train-us-iris-{version_of({'a.csv': 1, 'b.csv': 2}, 0)}"
 
 
 def test_already_recorded_version_has_no_new_job():
-    entries = {"a.csv": entry(1, STATS_A), "b.csv": entry(2, STATS_B, "b.csv")}
-    summary, _ = completion(dataset_doc(), entries, NOW)
-    assert completion(dataset_doc(**summary), entries, NOW) is None
+    entries = [entry(1, STATS_A), entry(2, STATS_B, "b.csv")]
+    complete, _, _ = completion(dataset_doc(), entries, NOW)
+    assert completion(complete, entries, NOW) is None
 
 
 def test_new_generation_of_a_file_makes_a_new_job():
-    entries = {"a.csv": entry(1, STATS_A), "b.csv": entry(2, STATS_B, "b.csv")}
-    summary, first = completion(dataset_doc(), entries, NOW)
-    changed = {**entries, "b.csv": entry(3, STATS_B, "b.csv")}
-    outcome = completion(dataset_doc(**summary), changed, NOW)
+    entries = [entry(1, STATS_A), entry(2, STATS_B, "b.csv")]
+    complete, _, first = completion(dataset_doc(), entries, NOW)
+    outcome = completion(complete, [entries[0], entry(3, STATS_B, "b.csv")], NOW)
     assert outcome is not None
-    new_summary, second = outcome
+    newer, _, second = outcome
     assert second.id != first.id
-    assert second.id == f"train-us-iris-{version_of(changed)}"
-    assert new_summary["version"] != summary["version"]
+    assert second.id == f"train-us-iris-{version_of({'a.csv': 1, 'b.csv': 3}, 0)}"
+    assert newer.version != complete.version
 
 
 def test_same_content_gives_the_same_job_id():
-    entries = {"a.csv": entry(1, STATS_A), "b.csv": entry(2, STATS_B, "b.csv")}
-    _, one = completion(dataset_doc(), entries, NOW)
-    _, two = completion(dataset_doc(), dict(reversed(list(entries.items()))), datetime(2025, 1, 1, tzinfo=UTC))
+    entries = [entry(1, STATS_A), entry(2, STATS_B, "b.csv")]
+    _, _, one = completion(dataset_doc(), entries, NOW)
+    _, _, two = completion(dataset_doc(), entries[::-1], datetime(2025, 1, 1, tzinfo=UTC))
     assert one.id == two.id
 
 
@@ -417,7 +406,7 @@ def test_stats_survive_a_json_round_trip_exactly():
 # -- shard-ready messages are checked against ingest's record ------------------
 
 
-def genuine(file: str = "a b ü.csv", node: str = "us") -> tuple[ShardReady, bytes, dict]:
+def genuine(file: str = "a b ü.csv", node: str = "us") -> tuple[ShardReady, bytes, FileRecord]:
     """A message as ingest publishes it, and the file record ingest wrote beside it."""
     import hashlib
 
@@ -426,14 +415,15 @@ def genuine(file: str = "a b ü.csv", node: str = "us") -> tuple[ShardReady, byt
     ready = ShardReady(node=node, dataset="iris", file=file, generation=7, spec_generation=3, source=f"gs://raw/iris/{file}",
                        rows=3, shards=[f"{prefix}/shard-00000.parquet"], stats=STATS_A)
     message = ready.model_dump_json().encode()
-    record = {"name": file, "generation": 7, "spec_generation": 3, "status": "processed", "manifest_sha256": hashlib.sha256(message).hexdigest()}
+    record = FileRecord(name=file, generation=7, spec_generation=3, status="processed", updated_at=NOW,
+                        manifest_sha256=hashlib.sha256(message).hexdigest())
     return ready, message, record
 
 
 def test_the_message_ingest_wrote_is_accepted():
     ready, message, record = genuine()
     assert shard_ready_problem(Settings(), ready, message, record) is None
-    assert shard_ready_problem(Settings(), ready, message, {**record, "status": "processing"}) is None
+    assert shard_ready_problem(Settings(), ready, message, record.model_copy(update={"status": "publishing"})) is None
 
 
 def _forged(ready: ShardReady, **changes) -> tuple[ShardReady, bytes]:
@@ -484,24 +474,28 @@ def test_claims_on_an_upload():
 
     from shared.ingest import CLAIM_LEASE_S, Claim, claim_decision
 
-    def decide(record: dict, claimant: str = "e2", now=NOW) -> Claim:
+    def decide(record: FileRecord | None, claimant: str = "e2", now=NOW) -> Claim:
         return claim_decision(record, generation=5, spec_generation=2, claimant=claimant, now=now)
 
-    live = {"generation": 5, "spec_generation": 2, "status": "processing", "claimed_by": "e1", "claimed_at": NOW}
-    assert decide({}) is Claim.CLAIMED
-    assert claim_decision({}, 5, None, "e1", NOW) is Claim.AWAITING_DECLARATION
-    assert decide({"generation": 5, "status": "awaiting_declaration"}) is Claim.CLAIMED
-    assert decide({**live, "generation": 6}) is Claim.STALE
+    live = FileRecord(name="a.csv", generation=5, spec_generation=2, status="processing", claimed_by="e1", claimed_at=NOW, updated_at=NOW)
+
+    def like(**changes) -> FileRecord:
+        return live.model_copy(update=changes)
+
+    assert decide(None) is Claim.CLAIMED
+    assert claim_decision(None, 5, None, "e1", NOW) is Claim.AWAITING_DECLARATION
+    assert decide(FileRecord(name="a.csv", generation=5, status="awaiting_declaration", updated_at=NOW)) is Claim.CLAIMED
+    assert decide(like(generation=6)) is Claim.STALE
     assert decide(live) is Claim.BUSY  # a concurrent duplicate leaves it to the claimant
     assert decide(live, claimant="e1") is Claim.CLAIMED  # the claimant's own retry takes it back
     assert decide(live, now=NOW + timedelta(seconds=CLAIM_LEASE_S)) is Claim.CLAIMED  # a claimant that died for good
-    assert decide({**live, "status": "processed"}) is Claim.DUPLICATE
-    assert decide({**live, "status": "quarantined"}) is Claim.DUPLICATE
-    assert decide({**live, "status": "publishing"}) is Claim.BUSY
-    assert decide({**live, "status": "publishing"}, claimant="e1") is Claim.CLAIMED  # it may have died before publishing
-    assert decide({**live, "status": "processed"}, claimant="e1") is Claim.DUPLICATE  # the same event delivered again
-    assert decide({**live, "spec_generation": 1, "status": "processed"}) is Claim.CLAIMED  # a new declaration reprocesses
-    assert decide({**live, "generation": 4, "status": "processed"}) is Claim.CLAIMED  # a new upload
+    assert decide(like(status="processed")) is Claim.DUPLICATE
+    assert decide(like(status="quarantined")) is Claim.DUPLICATE
+    assert decide(like(status="publishing")) is Claim.BUSY
+    assert decide(like(status="publishing"), claimant="e1") is Claim.CLAIMED  # it may have died before publishing
+    assert decide(like(status="processed"), claimant="e1") is Claim.DUPLICATE  # the same event delivered again
+    assert decide(like(spec_generation=1, status="processed")) is Claim.CLAIMED  # a new declaration reprocesses
+    assert decide(like(generation=4, status="processed")) is Claim.CLAIMED  # a new upload
 
 
 @pytest.mark.parametrize(

@@ -473,7 +473,8 @@ def test_parquet_inflating_past_max_bytes_is_refused_unread(no_decoding: None, m
     exc = rejected(data, "a.parquet")
     assert exc.reason == "too_large" and exc.detail == f"parquet: uncompressed size exceeds the limit of {MAX} bytes"
     monkeypatch.undo()  # decode again
-    assert preprocess_file(data, "a.parquet", SPEC, 4 * MAX).rows == 100_000  # the same file under a larger limit
+    wide_shards = SPEC.model_copy(update={"shard_rows": 4096})  # 4-row shards would be too many for 100k rows
+    assert preprocess_file(data, "a.parquet", wide_shards, 4 * MAX).rows == 100_000  # the same file under a larger limit
 
 
 def test_parquet_text_column_is_refused_before_its_cells_are_decoded(no_decoding: None) -> None:
@@ -494,3 +495,13 @@ def test_row_cap(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     assert exc.reason == "too_large" and "10 rows exceeds the limit of 9" in exc.detail
     monkeypatch.setattr(shared.preprocess, "MAX_ROWS", 10)
     assert preprocess_file(data, name, SPEC, MAX).rows == 10
+
+
+def test_a_file_that_would_make_more_shards_than_its_data_sets_record_holds_is_refused() -> None:
+    assert SPEC.max_shards_per_file == 1333  # one expected file: every shard URI of the record is its
+    rows = 1333 * 4
+    assert preprocess_file(to_csv(make_table(rows)), "a.csv", SPEC, MAX).rows == rows
+    exc = rejected(to_csv(make_table(rows + 1)), "a.csv")
+    assert (exc.reason, exc.detail) == (
+        "too_many_shards", f"{rows + 1} rows make 1334 shards of 4 rows; a file of this data set may make 1333 (raise shard_rows, or split the data set)",
+    )

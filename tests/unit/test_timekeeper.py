@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 import shared.timekeeper as timekeeper
+from shared.hub import SweepOutcome
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ def test_rounds_close_even_when_reaping_jobs_fails(monkeypatch):
             raise RuntimeError("firestore unavailable")
 
     monkeypatch.setattr(timekeeper, "JobStore", FailingStore)
-    monkeypatch.setattr(timekeeper, "sweep_deadlines", lambda svc, now: swept.append(now) or ["fed-1: closed"])
+    monkeypatch.setattr(timekeeper, "sweep_deadlines", lambda svc, now: swept.append(now) or [SweepOutcome("fed-1", error="RuntimeError")])
     with pytest.raises(RuntimeError, match="firestore unavailable"):  # still reported, for the caller to log
         timekeeper.tick(SimpleNamespace(db=None, settings=None), NOW)
     assert swept == [NOW]

@@ -10,6 +10,7 @@ import jax
 
 from shared import clients
 from workers.trainer.job import run_job
+from workers.trainer.node_client import NodeClient
 
 
 def main() -> int:
@@ -18,7 +19,7 @@ def main() -> int:
     attempt = int(os.environ.get("FEDPIPE_JOB_ATTEMPT", "1"))
     heartbeat_s = float(os.environ.get("FEDPIPE_HEARTBEAT_S", "5"))
     logging.getLogger("fedpipe.worker").info("devices: %s", jax.devices())
-    status = run_job(job_id, attempt, clients.settings(), clients.db(), clients.gcs(), heartbeat_s)
+    status = run_job(job_id, attempt, clients.settings(), NodeClient.from_env(), clients.gcs(), heartbeat_s)
     return 0 if status is not None and status.value == "completed" else 1
 
 

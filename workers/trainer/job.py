@@ -1,9 +1,9 @@
-"""Run one attempt of a training job: claim it, heartbeat, train, store results.
+"""Run one attempt of a training job: start it, heartbeat, train, report results.
 
-The job document is the contract with the rest of fedpipe: `running` with a fresh
-heartbeat while working, then `completed` with results or `failed` with the error.
-If the heartbeat finds the attempt is no longer current (reaped or cancelled), the
-worker stops without writing anything more.
+The job's status is the contract with the rest of fedpipe, and the worker changes it
+only through the node API: `running` with a fresh heartbeat while working, then
+`completed` with results or `failed` with the error. If a heartbeat finds the attempt
+is no longer current (reaped or cancelled), the worker stops without reporting more.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import threading
 import time
 import traceback
 
-from google.cloud import firestore, storage
+from google.cloud import storage
 
 from shared import weights
 from shared.config import Settings
-from shared.jobs import Job, JobStatus, retry_or_fail, utcnow
-from shared.jobstore import JobStore
+from shared.jobs import Job, JobStatus
 from workers.trainer.data import load_dataset
 from workers.trainer.federated import FederationEnded, run_federation
+from workers.trainer.node_client import NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.worker")
@@ -34,8 +34,8 @@ class AttemptLost(RuntimeError):
 class Heartbeat:
     """Renews the job's lease every `interval_s` with the latest progress, in the background."""
 
-    def __init__(self, store: JobStore, job: Job, interval_s: float) -> None:
-        self.store, self.job, self.interval_s = store, job, interval_s
+    def __init__(self, api: NodeClient, job: Job, interval_s: float) -> None:
+        self.api, self.job, self.interval_s = api, job, interval_s
         self.progress: dict[str, float] = {}
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -52,49 +52,46 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if not self.store.heartbeat(self.job.id, self.job.attempt, utcnow(), dict(self.progress)):
+                if not self.api.heartbeat(self.job.id, self.job.attempt, dict(self.progress)):
                     self.lost.set()
                     return
             except Exception:  # a missed beat is fine; the lease has patience
                 log.exception("heartbeat failed")
 
 
-def run_job(job_id: str, attempt: int, settings: Settings, db: firestore.Client, gcs: storage.Client, heartbeat_s: float) -> JobStatus | None:
-    store = JobStore(db, settings)
-    job = store.start(job_id, attempt, utcnow())
+def run_job(job_id: str, attempt: int, settings: Settings, api: NodeClient, gcs: storage.Client, heartbeat_s: float) -> JobStatus | None:
+    job = api.start(job_id, attempt)
     if job is None:
         log.warning("job %s attempt %d is not scheduled for this worker; exiting", job_id, attempt)
         return None
     log.info("job %s attempt %d running", job_id, attempt)
     started = time.monotonic()
-    with Heartbeat(store, job, heartbeat_s) as beat:
+    with Heartbeat(api, job, heartbeat_s) as beat:
         try:
             if job.spec.federation is not None:
-                results = run_federation(job, settings, db, gcs, beat, AttemptLost)
+                results = run_federation(job, settings, api, gcs, beat, AttemptLost)
             else:
-                results = train_and_evaluate(job, settings, db, gcs, beat)
+                results = train_and_evaluate(job, settings, api, gcs, beat)
         except AttemptLost:
             log.warning("job %s attempt %d lost its lease; stopping", job_id, attempt)
             return None
         except Exception as exc:
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             error = f"{type(exc).__name__}: {exc}"
-            if job.spec.federation is not None and not isinstance(exc, FederationEnded):
-                # A federation node's error may be transient (a storage or Firestore hiccup): the
-                # next attempt picks up the current round, within the job's attempt limit.
-                written = store.update(job_id, lambda j: retry_or_fail(j, utcnow(), error) if j.attempt == attempt and not j.is_terminal else None)
-                return written.status if written else None
-            written = store.finish(job_id, attempt, utcnow(), JobStatus.FAILED, reason="worker error", error=error)
-            return JobStatus.FAILED if written else None
+            # A federation node's error may be transient (a storage hiccup): the next attempt
+            # picks up the current round, within the job's attempt limit.
+            retry = job.spec.federation is not None and not isinstance(exc, FederationEnded)
+            written = api.finish(job_id, attempt, "retry" if retry else "failed", error=error)
+            return JobStatus(written) if written else None
     results["duration_s"] = round(time.monotonic() - started, 3)
-    written = store.finish(job_id, attempt, utcnow(), JobStatus.COMPLETED, results=results)
+    written = api.finish(job_id, attempt, "completed", results=results)
     log.info("job %s completed: %s", job_id, json.dumps(results))
-    return JobStatus.COMPLETED if written else None
+    return JobStatus(written) if written else None
 
 
-def train_and_evaluate(job: Job, settings: Settings, db: firestore.Client, gcs: storage.Client, beat: Heartbeat) -> dict:
+def train_and_evaluate(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, beat: Heartbeat) -> dict:
     spec = job.spec.train
-    split = load_dataset(db, gcs, settings, job.spec.dataset, spec.test_fraction, spec.seed)
+    split = load_dataset(api, gcs, job.id, spec.test_fraction, spec.seed)
     trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
 
     def on_epoch(epoch: int, metrics: dict) -> None:

@@ -1,0 +1,124 @@
+"""A training round's aggregation: read the counted updates, combine them, write the global model once.
+
+Memory stays a few models however many nodes report: the updates stream into the
+aggregator one by one, the next already downloading, and those this hub instance verified
+when it counted them come from VERIFIED instead of a second download.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+from google.api_core.exceptions import PreconditionFailed
+
+from shared import gcs_uri, weights
+from shared.aggregation import ServerOptimizer, aggregator, clip_update
+from shared.federation import global_model_object, server_state_object
+from shared.fedstore import Federation, Update
+from shared.hub.admission import model_spec
+from shared.hub.context import Hub
+from shared.io_pool import IO
+
+
+class VerifiedUpdates:
+    """Updates this hub instance read and counted, held for their round's aggregation.
+
+    Without it the delivery that closes a round downloads again every update the
+    instance already read and verified. An entry is keyed by object and generation, and a
+    generation's bytes never change, so it is exactly what that download would return
+    (the version whose signature was verified). Bounded, oldest out first; a miss (an
+    update counted by another instance, or evicted) is downloaded as before. Thread-safe:
+    one instance handles concurrent deliveries.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._held: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def put(self, uri: str, generation: int, data: bytes) -> None:
+        with self._lock:
+            if (uri, generation) in self._held or len(data) > self.max_bytes:
+                return
+            self._held[(uri, generation)] = data
+            self._size += len(data)
+            while self._size > self.max_bytes:
+                self._size -= len(self._held.popitem(last=False)[1])
+
+    def pop(self, uri: str, generation: int) -> bytes | None:
+        with self._lock:
+            data = self._held.pop((uri, generation), None)
+            self._size -= len(data) if data is not None else 0
+            return data
+
+
+VERIFIED = VerifiedUpdates(max_bytes=64 * 2**20)
+
+
+def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update], recover: bool) -> str:
+    """The global model after training round r, written once to a fixed path; returns its URI.
+
+    Only a recovering closer can find the model written already (by the closer that died
+    after writing it): same inputs, same bytes.
+    """
+    config = fed.config
+    assert config is not None
+    bucket = hub.gcs.bucket(hub.settings.hub_bucket)
+    target = bucket.blob(global_model_object(fed.id, r))
+    uri = f"gs://{bucket.name}/{target.name}"
+    if recover and target.exists():
+        return uri
+    expected = model_spec(fed)
+    # Round 1 has no previous global model at the hub (nodes start from the shared seed), so
+    # clipping and the server optimizers act from round 2 on.
+    stepped = config.strategy in ("fedadam", "fedyogi")
+    previous = None
+    if fed.global_model_uri and (stepped or config.clip_norm is not None):
+        previous = weights.from_bytes(gcs_uri.read(hub.gcs, fed.global_model_uri), expected=expected)[0]
+    combine = aggregator(config.strategy, config.trim_fraction)
+    combine.extend(_updates(hub, participants, expected, previous, config.clip_norm))
+    combined = combine.result()
+    new_global = combined
+    if stepped and previous is not None:
+        state_blob = bucket.blob(server_state_object(fed.id, r - 1))
+        state = weights.from_bytes(state_blob.download_as_bytes())[0] if state_blob.exists() else None
+        new_global, state = ServerOptimizer(config.strategy, server_lr=config.server_lr).step(previous, combined, state)
+        _create(bucket.blob(server_state_object(fed.id, r)), weights.to_bytes(state, {"federation": fed.id, "round": str(r)}))
+    _create(target, weights.to_bytes(new_global, {"federation": fed.id, "round": str(r)}))
+    return uri
+
+
+def _updates(
+    hub: Hub, participants: dict[str, Update], expected: dict, previous: dict[str, np.ndarray] | None, clip_norm: float | None
+) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+    """Each counted update as the aggregator asks for it (clipped when asked), the next one already downloading."""
+    nodes = sorted(participants)
+
+    def fetch(node: str):
+        # The very version whose signature was verified when it was counted.
+        update = participants[node]
+        return IO.submit(lambda: VERIFIED.pop(update.object, update.generation) or gcs_uri.read(hub.gcs, update.object, update.generation))
+
+    pending = fetch(nodes[0])
+    for i, node in enumerate(nodes):
+        data = pending.result()
+        if i + 1 < len(nodes):
+            pending = fetch(nodes[i + 1])
+        params, _ = weights.from_bytes(data, expected=expected)
+        del data
+        if clip_norm is not None and previous is not None:
+            params = clip_update(params, previous, clip_norm)
+        yield params, float(participants[node].examples)
+        del params
+
+
+def _create(blob, data: bytes) -> None:
+    """Write once: a recovering closer racing the original one never replaces what it wrote."""
+    try:
+        blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+    except PreconditionFailed:
+        pass

@@ -1,0 +1,39 @@
+"""The hub's collaborators, handed to its logic as one value so tests can swap any of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.cloud import firestore, storage
+
+from shared import node_keys
+from shared.config import Settings
+from shared.fedstore import FederationStore, FirestoreFederationStore
+from shared.ingest import Services
+from shared.jobs import Job
+from shared.jobstore import JobStore
+
+
+class JobCreator(Protocol):
+    def create(self, job: Job) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Hub:
+    settings: Settings
+    store: FederationStore  # the hub's own documents
+    gcs: storage.Client
+    db: firestore.Client  # other owners' records the hub reads: data sets, the node registry
+    jobs: JobCreator
+    public_key: Callable[[str], str | None]  # a node's registered signing key, None if it has none
+
+    @classmethod
+    def of(cls, svc: Services) -> Hub:
+        def public_key(node: str) -> str | None:
+            doc = node_keys.node_ref(svc.db, svc.settings, node).get().to_dict() or {}
+            key = doc.get("public_key")
+            return key if isinstance(key, str) else None
+
+        return cls(svc.settings, FirestoreFederationStore(svc.db, svc.settings), svc.gcs, svc.db, JobStore(svc.db, svc.settings), public_key)
