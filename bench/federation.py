@@ -37,10 +37,11 @@ them and checks them against what ``read_split`` reads back from the stack (``da
 
 Where a steady fedpipe round goes (``stages_median_s``, rounds 2..R, for the node whose update
 closed the round), each stage from one recorded instant to the next, so they add up to the
-round: ``worker`` (previous round closed -> this node's update uploaded: the listener's wake,
-global model download, evaluate + train (``compute``, which the worker reports), sign, upload),
-``notify`` (upload -> hub function invoked: fake-gcs-server notification, Pub/Sub emulator,
-router), ``hub_record`` (-> update counted: read, verify signature, record), ``hub_close``
+round: ``worker`` (previous round closed -> this node's update uploaded: the node API's long
+poll waking, the global model's download through it, evaluate + train (``compute``, which the
+worker reports), sign, upload), ``notify`` (upload -> the hub invoked on the node's report: the
+report's request, token check, the object's metadata read), ``hub_record`` (-> update counted:
+admission, verify signature, record), ``hub_close``
 (-> close marker created: who reported), ``hub_aggregate`` (-> new global model written),
 ``hub_commit`` (-> the close, next round and federation committed in one batch). Instants come
 from the emulators (object creation times, document create/update times) and the hub (when it

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -133,6 +134,11 @@ class FederationWatches:
         self._close_idle()
         return doc
 
+    def latest(self, fid: str) -> dict | None:
+        """The document as the listener last saw it; None when this instance has no listener on it."""
+        with self._lock:
+            return self._docs.get(fid) if fid in self._watches else None
+
     def _changed(self, fid: str, snapshots) -> None:
         with self._lock:
             self._docs[fid] = snapshots[0].to_dict() if snapshots and snapshots[0].exists else None
@@ -147,6 +153,29 @@ class FederationWatches:
                 self._last_wait.pop(fid)
         for watch in closing:  # outside the lock: a listener thread may be waiting for it in _changed
             watch.unsubscribe()
+
+
+class GlobalModels:
+    """The global models this instance served lately, by (federation, round): every member asks for
+    the same one as a round opens. Each is written once to a fixed path, so a copy never goes stale.
+    Bounded by bytes, oldest out first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._held: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fid: str, r: int, read: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if (data := self._held.get((fid, r))) is not None:
+                self._held.move_to_end((fid, r))
+                return data
+        data = read()
+        with self._lock:
+            self._held[(fid, r)] = data
+            while sum(map(len, self._held.values())) > self.max_bytes and len(self._held) > 1:
+                self._held.popitem(last=False)
+        return data
 
 
 ROUTES = Map(
@@ -171,6 +200,7 @@ class NodeApi:
         self.jobs = JobStore(svc.db, svc.settings)
         self.store = hub.federation_store(svc)
         self.watches = FederationWatches(self.store.federation_ref)
+        self.models = GlobalModels(max_bytes=256 * 2**20)
         self._identities: dict[str, tuple[float, str | None]] = {}
 
     # -- the request, as functions/node_api.py hands it over ---------------------
@@ -288,14 +318,17 @@ class NodeApi:
             doc = self.watches.wait(fid, moved, wait_s)
             fed = Federation.from_doc(fid, doc) if doc is not None else None
             view = self._member_view(node, fed)
-        if fed.status is FederationStatus.RUNNING and fed.round:
+        if fed.status is FederationStatus.RUNNING and fed.round and wait_s == 0:
+            # Only a worker's first call can find its update counted (a relaunched worker); a long poll
+            # answers with a round that opened after the caller's last one.
             view["counted"] = self.store.is_counted(fid, fed.round, node)
         return Reply(200, view)
 
     def _model(self, node: str, fid: str, r: int, **_) -> Reply:
-        self._member_view(node, self._fed(fid))
+        self._member_view(node, self._fed(fid, fresh=False))
+        blob = self.svc.gcs.bucket(self.svc.settings.hub_bucket).blob(global_model_object(fid, r))
         try:
-            data = self.svc.gcs.bucket(self.svc.settings.hub_bucket).blob(global_model_object(fid, r)).download_as_bytes()
+            data = self.models.get(fid, r, blob.download_as_bytes)
         except NotFound:
             return _error(404, f"no global model after round {r}")
         return Reply(200, data)
@@ -305,7 +338,7 @@ class NodeApi:
         match = UPDATE_PATH.match(report.object)
         if match is None or match["node"] != node or match["fid"] != fid or int(match["round"]) != r:
             raise Forbidden(Refusal.NOT_YOUR_OBJECT, "the object is not this node's update for this round")
-        self._member_view(node, self._fed(fid))
+        self._member_view(node, self._fed(fid, fresh=False))
         blob = self.svc.gcs.bucket(self.svc.settings.hub_bucket).get_blob(report.object, generation=report.generation)
         if blob is None:
             return _error(404, "no such object generation")
@@ -317,8 +350,14 @@ class NodeApi:
             reply["reason"] = outcome.reason.value
         return Reply(UPDATE_STATUS[outcome.kind], reply)
 
-    def _fed(self, fid: str) -> Federation | None:
-        return self.store.federation(fid) if 0 < len(fid) <= 63 else None
+    def _fed(self, fid: str, fresh: bool = True) -> Federation | None:
+        """The federation; not `fresh`: as this instance's listener last saw it, if it has one (membership
+        never changes, so a document a few milliseconds old answers who may ask)."""
+        if not 0 < len(fid) <= 63:
+            return None
+        if not fresh and (doc := self.watches.latest(fid)) is not None:
+            return Federation.from_doc(fid, doc)
+        return self.store.federation(fid)
 
 
 # What each outcome of a reported update is, in HTTP: the worker learns whether it counted, and why not.
