@@ -571,13 +571,16 @@ resource "google_cloudfunctions2_function" "node_api" {
 
   service_config {
     available_memory = var.function_memory
-    # Long polls for round changes hold a request open; the worker asks again.
-    timeout_seconds                = var.function_timeout_seconds
-    min_instance_count             = 0
-    max_instance_count             = var.function_max_instances
-    ingress_settings               = "ALLOW_INTERNAL_ONLY"
-    all_traffic_on_latest_revision = true
-    service_account_email          = google_service_account.hub.email
+    # Long polls for round changes hold a request open (at most 30 s; the worker asks
+    # again), so one instance serves many at once: concurrency needs a whole CPU.
+    available_cpu                    = "1"
+    max_instance_request_concurrency = 80
+    timeout_seconds                  = var.function_timeout_seconds
+    min_instance_count               = 0
+    max_instance_count               = var.function_max_instances
+    ingress_settings                 = "ALLOW_INTERNAL_ONLY"
+    all_traffic_on_latest_revision   = true
+    service_account_email            = google_service_account.hub.email
     # The audience it checks: its own URL, which Terraform cannot read back into it.
     environment_variables = merge(var.settings_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
   }

@@ -26,6 +26,8 @@ from shared.triggers import (
     function_names,
     triggers,
 )
+from tests.unit.infra_hcl import parse_files
+from tests.unit.infra_hcl import resources as resources_of
 
 pytestmark = pytest.mark.unit
 
@@ -208,9 +210,9 @@ def test_one_function_resource_per_trigger_with_its_entry_point():
     assert re.search(r"for_each\s*=\s*local\.triggers\b", body)
     assert re.search(r"locals \{\n  triggers\s*=\s*\{ for t in var\.triggers : t\.name => t \}", main)
     assert re.search(r"entry_point\s*=\s*each\.value\.function\b", body)
-    assert 'retry_policy          = "RETRY_POLICY_RETRY"' in body
+    assert re.search(r'retry_policy\s*=\s*"RETRY_POLICY_RETRY"', body)
     for _, fn_body in functions:
-        assert 'ingress_settings               = "ALLOW_INTERNAL_ONLY"' in fn_body
+        assert re.search(r'ingress_settings\s*=\s*"ALLOW_INTERNAL_ONLY"', fn_body)
     # Every function named in the triggers is deployed: for_each over every
     # trigger, and each entry point (the node API's too) is re-exported in the source's main.py.
     assert set(function_names(Settings())) == {t["function"] for t in render(Settings())["triggers"]}
@@ -361,33 +363,11 @@ def test_versions_pin_google_provider_6():
 # ---------------------------------------------------------------- HCL parsed
 
 
-def _unquote(value):
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items() if k != "__comments__"}
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
 @pytest.fixture(scope="module")
 def parsed() -> dict[str, dict]:
-    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 parses the HCL")
-    out = {}
-    for path in sorted(INFRA.glob("*.tf")):
-        with path.open() as fh:
-            out[path.name] = _unquote(hcl2.load(fh))
-    return out
+    return parse_files()
 
 
-def _resources(doc: dict) -> dict[tuple[str, str], dict]:
-    found = {}
-    for item in doc.get("resource", []):
-        for rtype, named in item.items():
-            for name, body in named.items():
-                found[(rtype, name)] = body
-    return found
 
 
 def test_every_tf_file_parses(parsed):
@@ -395,11 +375,11 @@ def test_every_tf_file_parses(parsed):
 
 
 def _all_resources(parsed: dict) -> dict[tuple[str, str], dict]:
-    return {key: body for doc in parsed.values() for key, body in _resources(doc).items()}
+    return {key: body for doc in parsed.values() for key, body in resources_of(doc).items()}
 
 
 def test_parsed_function_resource(parsed):
-    fn = _resources(parsed["main.tf"])[("google_cloudfunctions2_function", "fn")]
+    fn = resources_of(parsed["main.tf"])[("google_cloudfunctions2_function", "fn")]
     assert fn["for_each"] == "${local.triggers}"
     (build,) = fn["build_config"]
     assert build["entry_point"] == "${each.value.function}"
@@ -439,7 +419,7 @@ def test_parsed_resources_include_the_required_kinds(parsed):
         "google_service_account",
         "google_storage_bucket_object",
     } <= kinds
-    db = _resources(parsed["main.tf"])[("google_firestore_database", "db")]
+    db = resources_of(parsed["main.tf"])[("google_firestore_database", "db")]
     assert db["type"] == "FIRESTORE_NATIVE"
 
 
@@ -457,7 +437,7 @@ def test_parsed_every_trigger_deploys_where_its_source_is(parsed):
     assert 't.kind == "storage" ? local.bucket_region[t.bucket] : var.region' in local["function_location"]
     # Every function's region has an image repository to build into.
     assert local["function_regions"] == "${toset(concat(values(local.function_location), [var.region]))}"
-    assert _resources(main)[("google_pubsub_topic", "topic")]["for_each"] == "${toset(values(var.topics))}"
+    assert resources_of(main)[("google_pubsub_topic", "topic")]["for_each"] == "${toset(values(var.topics))}"
 
     # What those expressions will meet: the rendered triggers of a 3-node deployment.
     s = Settings(project="acme-fl", nodes=("us", "eu", "ch"))
@@ -478,7 +458,7 @@ def test_parsed_every_trigger_deploys_where_its_source_is(parsed):
 
 def test_parsed_cloud_scheduler_publishes_the_tick(parsed):
     main = parsed["main.tf"]
-    jobs = {name: body for (rtype, name), body in _resources(main).items() if rtype == "google_cloud_scheduler_job"}
+    jobs = {name: body for (rtype, name), body in resources_of(main).items() if rtype == "google_cloud_scheduler_job"}
     assert set(jobs) == {"tick"}
     job = jobs["tick"]
     (target,) = job["pubsub_target"]
@@ -557,11 +537,13 @@ def test_node_api_url_is_cloud_runs_deterministic_url_on_both_sides(parsed):
     local = _locals(parsed["main.tf"])
     assert local["node_api_name"] == "${var.name_prefix}-node-api"
     assert local["node_api_url"] == "https://${local.node_api_name}-${data.google_project.this.number}.${var.region}.run.app"
-    resources = _resources(parsed["main.tf"])
+    resources = resources_of(parsed["main.tf"])
     node_api = resources[("google_cloudfunctions2_function", "node_api")]
     assert node_api["name"] == "${local.node_api_name}"
     (service,) = node_api["service_config"]
     assert service["environment_variables"] == "${merge(var.settings_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
+    # Every worker holds a long poll open: one instance serves many, internal callers only.
+    assert (service["max_instance_request_concurrency"], service["available_cpu"], service["ingress_settings"]) == (80, "1", "ALLOW_INTERNAL_ONLY")
     # The workers (CPU and GPU jobs) get the same value from local.worker_env.
     assert "FEDPIPE_NODE_API_URL = local.node_api_url" in local["worker_env"]
     assert "service_config[0].uri" not in local["worker_env"] and "service_config[0].uri" not in service["environment_variables"]

@@ -27,6 +27,7 @@ from shared.config import Settings
 from shared.events import pubsub_message, storage_object
 from shared.infra_render import render
 from shared.triggers import STORAGE_FINALIZED
+from tests.unit.infra_hcl import resources_and_locals
 
 pytestmark = pytest.mark.unit
 
@@ -147,30 +148,9 @@ def test_max_delivery_attempts_is_bounded_like_pubsub():
 # ---------------------------------------------------------------- the wiring, by value
 
 
-def _unquote(value):
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items() if k not in ("__comments__", "__is_block__")}
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
 @pytest.fixture(scope="module")
 def tf() -> dict:
-    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 parses the HCL")
-    resources, locals_ = {}, {}
-    for path in sorted(INFRA.glob("*.tf")):
-        with path.open() as fh:
-            doc = _unquote(hcl2.load(fh))
-        for item in doc.get("resource", []):
-            for rtype, named in item.items():
-                for name, body in named.items():
-                    resources[(rtype, name)] = body
-        for item in doc.get("locals", []):
-            locals_.update(item)
-    return {"resources": resources, "locals": locals_}
+    return resources_and_locals()
 
 
 def _kind_filter(expr: str) -> tuple[str, str]:

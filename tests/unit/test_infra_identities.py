@@ -18,6 +18,7 @@ import pytest
 from shared.config import Settings
 from shared.federation import update_object
 from shared.infra_render import render
+from tests.unit.infra_hcl import resources_and_locals
 
 pytestmark = pytest.mark.unit
 
@@ -33,31 +34,10 @@ class Grant(NamedTuple):
     prefix: str | None = None  # object-name prefix of an IAM condition
 
 
-def _unquote(value):
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items() if k != "__comments__"}
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
 @pytest.fixture(scope="module")
 def tf() -> dict:
     """Every resource and local of infra/*.tf, parsed."""
-    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 parses the HCL")
-    resources, locals_ = {}, {}
-    for path in sorted(INFRA.glob("*.tf")):
-        with path.open() as fh:
-            doc = _unquote(hcl2.load(fh))
-        for item in doc.get("resource", []):
-            for rtype, named in item.items():
-                for name, body in named.items():
-                    resources[(rtype, name)] = body
-        for item in doc.get("locals", []):
-            locals_.update(item)
-    return {"resources": resources, "locals": locals_}
+    return resources_and_locals()
 
 
 # ---------------------------------------------------------------- expansion
