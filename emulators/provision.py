@@ -14,9 +14,9 @@ from emulators.endpoints import (
     REPLAY_TOPIC,
 )
 from emulators.metadata_server import local_identity
-from shared import node_keys
 from shared.config import Settings
 from shared.jobs import utcnow
+from shared.node_registry import NodeRegistry
 from shared.signing import create_node_key
 
 
@@ -51,9 +51,9 @@ def node_key_file(state_dir: Path, node: str) -> Path:
 def ensure_nodes(settings: Settings, state_dir: Path) -> None:
     """Register every node: its workers' local identity (the node API speaks to them as that node)
     and a signing key (the hub admits only updates it signed)."""
-    db = firestore.Client(project=settings.project)
+    registry = NodeRegistry(firestore.Client(project=settings.project), settings)
     for node in settings.nodes:
         path = node_key_file(state_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
-        node_keys.register(db, settings, node, create_node_key(path), f"local:{path}", utcnow())
-        node_keys.register_identity(db, settings, node, local_identity(settings.project, node), utcnow())
+        registry.register_key(node, create_node_key(path), f"local:{path}", utcnow())
+        registry.register_identity(node, local_identity(settings.project, node), utcnow())

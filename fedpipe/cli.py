@@ -447,7 +447,8 @@ def nodes_register(
     identity: Annotated[str | None, typer.Option(help="the service account NODE's workers run as: its ID tokens speak for NODE")] = None,
 ) -> None:
     """Admit NODE: its workers' identity (the node API answers them as NODE) and the key its updates must be signed with."""
-    from shared import node_keys, signing
+    from shared import signing
+    from shared.node_registry import NodeRegistry
 
     if public_key is not None and kms is not None:
         raise _fail("give at most one of --public-key and --kms")
@@ -455,7 +456,7 @@ def nodes_register(
         raise _fail("give --identity, and --public-key or --kms")
     if not re.fullmatch(NODE_NAME, node):
         raise _fail(f"node names are letters, digits, '-' and '_' (they appear in update paths); got {node!r}")
-    source = "cli"
+    source, registry = "cli", NodeRegistry(context.db(), context.settings())
     if kms is not None:
         try:
             public_key, source = signing.KmsSigner(kms).public_key(), f"kms:{kms}"
@@ -463,10 +464,10 @@ def nodes_register(
             raise _fail(f"could not read the public key of {kms}: {exc}") from exc
     try:
         if identity is not None:
-            node_keys.register_identity(context.db(), context.settings(), node, identity, utcnow())
+            registry.register_identity(node, identity, utcnow())
             console.print(f"registered {node}'s worker identity {identity.lower()}")
         if public_key is not None:
-            node_keys.register(context.db(), context.settings(), node, public_key, source, utcnow())
+            registry.register_key(node, public_key, source, utcnow())
             console.print(f"registered {node}'s signing key {public_key} ({source})")
     except ValueError as exc:
         raise _fail(str(exc)) from exc
@@ -477,12 +478,11 @@ def nodes_list() -> None:
     """Every registered node: its workers' identity and its update-signing key."""
     from rich.table import Table
 
-    from shared.node_keys import NodeRecord
+    from shared.node_registry import NodeRegistry
 
     table = Table("node", "worker identity", "public key", "source", "registered")
-    for snap in context.db().collection(context.settings().nodes_collection).stream():
-        record = NodeRecord.model_validate(snap.to_dict())
-        table.add_row(snap.id, record.identity or "", record.public_key or "", record.source, str(record.registered_at or ""))
+    for node, record in NodeRegistry(context.db(), context.settings()).list().items():
+        table.add_row(node, record.identity or "", record.public_key or "", record.source, str(record.registered_at or ""))
     console.print(table)
 
 

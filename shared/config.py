@@ -62,7 +62,7 @@ class Settings(BaseModel, frozen=True):
     datasets_collection: str = "datasets"
     quarantine_collection: str = "quarantine"
     federations_collection: str = "federations"
-    nodes_collection: str = "nodes"  # the node registry: each node's worker identity and signing key (shared/node_keys.py)
+    nodes_collection: str = "nodes"  # the node registry: each node's worker identity and signing key (shared/node_registry.py)
     refusals_collection: str = "refusals"  # node API requests refused for their identity (shared/node_api.py)
 
     # The node API (functions/node_api.py): workers reach it with a Google-signed ID token

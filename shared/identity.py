@@ -1,7 +1,7 @@
 """Who is calling the node API: a Google-signed ID token, verified, mapped to a node.
 
 The node is never a field of the request: it is the verified token's service account,
-looked up in the node registry (shared/node_keys.py). Verification is google-auth's,
+looked up in the node registry (shared/node_registry.py). Verification is google-auth's,
 against the certificates URL and issuers in Settings: Google's in production, the
 local stack's token issuer (emulators/metadata_server.py) locally. The certificates
 are fetched once per CERTS_TTL_S per instance, and again at once when a token names

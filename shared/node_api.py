@@ -37,7 +37,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 from werkzeug.routing import Map, Rule
 
-from shared import hub, node_keys
+from shared import hub
 from shared.dataset_shards import pinned_dataset
 from shared.federation import UPDATE_PATH, global_model_object, round_kind
 from shared.fedstore import Federation, FederationStatus
@@ -46,6 +46,7 @@ from shared.identity import Caller, Refusal, TokenVerifier, Unauthenticated
 from shared.ingest import RawObject, Services
 from shared.jobs import Job, JobStatus, retry_or_fail, transition, utcnow
 from shared.jobstore import JobStore
+from shared.node_registry import NodeRegistry
 
 log = logging.getLogger("fedpipe.node_api")
 
@@ -198,6 +199,7 @@ class NodeApi:
         self.verifier = verifier
         self.now = clock
         self.jobs = JobStore(svc.db, svc.settings)
+        self.registry = NodeRegistry(svc.db, svc.settings)
         self.store = hub.federation_store(svc)
         self.watches = FederationWatches(self.store.federation_ref)
         self.models = GlobalModels(max_bytes=256 * 2**20)
@@ -231,7 +233,7 @@ class NodeApi:
         identity = self.verifier.verify(authorization)
         cached = self._identities.get(identity)
         if cached is None or time.monotonic() - cached[0] > IDENTITY_TTL_S:
-            cached = (time.monotonic(), node_keys.node_of_identity(self.svc.db, self.svc.settings, identity))
+            cached = (time.monotonic(), self.registry.node_of_identity(identity))
             self._identities[identity] = cached
         return Caller(identity=identity, node=cached[1])
 

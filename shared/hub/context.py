@@ -8,12 +8,12 @@ from typing import Protocol
 
 from google.cloud import firestore, storage
 
-from shared import node_keys
 from shared.config import Settings
 from shared.fedstore import FederationStore, FirestoreFederationStore
 from shared.ingest import Services
 from shared.jobs import Job
 from shared.jobstore import JobStore
+from shared.node_registry import NodeRegistry
 
 
 class JobCreator(Protocol):
@@ -31,9 +31,10 @@ class Hub:
 
     @classmethod
     def of(cls, svc: Services) -> Hub:
+        registry = NodeRegistry(svc.db, svc.settings)
+
         def public_key(node: str) -> str | None:
-            doc = node_keys.node_ref(svc.db, svc.settings, node).get().to_dict() or {}
-            key = doc.get("public_key")
-            return key if isinstance(key, str) else None
+            record = registry.get(node)
+            return record.public_key if record else None
 
         return cls(svc.settings, FirestoreFederationStore(svc.db, svc.settings), svc.gcs, svc.db, JobStore(svc.db, svc.settings), public_key)

@@ -16,7 +16,6 @@ from functools import partial
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from pydantic import ValidationError
 
-from shared import node_keys
 from shared.datasets import DatasetSpec, FeatureStats
 from shared.federation import FederationConfig, member_id
 from shared.fedstore import Federation, FederationStatus, Round
@@ -26,6 +25,7 @@ from shared.ingest import RawObject
 from shared.io_pool import parallel
 from shared.jobs import DatasetRef, FederationRef, Job, JobSpec
 from shared.model_spec import param_spec
+from shared.node_registry import NodeRegistry
 
 log = logging.getLogger("fedpipe.hub")
 
@@ -103,7 +103,8 @@ def started_federation(hub: Hub, config: FederationConfig, now: datetime) -> Fed
     all of one schema. Only aggregate statistics (count, mean, M2 per feature) leave a node, so
     every node standardizes with the same global mean and std, as centralized training would.
     """
-    key_refs = [node_keys.node_ref(hub.db, hub.settings, n.name) for n in config.nodes] if config.signed_updates else []
+    registry = NodeRegistry(hub.db, hub.settings)
+    key_refs = [registry.ref(n.name) for n in config.nodes] if config.signed_updates else []
     datasets = hub.db.collection(hub.settings.datasets_collection)
     refs = [*key_refs, *(datasets.document(DatasetRef(node=n.name, dataset=n.dataset).id) for n in config.nodes)]
     by_path = {snap.reference.path: snap for snap in hub.db.get_all(refs)}

@@ -348,16 +348,17 @@ def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, cli
 
 
 def test_a_federation_with_a_node_that_has_no_signing_key_is_refused(cloud, clients, shares):
-    from shared import node_keys
+    from shared.node_registry import NodeRegistry
 
-    saved = node_keys.node_ref(clients.db, clients.settings, "eu").get().to_dict()
-    node_keys.node_ref(clients.db, clients.settings, "eu").delete()
+    eu = NodeRegistry(clients.db, clients.settings).ref("eu")
+    saved = eu.get().to_dict()
+    eu.delete()
     try:
         start_by_upload(clients.gcs, clients.settings, federation("fed-nokey"))
         ref = clients.db.collection(clients.settings.federations_collection).document("fed-nokey")
         wait_for(lambda: ref.get().exists, 30, "the request to be handled")
     finally:
-        node_keys.node_ref(clients.db, clients.settings, "eu").set(saved)
+        eu.set(saved)
     fed = ref.get().to_dict()
     assert fed["status"] == "rejected"
     assert fed["error"] == "no registered signing key for eu (fedpipe nodes register)"
