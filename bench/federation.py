@@ -236,6 +236,7 @@ def analyze_ours(recorded: dict, rounds: int) -> dict:
 def check_data(db, gcs, settings, config: FederationConfig, expected: dict) -> dict:
     """Do the rows given to Flower equal what each fedpipe worker loaded?"""
     from shared.dataset_shards import pinned_dataset
+    from shared.envelope import Envelope, node_kek
     from shared.jobs import DatasetRef
     from workers.trainer.data import read_split
 
@@ -244,7 +245,7 @@ def check_data(db, gcs, settings, config: FederationConfig, expected: dict) -> d
     max_diff, same_labels = 0.0, True
     for i, node in enumerate(config.nodes):
         dataset = pinned_dataset(db, settings, DatasetRef(node=node.name, dataset=node.dataset))
-        split = read_split(gcs, dataset, config.test_fraction, config.seed, stats)
+        split = read_split(gcs, Envelope(node_kek(settings, node.name)), dataset, config.test_fraction, config.seed, stats)
         for key, got in (("x_train", split.x_train), ("x_test", split.x_test)):
             want = expected[f"n{i}_{key}"]
             if got.shape != want.shape:

@@ -13,6 +13,11 @@ REPLAY_TOPIC = "eventarc-replay"  # `fedpipe events replay` puts a stored CloudE
 DELIVERIES_COLLECTION = "eventarc_deliveries"  # the router's delivery log (local Eventarc only)
 
 
+def keystore_dir(state_dir: Path) -> Path:
+    """Where the local stand-in keeps each node's key-encryption key."""
+    return state_dir / "keys" / "kek"
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("FEDPIPE_STATE_DIR", ".fedpipe")).resolve()
 
@@ -44,6 +49,8 @@ class Endpoints:
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://127.0.0.1:{self.pubsub_port}/",
             "CLOUDSDK_AUTH_ACCESS_TOKEN": "dummy",
             "CLOUDSDK_CORE_PROJECT": self.project,
+            # The LOCAL STAND-IN for the nodes' Cloud KMS keys (shared/envelope.py LocalKeyStore).
+            "FEDPIPE_LOCAL_KEYSTORE": str(keystore_dir(Path(self.state_dir))),
         }
 
     def function_url(self, function: str) -> str:

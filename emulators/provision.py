@@ -12,9 +12,11 @@ from emulators.endpoints import (
     FIRESTORE_EVENTS_TOPIC,
     GCS_NOTIFICATIONS_TOPIC,
     REPLAY_TOPIC,
+    keystore_dir,
 )
 from emulators.metadata_server import local_identity
 from shared.config import Settings
+from shared.envelope import LocalKeyStore
 from shared.jobs import utcnow
 from shared.node_registry import NodeRegistry
 from shared.signing import create_node_key
@@ -57,3 +59,4 @@ def ensure_nodes(settings: Settings, state_dir: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         registry.register_key(node, create_node_key(path), f"local:{path}", utcnow())
         registry.register_identity(node, local_identity(settings.project, node), utcnow())
+        LocalKeyStore(keystore_dir(state_dir)).ensure(node)  # its key-encryption key

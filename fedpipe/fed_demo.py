@@ -142,13 +142,17 @@ def centralized_baseline(db: firestore.Client, gcs: storage.Client, settings: Se
     Only this baseline pools data; it is the yardstick, not part of the federation.
     """
     from shared.dataset_shards import pinned_dataset
+    from shared.envelope import Envelope, node_kek
     from workers.trainer.data import read_split
     from workers.trainer.training import TrainConfig, Trainer
 
     config = FederationConfig.model_validate(fed["config"])
     stats = FeatureStats.model_validate(fed["stats"])
     splits = [
-        read_split(gcs, pinned_dataset(db, settings, DatasetRef(node=n.name, dataset=n.dataset)), config.test_fraction, config.seed, stats)
+        read_split(
+            gcs, Envelope(node_kek(settings, n.name)), pinned_dataset(db, settings, DatasetRef(node=n.name, dataset=n.dataset)),
+            config.test_fraction, config.seed, stats,
+        )
         for n in config.nodes
     ]
     x_train = np.concatenate([s.x_train for s in splits])

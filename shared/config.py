@@ -65,6 +65,11 @@ class Settings(BaseModel, frozen=True):
     nodes_collection: str = "nodes"  # the node registry: each node's worker identity and signing key (shared/node_registry.py)
     refusals_collection: str = "refusals"  # node API requests refused for their identity (shared/node_api.py)
 
+    # Each node's key-encryption key (shared/envelope.py): a Cloud KMS key URI per node in
+    # production; locally, the stand-in key store's directory.
+    node_keks: dict[str, str] = {}
+    local_keystore: str = ""
+
     # The node API (functions/node_api.py): workers reach it with a Google-signed ID token
     # whose audience is its URL; it checks the token against these certificates and issuers.
     node_api_url: str = ""
@@ -85,6 +90,10 @@ class Settings(BaseModel, frozen=True):
             values["region"] = region
         if max_bytes := env.get("FEDPIPE_MAX_UPLOAD_BYTES"):
             values["max_upload_bytes"] = int(max_bytes)
+        if keks := env.get("FEDPIPE_NODE_KEKS"):  # "us=gcp-kms://projects/...,eu=gcp-kms://..."
+            values["node_keks"] = dict(item.strip().split("=", 1) for item in keks.split(",") if item.strip())
+        if keystore := env.get("FEDPIPE_LOCAL_KEYSTORE"):
+            values["local_keystore"] = keystore
         if node_api_url := env.get("FEDPIPE_NODE_API_URL"):
             values["node_api_url"] = node_api_url
         if certs_url := env.get("FEDPIPE_ID_TOKEN_CERTS_URL"):

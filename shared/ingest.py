@@ -36,6 +36,7 @@ from shared.datasetstore import (
     check_file_transition,
     declared,
 )
+from shared.envelope import Envelope, Purpose, node_kek
 from shared.jobs import Job
 from shared.jobstore import JobStore
 from shared.manifest import ShardReady, complete_if_ready, processed_prefix
@@ -191,9 +192,11 @@ def process_data_file(svc: Services, node: str, dataset: str, file_name: str, ob
     out_bucket = svc.gcs.bucket(svc.settings.processed_bucket(node))
     prefix = processed_prefix(dataset, file_name, obj.generation, spec_generation)
     shard_uris = []
+    envelope = Envelope(node_kek(svc.settings, node))  # sealed under the node's key: only its attested workers open them
     for i, shard in enumerate(processed.shards):
         name = f"{prefix}/shard-{i:05d}.parquet"
-        out_bucket.blob(name).upload_from_string(shard, content_type="application/vnd.apache.parquet")
+        sealed = envelope.seal(shard, out_bucket.name, name, Purpose.SHARD)
+        out_bucket.blob(name).upload_from_string(sealed, content_type="application/octet-stream")
         shard_uris.append(f"gs://{out_bucket.name}/{name}")
     ready = ShardReady(
         node=node, dataset=dataset, file=file_name, generation=obj.generation, spec_generation=spec_generation,

@@ -172,3 +172,34 @@ def test_a_slow_completion_never_steps_the_summary_back_to_an_older_version(clou
     assert raced and summary["status"] == "complete"
     assert summary["version"] == manifest.version_of({"part.csv": 2}, 0) != v1
     assert summary["files"]["part.csv"]["shards"] == ["gs://x/2"]
+
+
+def test_shards_are_sealed_under_their_nodes_key_which_rotates_without_losing_a_shard(cloud, clients):
+    """A key rotated while a data set is half processed: the older shards still open, the newer use the new key."""
+    from emulators.endpoints import keystore_dir
+    from fedpipe.demo import csv_bytes, load_table
+    from shared.envelope import MAGIC, Envelope, EnvelopeError, LocalKeyStore, Purpose, local_key_id
+
+    keys = LocalKeyStore(keystore_dir(Path(cloud.endpoints.state_dir)))
+    table, features, num_classes = load_table("digits")
+    raw = clients.gcs.bucket(clients.settings.raw_bucket("eu"))
+    spec = {"features": features, "label": "label", "num_classes": num_classes, "expected_files": ["a.csv", "b.csv"]}
+    raw.blob(f"sealed/{SPEC_OBJECT}").upload_from_string(json.dumps(spec))
+    raw.blob("sealed/a.csv").upload_from_string(csv_bytes(table.slice(0, 900)))
+    processed = clients.gcs.bucket(clients.settings.processed_bucket("eu"))
+    wait_for(lambda: [b for b in processed.list_blobs(prefix="sealed/") if b.name.endswith(".parquet")], 30, "a.csv's shard")
+    before = keys.primary_key_id("eu")
+    after_rotation = keys.rotate("eu")
+    raw.blob("sealed/b.csv").upload_from_string(csv_bytes(table.slice(900, 897)))
+
+    job = wait_job(clients, job_of_dataset(clients, "sealed", node="eu"), {"completed", "failed"})
+
+    assert job.status is JobStatus.COMPLETED, job.error
+    assert job.results["train_examples"] + job.results["test_examples"] == 1797  # both halves opened
+    shards = {b.name.split("/")[1]: b for b in processed.list_blobs(prefix="sealed/") if b.name.endswith(".parquet")}
+    sealed = {key: blob.download_as_bytes() for key, blob in shards.items()}
+    assert all(data.startswith(MAGIC) and b"PAR1" not in data[:64] for data in sealed.values())  # no plain Parquet at rest
+    assert sorted(local_key_id(data) for data in sealed.values()) == sorted([before, after_rotation])
+    name, data = next(iter(sealed.items()))
+    with pytest.raises(EnvelopeError):  # another node's key opens none of it
+        Envelope(keys.kek("us")).open(data, processed.name, shards[name].name, Purpose.SHARD)

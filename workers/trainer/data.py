@@ -11,6 +11,7 @@ from google.cloud import storage
 from shared import gcs_uri
 from shared.dataset_shards import DatasetShards
 from shared.datasets import FeatureStats
+from shared.envelope import Envelope, Purpose
 from shared.preprocess import read_shard
 from workers.trainer.node_client import NodeClient
 from workers.trainer.training import standardize
@@ -25,19 +26,27 @@ class Split:
     n_classes: int
 
 
-def load_dataset(api: NodeClient, gcs: storage.Client, job_id: str, test_fraction: float, seed: int, stats: FeatureStats | None = None) -> Split:
+def load_dataset(
+    api: NodeClient, gcs: storage.Client, envelope: Envelope, job_id: str, test_fraction: float, seed: int, stats: FeatureStats | None = None,
+) -> Split:
     """The job's data set (the version the job pins), as the node API names it; see `read_split`."""
-    return read_split(gcs, api.dataset(job_id), test_fraction, seed, stats)
+    return read_split(gcs, envelope, api.dataset(job_id), test_fraction, seed, stats)
 
 
-def read_split(gcs: storage.Client, dataset: DatasetShards, test_fraction: float, seed: int, stats: FeatureStats | None = None) -> Split:
-    """All shards of `dataset`, read from the node's own processed bucket and standardized with
-    its statistics (or `stats`, e.g. a federation's over every node).
+def read_split(
+    gcs: storage.Client, envelope: Envelope, dataset: DatasetShards, test_fraction: float, seed: int, stats: FeatureStats | None = None,
+) -> Split:
+    """All shards of `dataset`, read from the node's own processed bucket, opened with the node's key,
+    and standardized with its statistics (or `stats`, e.g. a federation's over every node).
 
     The held-out split is a seeded permutation, so every attempt of a job sees the same split.
     """
+    def read(uri: str) -> bytes:
+        bucket, name = uri.removeprefix("gs://").split("/", 1)
+        return envelope.open(gcs_uri.read(gcs, uri), bucket, name, Purpose.SHARD)
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        blobs = list(pool.map(lambda u: gcs_uri.read(gcs, u), dataset.shards))
+        blobs = list(pool.map(read, dataset.shards))
     parts = [read_shard(b, dataset.spec) for b in blobs]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])

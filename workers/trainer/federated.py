@@ -24,6 +24,7 @@ from shared.config import Settings
 from shared.federation import update_object
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
+from workers.trainer.keys import node_envelope
 from workers.trainer.node_client import FederationView, NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
@@ -44,7 +45,7 @@ def run_federation(job: Job, settings: Settings, api: NodeClient, gcs: storage.C
     ref = job.spec.federation
     spec = job.spec.train
     view = api.federation(ref.id)
-    split = load_dataset(api, gcs, job.id, spec.test_fraction, spec.seed, view.stats)
+    split = load_dataset(api, gcs, node_envelope(settings, ref.node), job.id, spec.test_fraction, spec.seed, view.stats)
     trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
     initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
     expected = weights.spec_of(initial)

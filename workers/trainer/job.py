@@ -21,6 +21,7 @@ from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from workers.trainer.data import load_dataset
 from workers.trainer.federated import FederationEnded, run_federation
+from workers.trainer.keys import node_envelope
 from workers.trainer.node_client import NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
@@ -91,7 +92,7 @@ def run_job(job_id: str, attempt: int, settings: Settings, api: NodeClient, gcs:
 
 def train_and_evaluate(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, beat: Heartbeat) -> dict:
     spec = job.spec.train
-    split = load_dataset(api, gcs, job.id, spec.test_fraction, spec.seed)
+    split = load_dataset(api, gcs, node_envelope(settings, job.spec.dataset.node), job.id, spec.test_fraction, spec.seed)
     trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
 
     def on_epoch(epoch: int, metrics: dict) -> None:
