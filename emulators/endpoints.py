@@ -13,6 +13,11 @@ REPLAY_TOPIC = "eventarc-replay"  # `fedpipe events replay` puts a stored CloudE
 DELIVERIES_COLLECTION = "eventarc_deliveries"  # the router's delivery log (local Eventarc only)
 
 
+def launcher_dir(state_dir: Path) -> Path:
+    """The attestation simulator's stand-in for /run/container_launcher, a folder per node."""
+    return state_dir / "tee"
+
+
 def keystore_dir(state_dir: Path) -> Path:
     """Where the local stand-in keeps each node's key-encryption key."""
     return state_dir / "keys" / "kek"
@@ -33,6 +38,8 @@ class Endpoints:
     issuer_port: int = 0  # the local ID-token issuer (emulators/metadata_server.py)
     metadata_ports: dict[str, int] = field(default_factory=dict)  # each node's local metadata endpoint
     worker_modules: dict[str, str] = field(default_factory=dict)  # nodes that run a worker of their own (StackOptions)
+    attestation_port: int = 0  # the attestation simulator (emulators/attestation_simulator.py)
+    key_broker_port: int = 0  # the key broker (emulators/key_broker.py)
     function_ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     supervisor_pid: int | None = None  # the `fedpipe up`/`demo` process that owns the children
@@ -67,7 +74,14 @@ class Endpoints:
     def worker_env(self, node: str) -> dict[str, str]:
         """What a worker of `node` is told: the node API, and the metadata endpoint that gives it `node`'s ID tokens."""
         host = f"127.0.0.1:{self.metadata_ports[node]}"
-        return {"FEDPIPE_NODE_API_URL": self.function_url("node_api"), "GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
+        launcher = launcher_dir(Path(self.state_dir))
+        return {
+            "FEDPIPE_NODE_API_URL": self.function_url("node_api"), "GCE_METADATA_HOST": host, "GCE_METADATA_IP": host,
+            # Where Confidential Space's launcher would be, played by the simulator, and the key broker.
+            "FEDPIPE_TEESERVER_SOCKET": str(launcher / node / "teeserver.sock"),
+            "FEDPIPE_ATTESTATION_TOKEN_FILE": str(launcher / node / "attestation_verifier_claims_token"),
+            "FEDPIPE_KEY_BROKER_URL": f"http://127.0.0.1:{self.key_broker_port}",
+        }
 
     @property
     def path(self) -> Path:

@@ -75,8 +75,12 @@ def worker_log_file(state_dir: Path, job_id: str, attempt: int) -> Path:
 
 
 # What a worker must not be handed: the control plane's emulators, the function's own identity and
-# settings. A worker reaches Firestore and Pub/Sub only through the node API, as in production.
-WITHHELD = ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE", "FEDPIPE_LAUNCHER", "THREADS")
+# settings, and the stand-in key store. A worker reaches Firestore and Pub/Sub only through the node
+# API, and its node's key only through the key broker, once attested, as in production.
+WITHHELD = (
+    "FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE", "FEDPIPE_LAUNCHER", "THREADS",
+    "FEDPIPE_LOCAL_KEYSTORE",
+)
 WITHHELD_PREFIXES = ("CLOUDSDK_", "FEDPIPE_ID_TOKEN_")
 
 

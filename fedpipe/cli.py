@@ -19,8 +19,10 @@ from rich.console import Console
 
 from emulators.endpoints import REPLAY_TOPIC, Endpoints, default_state_dir
 from fedpipe import context, views
+from fedpipe.audit import audit_app
 from shared.jobs import NODE_NAME, DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
+from shared.privacy import MAX_CLIP_NORM, MAX_NOISE_MULTIPLIER, PrivacyConfig
 
 app = typer.Typer(help="fedpipe: event-driven federated training on Google Cloud, locally and for real.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect and follow jobs.", no_args_is_help=True)
@@ -62,6 +64,8 @@ def _print_endpoints(ep: Endpoints) -> None:
     console.print("[bold]Functions[/]  " + ", ".join(f"{n} :{p}" for n, p in ep.function_ports.items()))
     console.print(f"[bold]Identity[/]  LOCAL STAND-IN metadata server and ID-token issuer (not Google's; valid for this stack only): "
                   f"issuer :{ep.issuer_port}, " + ", ".join(f"{n} :{p}" for n, p in ep.metadata_ports.items()))
+    console.print(f"[bold]Keys[/]  Confidential Space ATTESTATION SIMULATOR :{ep.attestation_port} and key broker :{ep.key_broker_port} "
+                  "(LOCAL STAND-INS for the launcher and Cloud KMS; they prove nothing); `fedpipe audit` lists releases and refusals")
     console.print(f"[bold]Logs[/]  {ep.state_dir}/logs/")
 
 
@@ -132,16 +136,27 @@ def demo(
     nodes: Annotated[int | None, typer.Option(min=2, max=MAX_DEMO_NODES, help="how many nodes share the data set: us, eu, site3, ... [default: FEDPIPE_NODES, else us and eu]")] = None,
     timeout: float = 600.0,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary as the last line")] = False,
+    dp_noise: Annotated[float | None, typer.Option(min=0, max=MAX_NOISE_MULTIPLIER, help="also run the federation with client-level "
+                                                   "differential privacy at this noise multiplier z, and compare")] = None,
+    dp_clip: Annotated[float, typer.Option(min=0, max=MAX_CLIP_NORM, help="with --dp-noise: the L2 norm C each node's change "
+                                           "is clipped to per round")] = 1.0,
 ) -> None:
     """Start the local cloud and run the whole thing on a real data set.
 
     By default: the data set split non-IID across the us and eu nodes, each node
     preprocessing its share in its own buckets, then a federation of N rounds, next to
-    a model trained centrally on the pooled data. With --single: one node's chain.
+    a model trained centrally on the pooled data. With --dp-noise: the same federation
+    again with client-level DP. With --single: one node's chain.
     """
     from emulators.processes import StartupError
     from emulators.stack import LocalCloud
 
+    if dp_noise is not None and single:
+        raise _fail("--dp-noise applies to the federated demo, not to --single")
+    try:
+        privacy = None if dp_noise is None else PrivacyConfig(clip_norm=dp_clip, noise_multiplier=dp_noise)
+    except ValidationError as exc:
+        raise _fail(f"invalid --dp-noise/--dp-clip:\n{exc}") from None
     if nodes is not None:
         # Read by every process of the stack (shared.config.Settings), so set before it starts.
         os.environ["FEDPIPE_NODES"] = ",".join(demo_node_names(nodes))
@@ -153,7 +168,7 @@ def demo(
             if single:
                 code, summary = _single_demo(dataset, model, epochs, timeout)
             else:
-                code, summary = _federated_demo(dataset, model, rounds, local_epochs, strategy, alpha, results, timeout)
+                code, summary = _federated_demo(dataset, model, rounds, local_epochs, strategy, alpha, results, timeout, privacy)
     except (StartupError, ValidationError) as exc:
         raise _fail(str(exc)) from None
     if json_out:
@@ -183,12 +198,15 @@ def _single_demo(dataset: str, model: str, epochs: int, timeout: float) -> tuple
     return (0 if report.status == JobStatus.COMPLETED else 1), report.to_json()
 
 
-def _federated_demo(dataset: str, model: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float) -> tuple[int, dict]:
+def _federated_demo(dataset: str, model: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float,
+                    privacy: PrivacyConfig | None) -> tuple[int, dict]:
     from fedpipe.fed_demo import run_federated_demo
+    from fedpipe.fed_views import epsilon_text
 
     settings = context.settings()
     report = run_federated_demo(context.db(), context.gcs(), settings, console, source=dataset, nodes=list(settings.nodes), rounds=rounds,
-                                local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout, model=model)
+                                local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout, model=model,
+                                privacy=privacy)
     summary = report.to_json()
     if report.status != "completed":
         err.print(f"[red]federation {report.status}[/]: {report.error or ''}")
@@ -196,6 +214,16 @@ def _federated_demo(dataset: str, model: str, rounds: int, local_epochs: int, st
     console.print(f"[green]federation completed[/]: accuracy [bold]{report.federated_accuracy:.4f}[/] (federated, {len(report.nodes)} nodes) vs "
                   f"[bold]{report.centralized_accuracy:.4f}[/] (centralized on pooled data): gap {summary['gap_points']:+.2f} points")
     console.print(f"per-round plot: {report.plot}")
+    dp = report.private
+    if dp is None:
+        return 0, summary
+    if dp.status != "completed":
+        err.print(f"[red]federation {dp.federation} (with DP) {dp.status}[/]: {dp.error or ''}")
+        return 1, summary
+    spent = epsilon_text({"epsilon": dp.epsilon, "delta": dp.delta})
+    console.print(f"[green]with client-level DP[/] (clip {dp.clip_norm:g}, noise multiplier {dp.noise_multiplier:g}): accuracy "
+                  f"[bold]{dp.accuracy:.4f}[/] against {report.federated_accuracy:.4f} without (DP costs {summary['dp_cost_points']:.2f} points); "
+                  f"[bold]{spent}[/] after {dp.rounds} rounds, every node in every round")
     return 0, summary
 
 
@@ -401,6 +429,8 @@ def fed_show(fid: str) -> None:
     if fed["status"] == "rejected":
         raise _fail(f"federation {fid} was rejected: {fed['error']}")
     console.print(fed_views.rounds_table(fed, rounds))
+    if privacy := fed_views.privacy_line(fed):
+        console.print(privacy)
     if fed.get("final"):
         console.print(f"final accuracy {fed['final']['accuracy']:.4f}, model {fed['global_model_uri']}")
     if fed.get("error"):
@@ -484,6 +514,9 @@ def nodes_list() -> None:
     for node, record in NodeRegistry(context.db(), context.settings()).list().items():
         table.add_row(node, record.identity or "", record.public_key or "", record.source, str(record.registered_at or ""))
     console.print(table)
+
+
+app.add_typer(audit_app, name="audit")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Each node's share is uploaded to its own raw bucket and preprocessed there; the
 federation is started by dropping its config into the hub bucket; each node's
 worker trains on its own shards only. A model trained centrally on the pooled data
 (the baseline a federation tries to match) is trained in the same run for comparison.
+With privacy, the same federation runs again with client-level DP, so the accuracy DP
+costs is measured on the same shares in the same run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from shared.datasets import SPEC_OBJECT, FeatureStats
 from shared.federation import FederationConfig
 from shared.jobs import DatasetRef, utcnow
 from shared.manifest import dataset_doc_id
+from shared.privacy import PrivacyConfig
 
 
 def dirichlet_split(labels: np.ndarray, n_nodes: int, alpha: float, seed: int) -> list[np.ndarray]:
@@ -164,6 +167,21 @@ def centralized_baseline(db: firestore.Client, gcs: storage.Client, settings: Se
 
 
 @dataclass
+class PrivateRun:
+    """The same federation with client-level DP: its accuracy and the (epsilon, delta) its models spent."""
+
+    federation: str
+    status: str
+    clip_norm: float
+    noise_multiplier: float
+    accuracy: float | None = None
+    epsilon: float | None = None  # None once completed: no finite bound (noise multiplier 0)
+    delta: float | None = None
+    rounds: int | None = None
+    error: str | None = None
+
+
+@dataclass
 class FedDemoReport:
     federation: str
     status: str
@@ -180,15 +198,20 @@ class FedDemoReport:
     plot: str | None = None
     error: str | None = None
     total_s: float | None = None
+    private: PrivateRun | None = None
 
     def to_json(self) -> dict:
         gap = None if self.federated_accuracy is None or self.centralized_accuracy is None else self.centralized_accuracy - self.federated_accuracy
-        return {**self.__dict__, "gap_points": None if gap is None else round(100 * gap, 2)}
+        dp = self.private
+        cost = None if dp is None or dp.accuracy is None or self.federated_accuracy is None else self.federated_accuracy - dp.accuracy
+        return {**asdict(self), "gap_points": None if gap is None else round(100 * gap, 2),
+                "dp_cost_points": None if cost is None else round(100 * cost, 2)}
 
 
 def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Settings, console: Console, *, source: str, nodes: list[str],
                        rounds: int, local_epochs: int, strategy: str, alpha: float, results_dir: Path, timeout_s: float,
-                       model: str = "mlp") -> FedDemoReport:
+                       model: str = "mlp", privacy: PrivacyConfig | None = None) -> FedDemoReport:
+    """The federation on non-IID shares, the centralized baseline, and with `privacy` the same federation with DP."""
     fid = f"{source.replace('_', '-')}-{model}-{strategy}"
     started = utcnow()  # every printed time is on this clock, Firestore's recorded times included
 
@@ -204,6 +227,9 @@ def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Sett
         id=fid, nodes=[{"name": n, "dataset": source} for n in nodes], model=model, rounds=rounds, local_epochs=local_epochs,
         strategy=strategy, prox_mu=0.01 if strategy == "fedprox" else 0.0, round_deadline_s=120, lease_seconds=60,
     )
+    # Validated now (a robust strategy refuses privacy), not after the first federation's minutes.
+    private_config = None if privacy is None else FederationConfig.model_validate(
+        config.model_dump() | {"id": f"{fid}-dp", "privacy": privacy.model_dump()})
     dropped = utcnow()
     say(dropped, f"federation {fid}: {rounds} rounds x {local_epochs} local epochs, {strategy}; "
                  f"config dropped at {start_by_upload(gcs, settings, config)}")
@@ -224,5 +250,23 @@ def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Sett
     report.plot = str(fed_views.plot(fed, round_docs, results_dir / fid / "rounds.png"))
     say(utcnow(), "training the centralized baseline on the pooled data (yardstick only)")
     report.centralized_accuracy = centralized_baseline(db, gcs, settings, fed)["accuracy"]
+    if private_config is not None:
+        report.private = run_private(db, gcs, settings, console, private_config, started, timeout_s)
     report.total_s = round((utcnow() - started).total_seconds(), 2)
     return report
+
+
+def run_private(db: firestore.Client, gcs: storage.Client, settings: Settings, console: Console, config: FederationConfig,
+                started: datetime, timeout_s: float) -> PrivateRun:
+    """The demo's federation again, on the same shares, with client-level DP."""
+    dp = config.privacy
+    assert dp is not None
+    console.print(f"{_since(started, utcnow())} federation {config.id}: the same with client-level DP (clip {dp.clip_norm:g}, "
+                  f"noise multiplier {dp.noise_multiplier:g}); config dropped at {start_by_upload(gcs, settings, config)}")
+    fed = watch_federation(db, settings, config.id, console, timeout_s, origin=started)
+    run = PrivateRun(federation=config.id, status=fed["status"], clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+                     error=fed.get("error"))
+    if fed["status"] == "completed":
+        spent = fed["privacy"]
+        run.accuracy, run.epsilon, run.delta, run.rounds = fed["final"]["accuracy"], spent.get("epsilon"), spent["delta"], spent["rounds"]
+    return run

@@ -39,9 +39,29 @@ def history(rounds: list[dict]) -> list[dict]:
     return [rd["global_metrics"] for rd in rounds if rd.get("global_metrics")]
 
 
+def epsilon_text(spent: dict | None) -> str:
+    """A spent (epsilon, delta) as people read it; an unbounded epsilon (no noise) says so."""
+    if spent is None:
+        return ""
+    epsilon = "∞ (no noise)" if spent.get("epsilon") is None else f"{spent['epsilon']:.2f}"
+    return f"ε {epsilon} at δ {spent['delta']:.0e}"
+
+
+def privacy_line(fed: dict) -> str | None:
+    """What a DP federation's released models have spent so far; None without privacy."""
+    dp = fed["config"].get("privacy")
+    if dp is None:
+        return None
+    spent = fed.get("privacy")
+    what = f"{epsilon_text(spent)} after {spent['rounds']} round(s)" if spent else "nothing released yet"
+    return (f"client-level DP (clip {dp['clip_norm']:g}, noise multiplier {dp['noise_multiplier']:g}): {what}; "
+            "every node counted in every round (RDP accountant, an upper bound)")
+
+
 def rounds_table(fed: dict, rounds: list[dict]) -> Table:
     nodes = [n["name"] for n in fed["config"]["nodes"]]
-    table = Table("round", "kind", "status", *nodes, "global model (after previous round)", "note",
+    private = fed["config"].get("privacy") is not None
+    table = Table("round", "kind", "status", *nodes, "global model (after previous round)", *(["privacy spent"] if private else []), "note",
                   title=f"federation {fed['config']['id']}: {fed['status']}, {fed['config']['strategy']}, round {fed['round']}")
     for rd in rounds:
         cells = []
@@ -58,7 +78,8 @@ def rounds_table(fed: dict, rounds: list[dict]) -> Table:
         late = f"; not counted: {refused}" if refused else ""
         table.add_row(
             str(rd["round"]), rd["kind"], rd["status"], *cells,
-            f"acc {gm['accuracy']:.4f} loss {gm['loss']:.4f}" if gm else "", (rd.get("reason") or "") + late,
+            f"acc {gm['accuracy']:.4f} loss {gm['loss']:.4f}" if gm else "", *([epsilon_text(rd.get("privacy"))] if private else []),
+            (rd.get("reason") or "") + late,
         )
     return table
 

@@ -310,3 +310,16 @@ variable "budget_currency" {
   type        = string
   default     = "USD"
 }
+
+variable "key_release" {
+  description = "Per node: the audience of its workers' attestation tokens and the attribute condition rendered by shared.key_release.terraform_vars. Empty: no pool, nothing released. Rendered by `python -m shared.infra_render` from FEDPIPE_WORKER_IMAGE_DIGESTS."
+  type = map(object({
+    audience            = string
+    attribute_condition = string
+  }))
+
+  validation {
+    condition     = alltrue([for node in keys(var.key_release) : can(regex("^[a-z0-9-]{1,12}$", node))])
+    error_message = "key_release nodes: 1-12 lowercase letters, digits or hyphens (they name a workload identity pool, at most 32 characters)."
+  }
+}

@@ -69,6 +69,8 @@ class Settings(BaseModel, frozen=True):
     # production; locally, the stand-in key store's directory.
     node_keks: dict[str, str] = {}
     local_keystore: str = ""
+    # Each node's allowed worker image (sha256:...): its key-release policy's allowlist (shared/key_release.py).
+    worker_image_digests: dict[str, str] = {}
 
     # The node API (functions/node_api.py): workers reach it with a Google-signed ID token
     # whose audience is its URL; it checks the token against these certificates and issuers.
@@ -92,6 +94,8 @@ class Settings(BaseModel, frozen=True):
             values["max_upload_bytes"] = int(max_bytes)
         if keks := env.get("FEDPIPE_NODE_KEKS"):  # "us=gcp-kms://projects/...,eu=gcp-kms://..."
             values["node_keks"] = dict(item.strip().split("=", 1) for item in keks.split(",") if item.strip())
+        if digests := env.get("FEDPIPE_WORKER_IMAGE_DIGESTS"):  # "us=sha256:...,eu=sha256:..."
+            values["worker_image_digests"] = dict(item.strip().split("=", 1) for item in digests.split(",") if item.strip())
         if keystore := env.get("FEDPIPE_LOCAL_KEYSTORE"):
             values["local_keystore"] = keystore
         if node_api_url := env.get("FEDPIPE_NODE_API_URL"):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.aggregation import Strategy
 from shared.datasets import DATASET_NAME
 from shared.jobs import NODE_NAME, TrainSpec
+from shared.privacy import PrivacyConfig
 
 if TYPE_CHECKING:
     from shared.fedstore import Round
@@ -87,6 +88,11 @@ class FederationConfig(BaseModel, frozen=True):
     max_attempts: int = Field(default=3, ge=1, le=100)
     lease_seconds: float = Field(default=120.0, gt=0, le=3600)
     signed_updates: bool = Field(default=True, description="count only updates signed with the node's registered key")
+    privacy: PrivacyConfig | None = Field(
+        default=None,
+        description="client-level differential privacy (shared/privacy.py): each node's change clipped, the mean unweighted and "
+        "noised; (epsilon, delta) accounted over the training rounds with every node in every round (sampling rate 1)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -99,6 +105,11 @@ class FederationConfig(BaseModel, frozen=True):
             raise ValueError(f"min_nodes={self.min_nodes} exceeds the {len(self.nodes)} nodes")
         if self.strategy == "fedprox" and self.prox_mu <= 0:
             raise ValueError("strategy fedprox needs prox_mu > 0")
+        if self.privacy is not None and self.strategy in ("median", "trimmed_mean"):
+            raise ValueError(f"privacy adds Gaussian noise to the mean of clipped updates, and strategy {self.strategy} takes no mean: "
+                             "use fedavg, fedprox, fedadam or fedyogi")
+        if self.privacy is not None and self.clip_norm is not None:
+            raise ValueError("privacy clips each update to privacy.clip_norm: leave clip_norm unset")
         return self
 
     @property

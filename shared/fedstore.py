@@ -28,6 +28,7 @@ from shared.config import Settings
 from shared.datasets import FeatureStats
 from shared.federation import MAX_EXAMPLES, FederationConfig, RoundMetrics, RoundStatus, UpdateMetrics, round_key, round_kind
 from shared.io_pool import parallel
+from shared.privacy import PrivacySpent
 
 
 class FederationStatus(StrEnum):
@@ -63,6 +64,7 @@ class Federation(BaseModel, frozen=True):
     jobs: dict[str, str] = {}  # node -> its job's id
     global_model_uri: str | None = None
     final: RoundMetrics | None = None
+    privacy: PrivacySpent | None = None  # with config.privacy: spent by the global models released so far
     error: str | None = None
     created_at: datetime
     updated_at: datetime
@@ -105,6 +107,7 @@ class Round(BaseModel, frozen=True):
     participants: list[str] | None = None
     global_metrics: RoundMetrics | None = None  # of the global model after the previous round, as the nodes evaluated it
     train_metrics: RoundMetrics | None = None
+    privacy: PrivacySpent | None = None  # with config.privacy, a training round: spent once its model is released
 
     @classmethod
     def opened(cls, config: FederationConfig, r: int, now: datetime) -> Round:

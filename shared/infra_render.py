@@ -20,7 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+from shared.attestation import NodePolicy, node_audience
 from shared.config import Settings
+from shared.key_release import terraform_vars
 from shared.triggers import triggers
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "infra" / "fedpipe.auto.tfvars.json"
@@ -72,6 +74,11 @@ def render(settings: Settings) -> dict:
         "settings_env": settings_env(settings),
         # One Eventarc trigger -> one deployed function (a function has one trigger).
         "triggers": [dataclasses.asdict(t) for t in triggers(settings)],
+        # Each node's key-release policy, rendered from the one CEL declaration the local broker evaluates.
+        "key_release": terraform_vars(
+            NodePolicy(node=node, audience=node_audience(settings.project, node), image_digests=(digest,))
+            for node, digest in settings.worker_image_digests.items()
+        ),
     }
 
 

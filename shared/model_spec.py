@@ -1,12 +1,15 @@
-"""The tensors each model has, without JAX: the hub checks every uploaded update against them.
+"""The tensors each model has, and the model every node starts from, without JAX.
 
-workers/trainer/models.py builds the same names and shapes (a unit test pins that
-they agree), so an update of the wrong model or shape is refused at the hub.
+The hub checks every uploaded update against `param_spec`, and rebuilds round 1's
+starting point with `initial_params` (the reference DP clips against); workers start
+from the same `initial_params`, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 MODELS = ("logreg", "mlp", "cnn")
 # The FedAvg paper's CNN (McMahan et al. 2017): two 5x5 convs (32, 64 channels), each
@@ -51,3 +54,25 @@ def param_spec(model: str, n_features: int, n_classes: int, hidden: tuple[int, .
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         spec |= _dense(f"dense_{i}", fan_in, fan_out)
     return spec
+
+
+def initial_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
+    """The model every node starts round 1 from: deterministic in `seed`, so every site starts alike.
+
+    He-normal kernels (they suit relu; harmless for the linear output layer), zero biases.
+    Each layer draws from its own NumPy stream (seed, layer index), convolutions first. NumPy,
+    not JAX: in JAX each eager random op is its own XLA compile, which made initialisation the
+    slowest part of a worker's start-up.
+    """
+    convs = sum(1 for name in spec if name.startswith("conv_") and name.endswith(".kernel"))
+    params: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in spec.items():
+        layer, _, kind = name.partition(".")
+        if kind == "bias":
+            params[name] = np.zeros(shape, dtype)
+            continue
+        family, index = layer.rsplit("_", 1)
+        stream = int(index) + (convs if family == "dense" else 0)
+        draw = np.random.default_rng([seed, stream]).standard_normal(shape, dtype=np.float32)
+        params[name] = (draw * np.float32(math.sqrt(2.0 / math.prod(shape[:-1])))).astype(dtype)
+    return params

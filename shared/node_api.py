@@ -79,6 +79,7 @@ class FinishBody(_Body):
         default_factory=dict, max_length=64
     )
     error: Annotated[str, Field(max_length=4000)] | None = None
+    reason: Literal["worker error", "attestation"] = "worker error"
 
 
 class UpdateReport(_Body):
@@ -279,7 +280,7 @@ class NodeApi:
                 return transition(job, JobStatus.COMPLETED, now, results=request.results)
             if request.outcome == "retry":  # a transient error: the next attempt, within the job's limit
                 return retry_or_fail(job, now, request.error or "worker error")
-            return transition(job, JobStatus.FAILED, now, reason="worker error", error=request.error)
+            return transition(job, JobStatus.FAILED, now, reason=request.reason, error=request.error)
 
         written = self.jobs.update(job_id, change)
         if written is None:

@@ -34,6 +34,7 @@ def cloud(tmp_path_factory):
     saved = dict(os.environ)
     # Fast heartbeats and retries so lease and retry behaviour shows up in seconds.
     os.environ["FEDPIPE_HEARTBEAT_S"] = "0.3"
+    os.environ["FEDPIPE_REATTEST_S"] = "1"  # workers re-attest every second, with 1-second tokens
     state_dir = Path(tmp_path_factory.mktemp("fedpipe-state"))
     os.environ["FEDPIPE_STATE_DIR"] = str(state_dir)  # where CLI commands find this stack
     # mallory is a registered node that runs a hostile worker of its own (tests/emulator/hostile_worker.py).
@@ -42,6 +43,7 @@ def cloud(tmp_path_factory):
         state_dir=state_dir,
         router=RouterConfig(retry=RetryPolicy(min_backoff_s=0.3, max_backoff_s=2.0, max_attempts=6), reaper_interval_s=0.5),
         worker_modules={"mallory": "tests.emulator.hostile_worker"},
+        attestation_token_s=1,
     )
     with LocalCloud(options) as local:
         yield local

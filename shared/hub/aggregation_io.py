@@ -21,6 +21,8 @@ from shared.fedstore import Federation, Update
 from shared.hub.admission import model_spec
 from shared.hub.context import Hub
 from shared.io_pool import IO
+from shared.model_spec import initial_params
+from shared.privacy import private_mean, secure_rng
 
 
 class VerifiedUpdates:
@@ -63,7 +65,8 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
     """The global model after training round r, written once to a fixed path; returns its URI.
 
     Only a recovering closer can find the model written already (by the closer that died
-    after writing it): same inputs, same bytes.
+    after writing it). Without privacy it is the same bytes it would write; with privacy
+    the noise is fresh each time, and whichever model was written first is the one released.
     """
     config = fed.config
     assert config is not None
@@ -74,14 +77,20 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
         return uri
     expected = model_spec(fed)
     # Round 1 has no previous global model at the hub (nodes start from the shared seed), so
-    # clipping and the server optimizers act from round 2 on.
+    # clip_norm and the server optimizers act from round 2 on. Privacy cannot wait a round:
+    # its round 1 clips against the seed model, which the hub rebuilds.
     stepped = config.strategy in ("fedadam", "fedyogi")
     previous = None
-    if fed.global_model_uri and (stepped or config.clip_norm is not None):
+    if fed.global_model_uri and (stepped or config.clip_norm is not None or config.privacy is not None):
         previous = weights.from_bytes(gcs_uri.read(hub.gcs, fed.global_model_uri), expected=expected)[0]
-    combine = aggregator(config.strategy, config.trim_fraction)
-    combine.extend(_updates(hub, participants, expected, previous, config.clip_norm))
-    combined = combine.result()
+    if config.privacy is not None:
+        reference = previous if previous is not None else initial_params(expected, config.seed)
+        updates = (params for params, _ in _updates(hub, participants, expected, None, None))
+        combined, _ = private_mean(updates, reference, config.privacy, secure_rng())
+    else:
+        combine = aggregator(config.strategy, config.trim_fraction)
+        combine.extend(_updates(hub, participants, expected, previous, config.clip_norm))
+        combined = combine.result()
     new_global = combined
     if stepped and previous is not None:
         state_blob = bucket.blob(server_state_object(fed.id, r - 1))

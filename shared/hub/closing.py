@@ -17,6 +17,7 @@ from shared.fedstore import CloseMarker, Federation, FederationStatus, Round, St
 from shared.hub.aggregation_io import aggregate
 from shared.hub.context import Hub
 from shared.hub.outcomes import AdvanceKind, AdvanceOutcome, SweepOutcome
+from shared.privacy import spent
 
 log = logging.getLogger("fedpipe.hub")
 
@@ -86,10 +87,13 @@ def _finish(
         # Each node evaluated the model it received: the global model after round r-1.
         evaluated = RoundMetrics(round=r - 1, **weighted_metrics(docs, "global_"))
         if rd.kind == "train":
-            closed_round = rd.moved(RoundStatus.CLOSED, **closed, global_metrics=evaluated,
-                                    train_metrics=RoundMetrics(**weighted_metrics(docs, "train_")))
             uri = aggregate(hub, fed, r, participants, recover)
-            moved = fed.model_copy(update={"round": r + 1, "global_model_uri": uri, "updated_at": now})
+            # Every round up to r released a noised model (a round that fails ends the federation),
+            # so r rounds are spent; recounted from the config, a recovering closer agrees.
+            dp = spent(fed.config.privacy, r, len(participants)) if fed.config.privacy is not None else None
+            closed_round = rd.moved(RoundStatus.CLOSED, **closed, global_metrics=evaluated,
+                                    train_metrics=RoundMetrics(**weighted_metrics(docs, "train_")), privacy=dp)
+            moved = fed.model_copy(update={"round": r + 1, "global_model_uri": uri, "updated_at": now, "privacy": dp})
             opened = Round.opened(fed.config, r + 1, now)
         else:
             closed_round = rd.moved(RoundStatus.CLOSED, **closed, global_metrics=evaluated)

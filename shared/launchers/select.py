@@ -1,4 +1,4 @@
-"""Pick the launcher from FEDPIPE_LAUNCHER (local | cloud-run), imported only when used."""
+"""Pick the launcher from FEDPIPE_LAUNCHER (local | cloud-run | confidential-space | confidential-batch), imported only when used."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from shared.launchers import Launcher
+
+KINDS = ("local", "cloud-run", "confidential-space", "confidential-batch")
 
 
 def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
@@ -19,4 +21,12 @@ def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
         from shared.launchers.cloud_run import CloudRunJobsLauncher
 
         return CloudRunJobsLauncher.from_env(env)
-    raise ValueError(f"FEDPIPE_LAUNCHER={kind!r}: expected 'local' or 'cloud-run'")
+    if kind == "confidential-space":
+        from shared.launchers.confidential_space import ConfidentialSpaceLauncher
+
+        return ConfidentialSpaceLauncher.from_env(env)
+    if kind == "confidential-batch":
+        from shared.launchers.batch import ConfidentialBatchLauncher
+
+        return ConfidentialBatchLauncher.from_env(env)
+    raise ValueError(f"FEDPIPE_LAUNCHER={kind!r}: expected one of {', '.join(KINDS)}")

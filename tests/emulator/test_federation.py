@@ -438,10 +438,13 @@ def test_a_close_whose_closer_died_is_finished_from_its_marker_once_stale(cloud,
     svc, store = open_round(clients, federation(fid, rounds=1), now)
     for node, accuracy in (("eu", 0.6), ("us", 0.8)):
         store.add_update(fid, 2, counted(node, now, accuracy))
-    store.create_marker(fid, 2, CloseMarker(status="closed", reason="all 2 nodes reported", participants=["eu", "us"], at=now))  # ...and died
+    # ...and died. Its time is a minute ahead, so the stack's own deadline sweep (on the real clock)
+    # never finds it stale however slowly this test runs: only the calls below do.
+    marked = now + timedelta(seconds=60)
+    store.create_marker(fid, 2, CloseMarker(status="closed", reason="all 2 nodes reported", participants=["eu", "us"], at=marked))
 
-    assert hub.advance(svc, fid, 2, now + timedelta(seconds=1), recover=True).message == "round 2 is being closed by another delivery"
-    done = hub.advance(svc, fid, 2, now + timedelta(seconds=hub.STALE_CLOSE_S), recover=True)
+    assert hub.advance(svc, fid, 2, marked + timedelta(seconds=1), recover=True).message == "round 2 is being closed by another delivery"
+    done = hub.advance(svc, fid, 2, marked + timedelta(seconds=hub.STALE_CLOSE_S), recover=True)
     assert done.message == "federation completed (all 2 nodes reported)"
 
     fed = store.federation(fid)

@@ -39,10 +39,14 @@ def resources(doc: dict) -> dict[tuple[str, str], dict]:
 
 
 def resources_and_locals() -> dict:
-    """Every resource and local of infra/*.tf."""
+    """Every resource and local of infra/*.tf (Terraform refuses a resource or local declared twice, and so does this)."""
     all_resources, all_locals = {}, {}
-    for doc in parse_files().values():
-        all_resources |= resources(doc)
+    for name, doc in parse_files().items():
+        found = resources(doc)
+        assert not found.keys() & all_resources.keys(), f"{name} declares again {sorted(found.keys() & all_resources.keys())}"
+        all_resources |= found
         for item in doc.get("locals", []):
+            item = {k: v for k, v in item.items() if not k.startswith("__")}  # python-hcl2's metadata (inline comments)
+            assert not item.keys() & all_locals.keys(), f"{name} declares again local {sorted(item.keys() & all_locals.keys())}"
             all_locals.update(item)
     return {"resources": all_resources, "locals": all_locals}

@@ -166,3 +166,15 @@ def test_local_is_the_default_launcher():
 def test_unknown_launcher_is_refused(kind):
     with pytest.raises(ValueError, match="FEDPIPE_LAUNCHER"):
         launcher_from_env({"FEDPIPE_LAUNCHER": kind})
+
+
+@pytest.mark.parametrize(("kind", "module", "name"), [
+    ("confidential-space", "shared.launchers.confidential_space", "ConfidentialSpaceLauncher"),
+    ("confidential-batch", "shared.launchers.batch", "ConfidentialBatchLauncher"),
+])
+def test_confidential_launchers_are_selected_by_name(kind, module, name, monkeypatch):
+    import importlib
+
+    launcher_class = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr(launcher_class, "from_env", classmethod(lambda cls, env=None: ("built", kind, env["FEDPIPE_LAUNCHER"])))
+    assert launcher_from_env({"FEDPIPE_LAUNCHER": kind}) == ("built", kind, kind)

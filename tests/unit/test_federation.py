@@ -30,6 +30,7 @@ from shared.federation import (
 from shared.fedstore import Round
 from shared.jobs import TrainSpec
 from shared.model_spec import param_spec
+from shared.privacy import PrivacyConfig
 from shared.weights import spec_of
 
 pytestmark = pytest.mark.unit
@@ -157,6 +158,31 @@ class TestConfigValidation:
         cfg = config()
         with pytest.raises(ValidationError):
             cfg.rounds = 3
+
+    def test_privacy_is_off_by_default_and_round_trips_through_json(self):
+        assert config().privacy is None
+        doc = '{"id": "f", "nodes": [{"name": "us", "dataset": "d"}], "privacy": {"clip_norm": 0.5, "noise_multiplier": 1.1}}'
+        cfg = FederationConfig.model_validate_json(doc)
+        assert cfg.privacy == PrivacyConfig(clip_norm=0.5, noise_multiplier=1.1, delta=1e-5)
+        assert FederationConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+    @pytest.mark.parametrize("strategy", ["median", "trimmed_mean"])
+    def test_privacy_needs_a_mean_strategy(self, strategy):
+        with pytest.raises(ValidationError, match=f"strategy {strategy} takes no mean: use fedavg, fedprox, fedadam or fedyogi"):
+            config(strategy=strategy, privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
+
+    @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedyogi"])
+    def test_privacy_with_the_mean_strategies(self, strategy):
+        assert config(strategy=strategy, privacy={"clip_norm": 1.0, "noise_multiplier": 1.0}).privacy.clip_norm == 1.0
+
+    def test_privacy_clips_on_its_own(self):
+        with pytest.raises(ValidationError, match="leave clip_norm unset"):
+            config(clip_norm=1.0, privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
+
+    @pytest.mark.parametrize("privacy", [{"clip_norm": 1.0}, {"clip_norm": 1.0, "noise_multiplier": 1e3}, {"noise": 1.0, "clip_norm": 1.0}])
+    def test_privacy_settings_are_complete_and_bounded(self, privacy):
+        with pytest.raises(ValidationError):
+            config(privacy=privacy)
 
 
 class TestConfigDerived:

@@ -9,6 +9,7 @@ quotes the value. One test per rule, each against the in-memory hub.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -65,6 +66,16 @@ def test_the_row_bound_is_each_nodes_own():
     assert record(h, h.upload("eu", payload(node="eu"), meta("51"), attempt=2), node="eu", attempt=2).reason is R.TOO_MANY_EXAMPLES
 
 
+@pytest.fixture
+def default_recursion_limit():
+    """JSON nested past the interpreter's recursion limit does not parse. cel-python, imported by other
+    tests in the same process, raises the limit, so these tests pin CPython's default."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(previous)
+
+
 @pytest.mark.parametrize(("metrics_text", "message"), [
     (json.dumps([1, 2, 3]), "metrics metadata is not a JSON object"),
     ("[" * 2000 + "]" * 2000, "metrics metadata is not JSON"),
@@ -77,7 +88,7 @@ def test_the_row_bound_is_each_nodes_own():
     (json.dumps(GOOD_METRICS | {"train_accuracy": [0.5]}), "metrics out of range or of the wrong type: train_accuracy"),
     (json.dumps(GOOD_METRICS | {"secret-777": 1}), "metrics out of range or of the wrong type: an unknown metric"),
 ])
-def test_malformed_metrics_are_refused_unread_and_recorded_without_their_values(metrics_text, message):
+def test_malformed_metrics_are_refused_unread_and_recorded_without_their_values(metrics_text, message, default_recursion_limit):
     h = FakeHub()
     outcome = record(h, h.upload("us", payload(), {"examples": "40", "metrics": metrics_text}))
     assert (outcome.kind, outcome.reason, outcome.detail) == (UpdateKind.REFUSED, R.BAD_METRICS, message)

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from shared import weights
+from shared.aggregation import clip_update, update_norm
 from shared.federation import RoundStatus, global_model_object
 from shared.fedstore import CloseMarker, FederationStatus, RefusalReason, Update, UpdateMetrics
 from shared.hub import STALE_CLOSE_S, AdvanceKind, UpdateKind, closing
 from shared.hub.recording import record_update
-from tests.unit.hub_fakes import CONFIG, NOW, FakeHub, meta, payload
+from shared.model_spec import initial_params
+from shared.privacy import PrivacyConfig, PrivacySpent, spent
+from tests.unit.hub_fakes import CONFIG, NOW, SPEC, FakeHub, meta, payload
 
 pytestmark = pytest.mark.unit
 LATER = NOW + timedelta(seconds=1)
@@ -203,3 +206,50 @@ def test_the_sweep_isolates_a_failing_federation_and_names_only_the_errors_class
     outcomes = {o.federation: o for o in closing.sweep_deadlines(h.hub, NOW + timedelta(hours=1))}
     assert outcomes["g"].error == "RuntimeError" and "777" not in outcomes["g"].message
     assert outcomes["f"].advance.kind is AdvanceKind.FAILED and outcomes["f"].moved  # nobody reported by the deadline
+
+
+def _dp(h: FakeHub, r: int) -> tuple:
+    return h.store.round("f", r).privacy, h.store.federation("f").privacy
+
+
+def test_with_privacy_round_one_clips_against_the_seed_model_and_averages_unweighted():
+    privacy = PrivacyConfig(clip_norm=0.5, noise_multiplier=0.0)
+    h = FakeHub(CONFIG.model_copy(update={"privacy": privacy}))
+    report(h, "us", 1.0, examples=90)
+    report(h, "eu", 4.0, examples=10)  # the example counts do not weigh in
+    seed = initial_params(SPEC, CONFIG.seed)
+    clipped = [clip_update({n: np.full(s, fill, np.float32) for n, (s, _) in SPEC.items()}, seed, 0.5) for fill in (1.0, 4.0)]
+    model = global_model(h, 1)
+    for name in SPEC:
+        np.testing.assert_allclose(model[name], (clipped[0][name] + clipped[1][name]) / 2, atol=1e-6)
+    assert update_norm(model, seed) <= 0.5 + 1e-6
+    closed, fed = _dp(h, 1)
+    assert closed == fed == PrivacySpent(rounds=1, epsilon=None, delta=1e-5, noise_std=0.0)
+
+
+def test_with_privacy_each_round_reports_the_epsilon_spent_so_far_and_the_evaluation_round_spends_none():
+    privacy = PrivacyConfig(clip_norm=1.0, noise_multiplier=2.0, delta=1e-6)
+    h = FakeHub(CONFIG.model_copy(update={"privacy": privacy, "rounds": 2}))
+    for r in (1, 2):
+        report(h, "us", 1.0, r=r)
+        report(h, "eu", 3.0, r=r)
+        closed, fed = _dp(h, r)
+        assert closed == fed == spent(privacy, r, 2)
+        assert (fed.rounds, fed.noise_std, fed.delta) == (r, 1.0, 1e-6)
+    assert _dp(h, 1)[0].epsilon < _dp(h, 2)[0].epsilon
+    for node in ("us", "eu"):
+        obj = h.upload(node, b'{"global_accuracy": 0.5}', meta(test_examples=10), r=3, evaluate=True)
+        record_update(h.hub, obj, "f", 3, node, 1, NOW)
+    fed = h.store.federation("f")
+    assert fed.status is FederationStatus.COMPLETED and fed.privacy == spent(privacy, 2, 2) and h.store.round("f", 3).privacy is None
+
+
+def test_with_privacy_the_same_updates_give_differently_noised_models():
+    privacy = PrivacyConfig(clip_norm=1.0, noise_multiplier=1.0)
+    models = []
+    for _ in range(2):
+        h = FakeHub(CONFIG.model_copy(update={"privacy": privacy}))  # same federation seed both times
+        report(h, "us", 1.0)
+        report(h, "eu", 3.0)
+        models.append(global_model(h, 1))
+    assert not np.array_equal(models[0]["dense_0.kernel"], models[1]["dense_0.kernel"])

@@ -152,11 +152,16 @@ def strip_comments(text: str) -> str:
 
 
 def declared_variables() -> dict[str, str]:
-    """name -> the text of its block."""
-    text = tf_text("variables.tf")
-    starts = [(m.group(1), m.start()) for m in re.finditer(r'^variable "([a-z0-9_]+)" \{', text, re.MULTILINE)]
-    bounds = [*(s for _, s in starts[1:]), len(text)]
-    return {name: text[start:end] for (name, start), end in zip(starts, bounds)}
+    """name -> the text of its block, from whichever .tf file of infra/ declares it (a feature's file may declare its own)."""
+    found: dict[str, str] = {}
+    for file_name, raw in all_tf().items():
+        text = strip_comments(raw)
+        starts = [(m.group(1), m.start()) for m in re.finditer(r'^variable "([a-z0-9_]+)" \{', text, re.MULTILINE)]
+        for name, start in starts:
+            end = re.compile(r"^\}", re.MULTILINE).search(text, start).end()
+            assert name not in found, f"variable {name} declared twice (again in {file_name})"
+            found[name] = text[start:end]
+    return found
 
 
 def test_every_rendered_variable_is_declared_and_every_required_one_rendered():
@@ -312,7 +317,8 @@ def test_worker_jobs_match_the_launcher():
 
 def test_service_accounts_get_only_named_roles():
     code = all_code()
-    roles = set(re.findall(r'"(roles/[A-Za-z.]+)"', code))
+    roles = set(re.findall(r'"(roles/[A-Za-z0-9_.]+)"', code))
+    assert roles == set(re.findall(r"roles/[A-Za-z0-9_.]+", code)), "every role is a literal this test reads"
     assert roles == {
         "roles/cloudkms.cryptoKeyEncrypterDecrypter",
         "roles/cloudkms.signer",
@@ -329,10 +335,20 @@ def test_service_accounts_get_only_named_roles():
         "roles/eventarc.serviceAgent",
         "roles/run.invoker",
         "roles/run.jobsExecutorWithOverrides",
+        # confidential.tf, only with var.confidential_workers (test_infra_identities.py says on what)
+        "roles/iam.serviceAccountUser",
+        "roles/compute.instanceAdmin.v1",
+        "roles/compute.networkUser",
+        "roles/batch.jobsEditor",
+        "roles/confidentialcomputing.workloadUser",
+        "roles/batch.agentReporter",
+        # attestation.tf: each node's attested pool on its data key
+        "roles/cloudkms.cryptoKeyDecrypter",
     }
     for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin",
-                  "roles/cloudbuild.builds.builder"):
-        assert broad not in code
+                  "roles/cloudbuild.builds.builder", "roles/compute.admin", "roles/compute.instanceAdmin", "roles/batch.admin",
+                  "roles/iam.serviceAccountAdmin", "roles/iam.workloadIdentityUser", "roles/cloudkms.admin"):
+        assert not re.search(rf"{re.escape(broad)}(?![\w.])", code), broad
     assert "google_service_account_key" not in code  # attached identities only
     assert "google_project_iam_custom_role" not in code
 
@@ -370,8 +386,19 @@ def parsed() -> dict[str, dict]:
 
 
 
+KNOWN_TF_FILES = {
+    "main.tf", "iam.tf", "delivery.tf", "network.tf", "outputs.tf", "variables.tf", "versions.tf",
+    "confidential.tf", "attestation.tf",
+}
+
+
 def test_every_tf_file_parses(parsed):
-    assert set(parsed) == {"main.tf", "iam.tf", "delivery.tf", "network.tf", "outputs.tf", "variables.tf", "versions.tf"}
+    # Terraform reads every .tf file of the directory, so every one must parse (and be read by the other tests).
+    on_disk = {p.name for p in INFRA.glob("*.tf")}
+    assert set(parsed) == on_disk
+    assert KNOWN_TF_FILES <= on_disk, f"missing: {KNOWN_TF_FILES - on_disk}"
+    for name, doc in parsed.items():
+        assert doc, f"{name} parsed to nothing"
 
 
 def _all_resources(parsed: dict) -> dict[tuple[str, str], dict]:
@@ -578,7 +605,8 @@ def test_parsed_variables_cover_the_render(parsed):
 def test_worker_dockerfile():
     text = (REPO / "workers" / "trainer" / "Dockerfile").read_text()
     instructions = [line for line in text.splitlines() if line and not line.startswith(("#", " "))]
-    assert instructions[0] == "FROM python:3.11-slim"
+    # The base is pinned by digest: a tag can move under a rebuild.
+    assert re.fullmatch(r"FROM python:3\.11-slim@sha256:[0-9a-f]{64}", instructions[0]), instructions[0]
     assert any(re.match(r"RUN pip install \. ", line) for line in instructions)
     users = [line for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split()[1].split(":")[0] not in ("0", "root")

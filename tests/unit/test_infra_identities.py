@@ -5,19 +5,28 @@ There is no terraform here to plan, so `grants()` expands each parsed
 for_each instances, `each.*` substituted, members and targets resolved to names.
 An expression it does not know fails the expansion, so a new grant cannot slip past
 these tests unread.
+
+The deployment's switches are expanded too (`Deployment`): `confidential_workers`
+(confidential.tf) off and on, and `key_release` (attestation.tf) empty and set for
+every node. The rules below hold for each combination, and what the switches add is
+pinned by value: with them off, none of it exists.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from shared.attestation import NodePolicy, node_audience
 from shared.config import Settings
 from shared.federation import update_object
 from shared.infra_render import render
+from shared.key_release import terraform_vars
 from tests.unit.infra_hcl import resources_and_locals
 
 pytestmark = pytest.mark.unit
@@ -25,13 +34,54 @@ pytestmark = pytest.mark.unit
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 NODES = ("us", "eu", "ch")
 RENDER = render(Settings(project="acme-fl", nodes=NODES))
+# var.node_regions of this deployment (the default names us and eu only): one region per node,
+# the hub's region shared with us.
+NODE_REGIONS = {"us": "us-central1", "eu": "europe-west4", "ch": "europe-west6"}
+# var.key_release as shared.key_release renders it for every node.
+KEY_RELEASE = terraform_vars(
+    NodePolicy(node=n, audience=node_audience("acme-fl", n), image_digests=("sha256:" + "a" * 64,)) for n in NODES
+)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    confidential_workers: bool = False  # var.confidential_workers
+    key_release: dict = dataclass_field(default_factory=dict)  # var.key_release
+
+
+BASE = Deployment()
+DEPLOYMENTS = {
+    "base": BASE,
+    "confidential": Deployment(confidential_workers=True),
+    "key-release": Deployment(key_release=KEY_RELEASE),
+    "both": Deployment(confidential_workers=True, key_release=KEY_RELEASE),
+}
+each_deployment = pytest.mark.parametrize("deployment", list(DEPLOYMENTS.values()), ids=list(DEPLOYMENTS))
 
 
 class Grant(NamedTuple):
-    principal: str  # hub | ingest:<node> | worker:<node> | delivery | build | <service>-agent
-    target: str  # project | bucket:<name> | topic:<name> | subscription:<trigger> | service:<fn> | key:... | ...
+    principal: str  # hub | ingest:<node> | worker:<node> | delivery | build | <service>-agent | attested:<node>
+    target: str  # project | bucket:<name> | topic:<name> | subscription:<trigger> | service:<fn> | key:... | subnet:... | ...
     role: str
     prefix: str | None = None  # object-name prefix of an IAM condition
+    condition: str | None = None  # the expression of a (non-prefix) IAM condition
+
+
+# What var.confidential_workers adds, and all it adds (confidential.tf).
+CONFIDENTIAL_WORKER_ROLES = ("roles/confidentialcomputing.workloadUser", "roles/logging.logWriter", "roles/batch.agentReporter")
+HUB_CONFIDENTIAL = {
+    *{("service-account:worker:" + n, "roles/iam.serviceAccountUser") for n in NODES},
+    ("project", "roles/compute.instanceAdmin.v1"),
+    *{("subnet:workers:" + n, "roles/compute.networkUser") for n in NODES},
+    ("project", "roles/batch.jobsEditor"),
+}
+
+
+def _confidential_additions() -> set[tuple[str, str, str]]:
+    """(principal, target, role) of every grant that exists only with confidential_workers."""
+    return {("hub", t, r) for t, r in HUB_CONFIDENTIAL} | {
+        (f"worker:{n}", "project", role) for n in NODES for role in CONFIDENTIAL_WORKER_ROLES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +103,7 @@ def _bucket_roles(local_text: str, node: str) -> dict[str, dict]:
     }
 
 
-def _instances(for_each: str | None, tf: dict) -> list[tuple[str, object]]:
+def _instances(for_each: str | None, tf: dict, deployment: Deployment = BASE) -> list[tuple[str, object]]:
     """(each.key, each.value) of a for_each expression this deployment can meet."""
     locals_ = tf["locals"]
     triggers = {t["name"]: t for t in RENDER["triggers"]}
@@ -72,8 +122,28 @@ def _instances(for_each: str | None, tf: dict) -> list[tuple[str, object]]:
         return [(name, {"id": f"trigger:{name}"}) for name, t in triggers.items() if t["kind"] == "pubsub"]
     if for_each == "${google_cloudfunctions2_function.fn}":
         return [(name, {"service_config[0].service": name}) for name in triggers]
-    if for_each in ("${local.kms_regions}", "${google_artifact_registry_repository.functions}"):
+    if for_each == "${local.kms_regions}":  # the data key of each region: the nodes' and the hub's
+        assert locals_["kms_regions"] == "${toset(concat(values(local.node_region), [var.region]))}"
+        return [(r, r) for r in sorted({*_node_region(tf).values(), RENDER["region"]})]
+    if for_each == "${google_artifact_registry_repository.functions}":
         return [("region", {"name": "region"})]  # where does not matter for who
+    # confidential.tf: nothing unless var.confidential_workers
+    if for_each == "${local.confidential_nodes}":
+        assert locals_["confidential_nodes"] == "${var.confidential_workers ? var.nodes : {}}"
+        return [(n, n) for n in NODES] if deployment.confidential_workers else []
+    if m := re.fullmatch(r'\$\{var\.confidential_workers \? toset\(\[("[\w-]+"(?:, "[\w-]+")*)\]\) : toset\(\[\]\)\}', for_each):
+        keys = re.findall(r'"([\w-]+)"', m.group(1))
+        return [(k, k) for k in keys] if deployment.confidential_workers else []
+    if for_each == "${local.confidential_worker_grants}":
+        assert locals_["confidential_worker_grants"] == (
+            '${merge([for node, _ in local.confidential_nodes : {for role in local.confidential_worker_roles : '
+            '"${node} ${role}" => {node = node, role = role}}] ...)}'
+        )
+        nodes = [n for n, _ in _instances("${local.confidential_nodes}", tf, deployment)]
+        return [(f"{n} {role}", {"node": n, "role": role}) for n in nodes for role in locals_["confidential_worker_roles"]]
+    # attestation.tf: one pool per node of var.key_release
+    if for_each == "${var.key_release}":
+        return list(deployment.key_release.items())
     if for_each.startswith("${merge(google_cloud_run_v2_job.worker,"):
         return [(n, {"name": n}) for n in NODES]
     raise AssertionError(f"unknown for_each {for_each!r}: teach _instances what it expands to")
@@ -99,6 +169,10 @@ def _principal(member: str) -> str:
     }
     if member in fixed:
         return fixed[member]
+    # Every identity a node's attested pool admits (attestation.tf): the pool's whole principal set.
+    pool = re.fullmatch(r'principalSet://iam\.googleapis\.com/\$\{google_iam_workload_identity_pool\.attested\["([\w-]+)"\]\.name\}/\*', member)
+    if pool:
+        return f"attested:{pool.group(1)}"
     m = re.fullmatch(r'serviceAccount:\$\{google_service_account\.(ingest|worker)\["([\w-]+)"\]\.email\}', member)
     assert m, f"unknown member {member!r}"
     return f"{m.group(1)}:{m.group(2)}"
@@ -115,7 +189,27 @@ def _bucket(expr: str) -> str:
     return nodes[m.group(1)][f"{m.group(2)}_bucket"]
 
 
-def _target(rtype: str, body: dict) -> str:
+def _node_region(tf: dict) -> dict[str, str]:
+    """local.node_region for this deployment."""
+    assert tf["locals"]["node_region"] == "${{for node, _ in var.nodes : node => var.node_regions[node]}}"
+    return {n: NODE_REGIONS[n] for n in NODES}
+
+
+def _key(expr: str, tf: dict) -> str:
+    """key:signing:<node> | key:data:<region>."""
+    m = re.fullmatch(r'\$\{google_kms_crypto_key\.(signing|data)\["([\w-]+)"\]\.id\}', expr)
+    if m:
+        return f"key:{m.group(1)}:{m.group(2)}"
+    m = re.fullmatch(r'\$\{local\.key_release_data_key\["([\w-]+)"\]\}', expr)
+    assert m, f"unknown key {expr!r}"
+    # attestation.tf: the node's data key is its region's (one line to change when nodes get keys of their own).
+    assert tf["locals"]["key_release_data_key"] == (
+        "${{for node, _ in var.key_release : node => google_kms_crypto_key.data[local.node_region[node]].id}}"
+    )
+    return f"key:data:{_node_region(tf)[m.group(1)]}"
+
+
+def _target(rtype: str, body: dict, tf: dict) -> str:
     if rtype in ("google_project_iam_member",):
         return "project"
     if rtype == "google_storage_bucket_iam_member":
@@ -130,11 +224,16 @@ def _target(rtype: str, body: dict) -> str:
             return "service:node-api"
         return f"service:{body['service'].strip(chr(34))}"
     if rtype == "google_kms_crypto_key_iam_member":
-        m = re.fullmatch(r'\$\{google_kms_crypto_key\.(signing|data)\[(?:"([\w-]+)"|each\.key)\]\.id\}', body["crypto_key_id"])
-        assert m, body["crypto_key_id"]
-        return f"key:{m.group(1)}:{m.group(2) or 'region'}"
+        return _key(body["crypto_key_id"], tf)
     if rtype == "google_service_account_iam_member":
-        return "service-account:" + body["service_account_id"].split(".")[1]
+        m = re.fullmatch(r'\$\{google_service_account\.(\w+)(?:\["([\w-]+)"\])?\.name\}', body["service_account_id"])
+        assert m, body["service_account_id"]
+        return f"service-account:{m.group(1)}" + (f":{m.group(2)}" if m.group(2) else "")
+    if rtype == "google_compute_subnetwork_iam_member":
+        m = re.fullmatch(r'\$\{google_compute_subnetwork\.workers\["([\w-]+)"\]\.name\}', body["subnetwork"])
+        assert m, body["subnetwork"]
+        assert body["region"] == f'${{google_compute_subnetwork.workers["{m.group(1)}"].region}}', body
+        return f"subnet:workers:{m.group(1)}"
     if rtype == "google_artifact_registry_repository_iam_member":
         return "repository:functions"
     if rtype == "google_cloud_run_v2_job_iam_member":
@@ -154,12 +253,20 @@ def _resolve_each(body: dict, key: str, value) -> dict:
     return out
 
 
-def grants(tf: dict) -> list[Grant]:
+def grants(tf: dict, deployment: Deployment = BASE) -> list[Grant]:
     found = []
-    for (rtype, _), body in tf["resources"].items():
+    for (rtype, name), body in tf["resources"].items():
+        # Authoritative bindings and policies would replace grants made elsewhere; none is expected.
+        assert not rtype.endswith(("_iam_binding", "_iam_policy")), (rtype, name)
         if not rtype.endswith("_iam_member"):
             continue
-        for key, value in _instances(body.get("for_each"), tf):
+        condition = None
+        if "condition" in body:
+            (block,) = body["condition"]
+            condition = block["expression"]
+        for dynamic in body.get("dynamic", []):  # only the workers' per-prefix bucket condition, handled below
+            assert set(dynamic) == {"condition"} and (rtype, name) == ("google_storage_bucket_iam_member", "worker"), (rtype, name)
+        for key, value in _instances(body.get("for_each"), tf, deployment):
             resolved = _resolve_each(body, key, value)
             role = resolved["role"]
             prefix = None
@@ -170,18 +277,21 @@ def grants(tf: dict) -> list[Grant]:
                 prefix = template.group(1).replace("${node}", value["node"])
             if role.startswith("${each.value.role}"):
                 role = value["role"]
-            found.append(Grant(_principal(resolved["member"]), _target(rtype, resolved), role.strip('"'), prefix))
+            grant = Grant(_principal(resolved["member"]), _target(rtype, resolved, tf), role.strip('"'), prefix, condition)
+            found.append(grant)
     return found
 
 
 # ---------------------------------------------------------------- the rules
 
 
-def test_expansion_sees_every_identity(tf):
-    principals = {g.principal for g in grants(tf)}
+@each_deployment
+def test_expansion_sees_every_identity(tf, deployment):
+    principals = {g.principal for g in grants(tf, deployment)}
     for node in NODES:
         assert {f"ingest:{node}", f"worker:{node}"} <= principals
     assert {"hub", "delivery", "build", "pubsub-agent", "gcs-agent"} <= principals
+    assert {p for p in principals if p.startswith("attested:")} == {f"attested:{n}" for n in deployment.key_release}
 
 
 def test_each_raw_upload_function_runs_as_its_nodes_ingest_identity(tf):
@@ -209,10 +319,11 @@ def test_each_raw_upload_function_runs_as_its_nodes_ingest_identity(tf):
     assert node_api["service_config"][0]["service_account_email"] == "${google_service_account.hub.email}"
 
 
-def test_ingest_identity_touches_only_its_own_nodes_buckets(tf):
+@each_deployment
+def test_ingest_identity_touches_only_its_own_nodes_buckets(tf, deployment):
     for node in NODES:
         own = {f"bucket:{b}" for b in RENDER["nodes"][node].values()}
-        mine = [g for g in grants(tf) if g.principal == f"ingest:{node}"]
+        mine = [g for g in grants(tf, deployment) if g.principal == f"ingest:{node}"]
         buckets = {g.target: g.role for g in mine if g.target.startswith("bucket:")}
         assert buckets == {
             f"bucket:{RENDER['nodes'][node]['raw_bucket']}": "roles/storage.objectViewer",
@@ -226,20 +337,23 @@ def test_ingest_identity_touches_only_its_own_nodes_buckets(tf):
         assert {g.role for g in mine if g.target.startswith("topic:")} == {"roles/pubsub.publisher"}
 
 
-def test_hub_identity_has_no_node_bucket(tf):
+@each_deployment
+def test_hub_identity_has_no_node_bucket(tf, deployment):
     node_buckets = {f"bucket:{b}" for n in RENDER["nodes"].values() for b in n.values()}
-    hub = [g for g in grants(tf) if g.principal == "hub"]
+    hub = [g for g in grants(tf, deployment) if g.principal == "hub"]
     assert not {g.target for g in hub} & node_buckets
     assert {(g.target, g.role) for g in hub} == {
         (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectUser"),
         ("project", "roles/datastore.user"),
         ("job:worker", "roles/run.jobsExecutorWithOverrides"),
+        *(HUB_CONFIDENTIAL if deployment.confidential_workers else ()),
     }
 
 
-def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf):
+@each_deployment
+def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf, deployment):
     for node in NODES:
-        mine = {(g.target, g.role, g.prefix) for g in grants(tf) if g.principal == f"worker:{node}"}
+        mine = {(g.target, g.role, g.prefix) for g in grants(tf, deployment) if g.principal == f"worker:{node}"}
         processed = f"bucket:{RENDER['nodes'][node]['processed_bucket']}"
         assert mine == {
             (processed, "roles/storage.objectViewer", None),
@@ -247,6 +361,8 @@ def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf):
             (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectCreator", f"updates/{node}/"),
             ("service:node-api", "roles/run.invoker", None),
             (f"key:signing:{node}", "roles/cloudkms.signer", None),
+            # On a confidential VM: attestation tokens, logs, the Batch agent (project-level only).
+            *{("project", role, None) for role in CONFIDENTIAL_WORKER_ROLES if deployment.confidential_workers},
         }
         # The prefix admits its own updates and no other node's, a node sharing its first letters included.
         prefix = f"updates/{node}/"
@@ -257,13 +373,16 @@ def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf):
     assert condition["expression"] == 'resource.name.startsWith(\\"projects/_/buckets/${each.value.bucket}/objects/${condition.value}\\")'
 
 
-def test_no_project_level_pubsub_token_creator_or_builder_grant(tf):
-    project = {(g.principal, g.role) for g in grants(tf) if g.target == "project"}
+@each_deployment
+def test_no_project_level_pubsub_token_creator_or_builder_grant(tf, deployment):
+    project = {(g.principal, g.role) for g in grants(tf, deployment) if g.target == "project"}
     for principal, role in project:
         if principal.endswith("-agent"):
             continue  # Google's service agents, below
         assert not role.startswith(("roles/pubsub.", "roles/cloudbuild.")), (principal, role)
         assert role != "roles/iam.serviceAccountTokenCreator"
+        assert role != "roles/iam.serviceAccountUser", "actAs on the project would let its holder act as every service account"
+    confidential = deployment.confidential_workers
     assert project == {
         ("hub", "roles/datastore.user"),
         *{(f"ingest:{n}", "roles/datastore.user") for n in NODES},
@@ -272,23 +391,29 @@ def test_no_project_level_pubsub_token_creator_or_builder_grant(tf):
         ("eventarc-agent", "roles/eventarc.serviceAgent"),
         # Eventarc's Cloud Storage triggers require it (the topic is Eventarc's, created with the trigger).
         ("gcs-agent", "roles/pubsub.publisher"),
+        # confidential.tf: roles that exist at project level only (README, "Confidential workers").
+        *{("hub", role) for role in ("roles/compute.instanceAdmin.v1", "roles/batch.jobsEditor") if confidential},
+        *{(f"worker:{n}", role) for n in NODES for role in CONFIDENTIAL_WORKER_ROLES if confidential},
     }
-    assert not any(g.principal.startswith("worker:") and g.target == "project" for g in grants(tf))
+    workers_on_project = {(g.principal, g.role) for g in grants(tf, deployment) if g.principal.startswith("worker:") and g.target == "project"}
+    assert workers_on_project == ({(f"worker:{n}", r) for n in NODES for r in CONFIDENTIAL_WORKER_ROLES} if confidential else set())
     assert not [name for (rtype, name) in tf["resources"] if rtype == "google_project_iam_custom_role"]
 
 
-def test_token_creator_only_on_the_delivery_identity_and_delivery_invokes_only_event_functions(tf):
-    tokens = [g for g in grants(tf) if g.role == "roles/iam.serviceAccountTokenCreator"]
+@each_deployment
+def test_token_creator_only_on_the_delivery_identity_and_delivery_invokes_only_event_functions(tf, deployment):
+    tokens = [g for g in grants(tf, deployment) if g.role == "roles/iam.serviceAccountTokenCreator"]
     assert tokens == [Grant("pubsub-agent", "service-account:delivery", "roles/iam.serviceAccountTokenCreator")]
-    invokers = {(g.principal, g.target) for g in grants(tf) if g.role == "roles/run.invoker"}
+    invokers = {(g.principal, g.target) for g in grants(tf, deployment) if g.role == "roles/run.invoker"}
     assert invokers == {
         *{("delivery", f"service:{t['name']}") for t in RENDER["triggers"]},
         *{(f"worker:{n}", "service:node-api") for n in NODES},
     }
 
 
-def test_pubsub_grants_are_per_topic_or_subscription_except_the_storage_agents(tf):
-    pubsub = {(g.principal, g.target, g.role) for g in grants(tf) if g.role.startswith("roles/pubsub.")}
+@each_deployment
+def test_pubsub_grants_are_per_topic_or_subscription_except_the_storage_agents(tf, deployment):
+    pubsub = {(g.principal, g.target, g.role) for g in grants(tf, deployment) if g.role.startswith("roles/pubsub.")}
     push_triggers = [t["name"] for t in RENDER["triggers"] if t["kind"] == "pubsub"]
     assert push_triggers == ["shard-ready", "tick"]
     assert pubsub == {
@@ -299,3 +424,99 @@ def test_pubsub_grants_are_per_topic_or_subscription_except_the_storage_agents(t
         # Our push subscriptions here; Eventarc's subscriptions get theirs from scripts/eventarc-dead-letter.sh.
         *{("pubsub-agent", f"subscription:trigger:{name}", "roles/pubsub.subscriber") for name in push_triggers},
     }
+
+
+# ---------------------------------------------------------------- confidential workers (confidential.tf)
+
+
+def test_confidential_grants_exist_only_with_the_flag_and_are_exactly_these(tf):
+    for key_release in ({}, KEY_RELEASE):
+        off = grants(tf, Deployment(confidential_workers=False, key_release=key_release))
+        on = grants(tf, Deployment(confidential_workers=True, key_release=key_release))
+        assert set(off) <= set(on), "the flag only adds grants"
+        added = {(g.principal, g.target, g.role) for g in set(on) - set(off)}
+        assert added == _confidential_additions()
+        # Off (the default), none of them: not even under another target or condition.
+        assert not {(g.principal, g.target, g.role) for g in off} & _confidential_additions()
+        assert not {g.role for g in off} & ({r for _, _, r in _confidential_additions()} - {"roles/logging.logWriter"})
+    assert re.search(r'variable "confidential_workers" \{[^}]*default\s*=\s*false', (INFRA / "confidential.tf").read_text())
+
+
+def test_hub_acts_only_as_the_worker_identities(tf):
+    on = grants(tf, Deployment(confidential_workers=True, key_release=KEY_RELEASE))
+    act_as = {(g.principal, g.target) for g in on if g.role == "roles/iam.serviceAccountUser"}
+    assert act_as == {("hub", f"service-account:worker:{n}") for n in NODES}, "never on the project, the hub's own or another identity"
+    assert all(g.condition is None and g.prefix is None for g in on if g.role == "roles/iam.serviceAccountUser")
+    # Each worker subnet, never the network or the project.
+    subnets = {(g.principal, g.target, g.role) for g in on if g.target.startswith("subnet:")}
+    assert subnets == {("hub", f"subnet:workers:{n}", "roles/compute.networkUser") for n in NODES}
+    assert not [g for g in on if g.role == "roles/compute.networkUser" and not g.target.startswith("subnet:")]
+
+
+def test_hub_creates_only_the_launchers_vms_and_their_disks(tf):
+    from shared.launchers.confidential_space import DEFAULT_NAME_PREFIX, resource_name
+
+    on = grants(tf, Deployment(confidential_workers=True))
+    (vms,) = [g for g in on if g.role == "roles/compute.instanceAdmin.v1"]
+    assert (vms.principal, vms.target) == ("hub", "project")
+    assert vms.condition, "a project-level compute grant must carry the name condition"
+    clauses = vms.condition.split(" || ")
+    assert clauses == [
+        f'(resource.type == \\"compute.googleapis.com/{kind}\\" && '
+        f'resource.name.extract(\\"/{collection}/{{name}}\\").startsWith(\\"${{local.confidential_vm_prefix}}\\"))'
+        for kind, collection in (("Instance", "instances"), ("Disk", "disks"))
+    ], vms.condition
+    # The prefix, for the default name_prefix, is the launcher's, and what it names lies under it.
+    prefix = tf["locals"]["confidential_vm_prefix"]
+    assert prefix == "${var.name_prefix}-cs-"
+    rendered = prefix.replace("${var.name_prefix}", "fedpipe")
+    assert rendered == DEFAULT_NAME_PREFIX + "-"
+    assert resource_name(DEFAULT_NAME_PREFIX, "job-1", 1).startswith(rendered)
+    assert not resource_name("fedpipe-cb", "job-1", 1).startswith(rendered)  # Batch's jobs are not VMs the hub may touch
+    # Batch jobs: batch.jobsEditor, the one project-level hub grant without a condition of the confidential set.
+    (batch,) = [g for g in on if g.role == "roles/batch.jobsEditor"]
+    assert (batch.principal, batch.target, batch.condition) == ("hub", "project", None)
+
+
+# ---------------------------------------------------------------- key release (attestation.tf)
+# That each provider's attribute_condition is var.key_release[node].attribute_condition, byte for byte
+# shared.key_release's rendering of the node's policy, is tests/unit/test_key_release.py's
+# (test_terraform_gets_byte_for_byte_what_the_broker_evaluates); here: who may decrypt with what.
+
+
+@each_deployment
+def test_each_nodes_data_key_is_released_only_to_its_own_attested_pool(tf, deployment):
+    found = grants(tf, deployment)
+    decrypt_roles = {"roles/cloudkms.cryptoKeyDecrypter", "roles/cloudkms.cryptoKeyEncrypterDecrypter"}
+    attested = [g for g in found if g.principal.startswith("attested:")]
+    # A pool gets the decrypter role on one data key, and nothing else.
+    assert {(g.principal, g.target, g.role, g.condition) for g in attested} == {
+        (f"attested:{n}", f"key:data:{NODE_REGIONS[n]}", "roles/cloudkms.cryptoKeyDecrypter", None) for n in deployment.key_release
+    }
+    # The decrypter role goes to pools only: never to a service account.
+    assert {g.principal for g in found if g.role == "roles/cloudkms.cryptoKeyDecrypter"} == {f"attested:{n}" for n in deployment.key_release}
+    for node in NODES:
+        key = f"key:data:{NODE_REGIONS[node]}"
+        # Who may decrypt with the node's key: its own pool (if released) and Google's CMEK agents, no identity of ours.
+        holders = {g.principal for g in found if g.target == key and g.role in decrypt_roles}
+        assert holders - {"gcs-agent", "pubsub-agent"} == ({f"attested:{node}"} if node in deployment.key_release else set())
+    assert len(set(NODE_REGIONS.values())) == len(NODES), "this deployment gives each node a key of its own region"
+
+
+def test_each_pool_trusts_only_its_nodes_provider(tf):
+    resources = tf["resources"]
+    pool = resources[("google_iam_workload_identity_pool", "attested")]
+    provider = resources[("google_iam_workload_identity_pool_provider", "attested")]
+    decrypter = resources[("google_kms_crypto_key_iam_member", "attested_decrypter")]
+    # One pool, one provider and one grant per node of var.key_release, tied together by each.key.
+    assert pool["for_each"] == provider["for_each"] == decrypter["for_each"] == "${var.key_release}"
+    assert pool["workload_identity_pool_id"] == "${var.name_prefix}-${each.key}-attested"
+    assert provider["workload_identity_pool_id"] == "${google_iam_workload_identity_pool.attested[each.key].workload_identity_pool_id}"
+    assert decrypter["member"] == "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.attested[each.key].name}/*"
+    assert provider["oidc"][0]["issuer_uri"] == "https://confidentialcomputing.googleapis.com/"
+    assert [k for k in resources if k[0].startswith("google_iam_workload_identity_pool")] == [
+        ("google_iam_workload_identity_pool", "attested"), ("google_iam_workload_identity_pool_provider", "attested"),
+    ]
+    # Pool ids differ per node (a pool id is at most 32 characters: the variable's validation keeps node names short).
+    ids = {pool["workload_identity_pool_id"].replace("${var.name_prefix}", "fedpipe").replace("${each.key}", n) for n in KEY_RELEASE}
+    assert len(ids) == len(KEY_RELEASE) and all(len(i) <= 32 for i in ids)

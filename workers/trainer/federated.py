@@ -21,10 +21,10 @@ from google.cloud import storage
 
 from shared import signing, weights
 from shared.config import Settings
+from shared.envelope import Envelope
 from shared.federation import update_object
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
-from workers.trainer.keys import node_envelope
 from workers.trainer.node_client import FederationView, NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
@@ -40,12 +40,12 @@ class FederationEnded(RuntimeError):
     """The federation failed or was rejected: this node's job ends with it (no retry)."""
 
 
-def run_federation(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, beat, lost_error: type[Exception]) -> dict:
+def run_federation(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, envelope: Envelope, beat, lost_error: type[Exception]) -> dict:
     """Train every round of the job's federation; returns the final results once it completes."""
     ref = job.spec.federation
     spec = job.spec.train
     view = api.federation(ref.id)
-    split = load_dataset(api, gcs, node_envelope(settings, ref.node), job.id, spec.test_fraction, spec.seed, view.stats)
+    split = load_dataset(api, gcs, envelope, job.id, spec.test_fraction, spec.seed, view.stats)
     trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
     initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
     expected = weights.spec_of(initial)

@@ -18,10 +18,12 @@ from google.cloud import storage
 
 from shared import weights
 from shared.config import Settings
+from shared.envelope import Envelope
 from shared.jobs import Job, JobStatus
+from workers.trainer.attestation import AttestationFailed
 from workers.trainer.data import load_dataset
 from workers.trainer.federated import FederationEnded, run_federation
-from workers.trainer.keys import node_envelope
+from workers.trainer.keys import node_keys
 from workers.trainer.node_client import NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
@@ -68,12 +70,19 @@ def run_job(job_id: str, attempt: int, settings: Settings, api: NodeClient, gcs:
     log.info("job %s attempt %d running", job_id, attempt)
     started = time.monotonic()
     with Heartbeat(api, job, heartbeat_s) as beat:
+        keys = node_keys(settings, job.spec.dataset.node, on_failure=lambda _: beat.lost.set())  # stop_job
         try:
-            if job.spec.federation is not None:
-                results = run_federation(job, settings, api, gcs, beat, AttemptLost)
-            else:
-                results = train_and_evaluate(job, settings, api, gcs, beat)
-        except AttemptLost:
+            with keys:
+                if job.spec.federation is not None:
+                    results = run_federation(job, settings, api, gcs, keys.envelope, beat, AttemptLost)
+                else:
+                    results = train_and_evaluate(job, settings, api, gcs, keys.envelope, beat)
+        except (AttestationFailed, AttemptLost) as exc:
+            failure = exc if isinstance(exc, AttestationFailed) else keys.failure
+            if failure is not None:  # the node's key was refused or withdrawn: no retry can fix the workload
+                log.error("job %s attempt %d: attestation failed (%s); stopping", job_id, attempt, failure.reason)
+                written = api.finish(job_id, attempt, "failed", error=f"attestation: {failure.reason}", reason="attestation")
+                return JobStatus(written) if written else None
             log.warning("job %s attempt %d lost its lease; stopping", job_id, attempt)
             return None
         except Exception as exc:
@@ -90,9 +99,9 @@ def run_job(job_id: str, attempt: int, settings: Settings, api: NodeClient, gcs:
     return JobStatus(written) if written else None
 
 
-def train_and_evaluate(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, beat: Heartbeat) -> dict:
+def train_and_evaluate(job: Job, settings: Settings, api: NodeClient, gcs: storage.Client, envelope: Envelope, beat: Heartbeat) -> dict:
     spec = job.spec.train
-    split = load_dataset(api, gcs, node_envelope(settings, job.spec.dataset.node), job.id, spec.test_fraction, spec.seed)
+    split = load_dataset(api, gcs, envelope, job.id, spec.test_fraction, spec.seed)
     trainer = Trainer(TrainConfig.from_spec(spec), split.x_train.shape[1], split.n_classes)
 
     def on_epoch(epoch: int, metrics: dict) -> None:

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from shared.model_spec import CNN_CHANNELS, CNN_DENSE, CNN_KERNEL, MODELS, image_side, pooled_side  # one definition of the shapes
+from shared.model_spec import MODELS, image_side, initial_params, param_spec  # one definition of the shapes and the start
 
 Params = dict[str, jax.Array]  # init_params returns NumPy arrays (drawn on the host)
 
@@ -24,42 +23,11 @@ def _check_model(model: str) -> None:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
 
 
-def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in))).astype(np.float32)
-
-
-def _dense(rng: np.random.Generator, name: str, fan_in: int, fan_out: int) -> Params:
-    """He-normal kernel (suits relu; harmless for the linear output layer), zero bias."""
-    return {f"{name}.kernel": _he_normal(rng, (fan_in, fan_out), fan_in), f"{name}.bias": np.zeros((fan_out,), np.float32)}
-
-
-def _conv(rng: np.random.Generator, name: str, size: int, c_in: int, c_out: int) -> Params:
-    """HWIO kernel, He-normal over the receptive field."""
-    kernel = _he_normal(rng, (size, size, c_in, c_out), size * size * c_in)
-    return {f"{name}.kernel": kernel, f"{name}.bias": np.zeros((c_out,), np.float32)}
-
-
 def init_params(model: str, n_features: int, n_classes: int, hidden: tuple[int, ...], seed: int) -> Params:
-    """Fresh params for `model`; deterministic in `seed` so every site can start identically.
-
-    Drawn on the host with NumPy: in JAX each eager random op is its own XLA compile,
-    which made initialisation the slowest part of a worker's start-up. Every layer has
-    its own stream (seed, layer index).
-    `hidden` is used by "mlp" only (logreg has no hidden layer, the cnn's shape is fixed).
-    """
+    """Fresh params for `model`, exactly the hub's `initial_params` (shared/model_spec.py).
+    `hidden` is used by "mlp" only (logreg has no hidden layer, the cnn's shape is fixed)."""
     _check_model(model)
-    params: Params = {}
-    if model == "cnn":
-        side, c_in = image_side(n_features), 1
-        for i, c_out in enumerate(CNN_CHANNELS):
-            params |= _conv(np.random.default_rng([seed, i]), f"conv_{i}", CNN_KERNEL, c_in, c_out)
-            c_in, side = c_out, pooled_side(side)
-        sizes, first = [side * side * c_in, CNN_DENSE, n_classes], len(CNN_CHANNELS)
-    else:
-        sizes, first = [n_features, *(hidden if model == "mlp" else ()), n_classes], 0
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params |= _dense(np.random.default_rng([seed, first + i]), f"dense_{i}", fan_in, fan_out)
-    return params
+    return initial_params(param_spec(model, n_features, n_classes, hidden), seed)
 
 
 def _n_layers(params: Mapping[str, jax.Array], prefix: str) -> int:

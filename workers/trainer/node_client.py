@@ -99,9 +99,9 @@ class NodeClient:
         return self._json("POST", f"/v1/jobs/{job_id}/heartbeat", json={"attempt": attempt, "progress": progress})[1]["continue"]
 
     def finish(self, job_id: str, attempt: int, outcome: Literal["completed", "failed", "retry"], results: dict | None = None,
-               error: str | None = None) -> str | None:
+               error: str | None = None, reason: Literal["worker error", "attestation"] = "worker error") -> str | None:
         """The job's status as written; None when the attempt was no longer current."""
-        body = {"attempt": attempt, "outcome": outcome, "results": results or {}, "error": error[:4000] if error else None}
+        body = {"attempt": attempt, "outcome": outcome, "results": results or {}, "error": error[:4000] if error else None, "reason": reason}
         status, reply = self._json("POST", f"/v1/jobs/{job_id}/finish", ok=(200, 409), json=body)
         return reply["status"] if status == 200 else None
 

@@ -1,0 +1,158 @@
+"""Start a job's worker as a Cloud Batch job on confidential VMs (one task, one attempt).
+
+`build_batch_job_request` is pure (a `batch_v1.CreateJobRequest`, tested by value);
+`ConfidentialBatchLauncher.launch` only sends it.
+
+batch_v1's InstancePolicy has no confidential-computing field (google-cloud-batch
+0.22: machine_type, min_cpu_platform, provisioning_model, accelerators, disks,
+reservation), so the confidential VM is described by an instance template per
+node (infra/confidential.tf: `<prefix>-cbatch-<node>`, SEV-SNP or TDX, secure
+boot, the node's subnet without external IP, the node's worker identity) and the
+job names it in `instance_template`. Batch takes global templates of the job's
+own project only.
+
+What this does not give, and why it matters for keys: Batch runs the container
+with its own agent on an ordinary guest image, not under the Confidential Space
+launcher, so the VM's memory is encrypted but there is no Confidential Space
+attestation token (`swname` is not CONFIDENTIAL_SPACE). A key-release policy that
+demands one releases no key to a Batch worker. Use Batch for work a node's own
+identity may do anyway (preprocessing its own raw data, as the source documents'
+genomic pipelines do), and Confidential Space VMs (confidential_space.py) for
+anything that needs a released key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+
+from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
+from google.cloud import batch_v1
+from google.protobuf import duration_pb2
+
+from shared.jobs import Job
+from shared.launchers import LaunchError
+from shared.launchers.confidential_space import (
+    DEFAULT_MAX_RUN,
+    ConfidentialConfig,
+    NodeTarget,
+    is_already_exists,
+    job_env,
+    job_labels,
+    request_id,
+    require_digest,
+    resource_name,
+)
+
+DEFAULT_NAME_PREFIX = "fedpipe-cb"
+
+
+def instance_template_name(infra_prefix: str, node: str) -> str:
+    """The node's confidential Batch template, as infra/confidential.tf names it."""
+    return f"{infra_prefix}-cbatch-{node}"
+
+
+def build_batch_job_request(
+    project: str,
+    target: NodeTarget,
+    job: Job,
+    image: str,
+    instance_template: str,
+    *,
+    worker_env: Mapping[str, str] | None = None,
+    max_run_duration: timedelta = DEFAULT_MAX_RUN,
+    name_prefix: str = DEFAULT_NAME_PREFIX,
+) -> batch_v1.CreateJobRequest:
+    """The CreateJob request that runs `job.attempt` once, in the node's region, on its template's confidential VM."""
+    require_digest(image)
+    if job.spec.dataset.node != target.node:
+        raise ValueError(f"job {job.id} is for node {job.spec.dataset.node!r}, target is node {target.node!r}")
+    if max_run_duration <= timedelta(0):
+        raise ValueError(f"max_run_duration must be positive, got {max_run_duration}")
+    job_id = resource_name(name_prefix, job.id, job.attempt)
+    parent = f"projects/{project}/locations/{target.region}"
+    task = batch_v1.TaskSpec(
+        runnables=[batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri=image))],
+        environment=batch_v1.Environment(variables=job_env(job, worker_env or {})),
+        # The job queue owns retries (a new attempt number each); a silent Batch
+        # retry would run one attempt twice.
+        max_retry_count=0,
+        max_run_duration=duration_pb2.Duration(seconds=int(max_run_duration.total_seconds())),
+    )
+    allocation = batch_v1.AllocationPolicy(
+        instances=[batch_v1.AllocationPolicy.InstancePolicyOrTemplate(
+            instance_template=f"projects/{project}/global/instanceTemplates/{instance_template}",
+        )],
+        # The node's worker identity, as in its template (set on both so a
+        # template edit cannot silently change who the job runs as).
+        service_account=batch_v1.ServiceAccount(email=target.service_account),
+        location=batch_v1.AllocationPolicy.LocationPolicy(allowed_locations=[f"regions/{target.region}"]),
+    )
+    return batch_v1.CreateJobRequest(
+        parent=parent,
+        job_id=job_id,
+        request_id=request_id("batch-job", parent, job_id),
+        job=batch_v1.Job(
+            task_groups=[batch_v1.TaskGroup(task_spec=task, task_count=1, parallelism=1)],
+            allocation_policy=allocation,
+            labels=job_labels(job, job_id),
+            logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
+        ),
+    )
+
+
+def batch_job_handle(request: batch_v1.CreateJobRequest) -> str:
+    """The execution handle: the Batch job's resource name (known before it exists)."""
+    return f"{request.parent}/jobs/{request.job_id}"
+
+
+class ConfidentialBatchLauncher:
+    """Implements `shared.launchers.Launcher` with one Batch job per attempt on confidential VMs."""
+
+    def __init__(self, config: ConfidentialConfig, client: batch_v1.BatchServiceClient | None = None) -> None:
+        self.config = config
+        self._client = client
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ConfidentialBatchLauncher:
+        return cls(ConfidentialConfig.from_env(env))
+
+    @property
+    def client(self) -> batch_v1.BatchServiceClient:
+        # Created on first launch: building a launcher must not need credentials.
+        if self._client is None:
+            self._client = batch_v1.BatchServiceClient()
+        return self._client
+
+    def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
+        if job.spec.accelerator != "cpu":
+            raise LaunchError(
+                f"job {job.id}: accelerator {job.spec.accelerator!r} on confidential Batch is not built "
+                "(confidential GPUs: the Confidential Space launcher with flex-start)"
+            )
+        target = self.config.target(job)
+        try:
+            return build_batch_job_request(
+                self.config.project, target, job, self.config.image,
+                instance_template_name(self.config.infra_prefix, target.node),
+                worker_env=self.config.worker_env.get(target.node, {}),
+                max_run_duration=self.config.max_run_duration,
+                name_prefix=f"{self.config.infra_prefix}-cb",
+            )
+        except ValueError as exc:
+            raise LaunchError(f"job {job.id}: {exc}") from exc
+
+    def launch(self, job: Job) -> str:
+        """Create the Batch job and return its name; does not wait for it to run."""
+        request = self.request_for(job)
+        handle = batch_job_handle(request)
+        try:
+            self.client.create_job(request=request)
+        except api_exceptions.GoogleAPICallError as exc:
+            if is_already_exists(exc):
+                return handle  # created before (a retried event): the same attempt
+            raise LaunchError(f"job {job.id}: could not create Batch job {handle}: {exc}") from exc
+        except (api_exceptions.RetryError, auth_exceptions.GoogleAuthError) as exc:
+            raise LaunchError(f"job {job.id}: could not create Batch job {handle}: {exc}") from exc
+        return handle
