@@ -16,7 +16,7 @@ from emulators.endpoints import (
 )
 from emulators.metadata_server import local_identity
 from shared.config import Settings
-from shared.envelope import LocalKeyStore
+from shared.envelope import HUB, LocalKeyStore
 from shared.jobs import utcnow
 from shared.node_registry import NodeRegistry
 from shared.signing import create_node_key
@@ -60,3 +60,4 @@ def ensure_nodes(settings: Settings, state_dir: Path) -> None:
         registry.register_key(node, create_node_key(path), f"local:{path}", utcnow())
         registry.register_identity(node, local_identity(settings.project, node), utcnow())
         LocalKeyStore(keystore_dir(state_dir)).ensure(node)  # its key-encryption key
+    LocalKeyStore(keystore_dir(state_dir)).ensure(HUB)  # the hub's, for global models

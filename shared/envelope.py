@@ -38,6 +38,15 @@ class Purpose(StrEnum):
     SHARD = "processed-shard"
     UPDATE = "weight-update"
     GLOBAL_MODEL = "global-model"
+    SERVER_STATE = "server-optimizer-state"
+
+
+HUB = "hub"  # the owner of global models and the server optimizer's state: the hub's own key
+# What sealing adds to an object: the magic, the wrapped data key (its length, Tink's prefix, and a
+# local keyset's or Cloud KMS's ciphertext of 32 bytes), the data's nonce and tag. Bounds for the
+# hub's size check before it downloads an update.
+SEAL_OVERHEAD_MIN = 4 + 4 + 12 + 16 + 32
+SEAL_OVERHEAD_MAX = 1024
 
 
 class EnvelopeError(ValueError):

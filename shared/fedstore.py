@@ -157,6 +157,7 @@ class RefusalReason(StrEnum):
     REPLACES_COUNTED = "replaces_counted"
     NOT_A_MEMBER = "not_a_member"
     UNKNOWN_ROUND = "unknown_round"
+    NOT_SEALED = "not_sealed"  # does not open under the node's key
 
 
 class RefusedUpdate(BaseModel, frozen=True):

@@ -39,9 +39,11 @@ from werkzeug.routing import Map, Rule
 
 from shared import hub
 from shared.dataset_shards import pinned_dataset
+from shared.envelope import HUB, Purpose
 from shared.federation import UPDATE_PATH, global_model_object, round_kind
 from shared.fedstore import Federation, FederationStatus
 from shared.hub import UpdateKind
+from shared.hub.context import owner_envelopes
 from shared.identity import Caller, Refusal, TokenVerifier, Unauthenticated
 from shared.ingest import RawObject, Services
 from shared.jobs import Job, JobStatus, retry_or_fail, transition, utcnow
@@ -204,6 +206,7 @@ class NodeApi:
         self.store = hub.federation_store(svc)
         self.watches = FederationWatches(self.store.federation_ref)
         self.models = GlobalModels(max_bytes=256 * 2**20)
+        self.hub_envelope = owner_envelopes(svc.settings)(HUB)
         self._identities: dict[str, tuple[float, str | None]] = {}
 
     # -- the request, as functions/node_api.py hands it over ---------------------
@@ -330,8 +333,12 @@ class NodeApi:
     def _model(self, node: str, fid: str, r: int, **_) -> Reply:
         self._member_view(node, self._fed(fid, fresh=False))
         blob = self.svc.gcs.bucket(self.svc.settings.hub_bucket).blob(global_model_object(fid, r))
+
+        def read() -> bytes:  # sealed under the hub's key at rest; a member gets it over its authenticated channel
+            return self.hub_envelope.open(blob.download_as_bytes(), blob.bucket.name, blob.name, Purpose.GLOBAL_MODEL)
+
         try:
-            data = self.models.get(fid, r, blob.download_as_bytes)
+            data = self.models.get(fid, r, read)
         except NotFound:
             return _error(404, f"no global model after round {r}")
         return Reply(200, data)

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared import signing, weights
+from shared.envelope import SEAL_OVERHEAD_MAX, SEAL_OVERHEAD_MIN
 from shared.federation import MAX_EXAMPLES, FederationConfig, UpdateMetrics, round_kind
 from shared.fedstore import Federation, RefusalReason, Round
 from shared.model_spec import Spec, param_spec
@@ -99,7 +100,7 @@ def size_refusal(fed: Federation, r: int, node: str, size: int) -> Refusal | Non
 
     A training update is what the node's worker writes (workers/trainer/federated.py:
     this model's tensors, tagged with federation, round and node), give or take
-    METADATA_SLACK bytes of header.
+    METADATA_SLACK bytes of header, sealed under the node's key (shared/envelope.py).
     """
     assert fed.config is not None
     if round_kind(fed.config, r) != "train":
@@ -108,6 +109,7 @@ def size_refusal(fed: Federation, r: int, node: str, size: int) -> Refusal | Non
         spec = model_spec(fed)
         low = weights_size(spec, {}) - 7  # no metadata but the format tag, and the header left unpadded
         high = weights_size(spec, {"federation": fed.id, "round": str(r), "node": node}) + METADATA_SLACK
+    low, high = low + SEAL_OVERHEAD_MIN, high + SEAL_OVERHEAD_MAX  # sealed under the node's key
     if size > high:
         return Refusal(RefusalReason.TOO_BIG, f"the upload is larger than this round's update (at most {high} bytes)")
     if size < low:

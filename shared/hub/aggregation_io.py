@@ -16,6 +16,7 @@ from google.api_core.exceptions import PreconditionFailed
 
 from shared import gcs_uri, weights
 from shared.aggregation import ServerOptimizer, aggregator, clip_update
+from shared.envelope import HUB, Purpose
 from shared.federation import global_model_object, server_state_object
 from shared.fedstore import Federation, Update
 from shared.hub.admission import model_spec
@@ -30,8 +31,8 @@ class VerifiedUpdates:
 
     Without it the delivery that closes a round downloads again every update the
     instance already read and verified. An entry is keyed by object and generation, and a
-    generation's bytes never change, so it is exactly what that download would return
-    (the version whose signature was verified). Bounded, oldest out first; a miss (an
+    generation's bytes never change, so it is exactly what that download would return once
+    opened (the version whose signature was verified). Bounded, oldest out first; a miss (an
     update counted by another instance, or evicted) is downloaded as before. Thread-safe:
     one instance handles concurrent deliveries.
     """
@@ -82,7 +83,7 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
     stepped = config.strategy in ("fedadam", "fedyogi")
     previous = None
     if fed.global_model_uri and (stepped or config.clip_norm is not None or config.privacy is not None):
-        previous = weights.from_bytes(gcs_uri.read(hub.gcs, fed.global_model_uri), expected=expected)[0]
+        previous = weights.from_bytes(read_sealed(hub, fed.global_model_uri, Purpose.GLOBAL_MODEL), expected=expected)[0]
     if config.privacy is not None:
         reference = previous if previous is not None else initial_params(expected, config.seed)
         updates = (params for params, _ in _updates(hub, participants, expected, None, None))
@@ -94,11 +95,18 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
     new_global = combined
     if stepped and previous is not None:
         state_blob = bucket.blob(server_state_object(fed.id, r - 1))
-        state = weights.from_bytes(state_blob.download_as_bytes())[0] if state_blob.exists() else None
+        state_uri = f"gs://{bucket.name}/{state_blob.name}"
+        state = weights.from_bytes(read_sealed(hub, state_uri, Purpose.SERVER_STATE))[0] if state_blob.exists() else None
         new_global, state = ServerOptimizer(config.strategy, server_lr=config.server_lr).step(previous, combined, state)
-        _create(bucket.blob(server_state_object(fed.id, r)), weights.to_bytes(state, {"federation": fed.id, "round": str(r)}))
-    _create(target, weights.to_bytes(new_global, {"federation": fed.id, "round": str(r)}))
+        _create(hub, bucket.blob(server_state_object(fed.id, r)), weights.to_bytes(state, {"federation": fed.id, "round": str(r)}), Purpose.SERVER_STATE)
+    _create(hub, target, weights.to_bytes(new_global, {"federation": fed.id, "round": str(r)}), Purpose.GLOBAL_MODEL)
     return uri
+
+
+def read_sealed(hub: Hub, uri: str, purpose: Purpose, generation: int | None = None, owner: str = HUB) -> bytes:
+    """An object the hub keeps (or a node sent), opened under its owner's key."""
+    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    return hub.envelope(owner).open(gcs_uri.read(hub.gcs, uri, generation), bucket, name, purpose)
 
 
 def _updates(
@@ -110,7 +118,9 @@ def _updates(
     def fetch(node: str):
         # The very version whose signature was verified when it was counted.
         update = participants[node]
-        return IO.submit(lambda: VERIFIED.pop(update.object, update.generation) or gcs_uri.read(hub.gcs, update.object, update.generation))
+        return IO.submit(
+            lambda: VERIFIED.pop(update.object, update.generation) or read_sealed(hub, update.object, Purpose.UPDATE, update.generation, node)
+        )
 
     pending = fetch(nodes[0])
     for i, node in enumerate(nodes):
@@ -125,9 +135,10 @@ def _updates(
         del params
 
 
-def _create(blob, data: bytes) -> None:
-    """Write once: a recovering closer racing the original one never replaces what it wrote."""
+def _create(hub: Hub, blob, data: bytes, purpose: Purpose) -> None:
+    """Write once, sealed under the hub's key: a recovering closer racing the original one never replaces what it wrote."""
     try:
-        blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+        sealed = hub.envelope(HUB).seal(data, blob.bucket.name, blob.name, purpose)
+        blob.upload_from_string(sealed, content_type="application/octet-stream", if_generation_match=0)
     except PreconditionFailed:
         pass

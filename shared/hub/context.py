@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 from google.cloud import firestore, storage
 
 from shared.config import Settings
+from shared.envelope import Envelope, node_kek
 from shared.fedstore import FederationStore, FirestoreFederationStore
 from shared.ingest import Services
 from shared.jobs import Job
@@ -28,6 +30,7 @@ class Hub:
     db: firestore.Client  # other owners' records the hub reads: data sets, the node registry
     jobs: JobCreator
     public_key: Callable[[str], str | None]  # a node's registered signing key, None if it has none
+    envelope: Callable[[str], Envelope]  # an owner's key (a node's, or HUB's): updates open, global models seal under it
 
     @classmethod
     def of(cls, svc: Services) -> Hub:
@@ -37,4 +40,12 @@ class Hub:
             record = registry.get(node)
             return record.public_key if record else None
 
-        return cls(svc.settings, FirestoreFederationStore(svc.db, svc.settings), svc.gcs, svc.db, JobStore(svc.db, svc.settings), public_key)
+        return cls(
+            svc.settings, FirestoreFederationStore(svc.db, svc.settings), svc.gcs, svc.db, JobStore(svc.db, svc.settings), public_key,
+            owner_envelopes(svc.settings),
+        )
+
+
+def owner_envelopes(settings: Settings) -> Callable[[str], Envelope]:
+    """Each owner's Envelope, made once per process (a Cloud KMS client per key)."""
+    return cache(lambda owner: Envelope(node_kek(settings, owner)))

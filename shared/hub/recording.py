@@ -16,6 +16,7 @@ from datetime import datetime
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 
+from shared.envelope import EnvelopeError, Purpose
 from shared.federation import RoundStatus
 from shared.fedstore import Federation, RefusalReason, RefusedUpdate, Update
 from shared.hub import admission
@@ -107,6 +108,10 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
         return refuse(refusal)
     if data is None and (data := download()) is None:
         return UpdateOutcome(UpdateKind.IGNORED, detail="the update is gone")
+    try:
+        data = hub.envelope(node).open(data, obj.bucket, obj.name, Purpose.UPDATE)
+    except EnvelopeError:
+        return refuse(Refusal(RefusalReason.NOT_SEALED, "the update does not open under the node's key"))
     if refusal := (
         admission.signature_refusal(fed.config, fid, r, node, attempt, claims, data, obj.metadata, public_key)
         or admission.content_refusal(fed, rd, node, claims, data)

@@ -19,7 +19,9 @@ from google.cloud import storage
 
 from shared import signing, weights
 from shared.config import Settings
+from shared.envelope import Purpose
 from shared.federation import update_object
+from workers.trainer.keys import node_keys
 from workers.trainer.node_client import NodeClient
 from workers.trainer.training import TrainConfig, Trainer
 
@@ -28,7 +30,7 @@ POISON_SCALE = -4.0
 REFUSED_ATTACKS = ("nan", "scaled_1e6", "claims_2_62_examples", "oversized")
 
 
-def upload(api, hub, signer, job, view, r: int, params: dict | None, examples: int, payload: bytes | None = None) -> str:
+def upload(api, hub, envelope, signer, job, view, r: int, params: dict | None, examples: int, payload: bytes | None = None) -> str:
     ref = job.spec.federation
     evaluate = view.kind == "evaluate"
     metrics = {"global_accuracy": 0.5, "global_loss": 1.0, "test_examples": 1}
@@ -40,7 +42,7 @@ def upload(api, hub, signer, job, view, r: int, params: dict | None, examples: i
     blob.metadata = {"examples": str(examples), "metrics": json.dumps(metrics)}
     claims = signing.update_claims(federation=ref.id, round=r, node=ref.node, attempt=job.attempt, examples=examples, metrics=metrics, payload=payload)
     blob.metadata |= signing.signature_metadata(signer, claims)
-    blob.upload_from_string(payload)
+    blob.upload_from_string(envelope.seal(payload, hub.name, blob.name, Purpose.UPDATE))  # with its node's released key
     return api.report_update(ref.id, r, blob.name, blob.generation).message
 
 
@@ -53,6 +55,7 @@ def main() -> int:
     fid = job.spec.federation.id
     hub = storage.Client(project=Settings.from_env().project).bucket(Settings.from_env().hub_bucket)
     signer = signing.signer_from_env(os.environ)
+    keys = node_keys(Settings.from_env(), job.spec.dataset.node, on_failure=lambda _: None)
     dataset = api.dataset(job.id)
     rows = dataset.stats.count
     view = api.federation(fid)
@@ -72,9 +75,9 @@ def main() -> int:
                 }
                 for name in REFUSED_ATTACKS:
                     params, examples, payload = attacks[name]
-                    log.info("attack %s: %s", name, upload(api, hub, signer, job, view, r, params, examples, payload))
+                    log.info("attack %s: %s", name, upload(api, hub, keys.envelope, signer, job, view, r, params, examples, payload))
             poisoned = {k: (v * POISON_SCALE).astype(np.float32) for k, v in base.items()}
-            log.info("round %d poisoned update: %s", r, upload(api, hub, signer, job, view, r, poisoned, rows))
+            log.info("round %d poisoned update: %s", r, upload(api, hub, keys.envelope, signer, job, view, r, poisoned, rows))
             done = r
         view = api.federation(fid, after=done, wait_s=10)
     api.finish(job.id, job.attempt, "completed" if view.status == "completed" else "failed", error=view.error)

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from emulators.endpoints import REPLAY_TOPIC
+from emulators.endpoints import REPLAY_TOPIC, keystore_dir
 from emulators.launcher import worker_pid_file
 from emulators.provision import node_key_file
 from fedpipe import fed_views
 from fedpipe.fed_demo import start_by_upload, upload_node_shares, wait_datasets, watch_federation
 from shared import weights
+from shared.envelope import HUB, Envelope, LocalKeyStore, Purpose
 from shared.federation import FederationConfig, global_model_object, member_id
 from shared.jobs import utcnow
 from shared.signing import LocalKeySigner, signature_metadata, update_claims
@@ -85,9 +86,15 @@ def counted(node: str, now, accuracy: float = 0.5):
     return Update(node=node, object=f"gs://x/{node}", generation=1, attempt=1, examples=10, metrics=metrics, at=now)
 
 
-def read(clients, uri: str) -> bytes:
+def envelope(cloud, owner: str) -> Envelope:
+    """`owner`'s key from the local stand-in key store (a node's, or the hub's)."""
+    return Envelope(LocalKeyStore(keystore_dir(Path(cloud.endpoints.state_dir))).kek(owner))
+
+
+def read(cloud, clients, uri: str, purpose: Purpose, owner: str = HUB) -> bytes:
+    """An object the hub keeps (or a node sent), opened under its owner's key: at rest, it is sealed."""
     bucket, name = uri.removeprefix("gs://").split("/", 1)
-    return clients.gcs.bucket(bucket).blob(name).download_as_bytes()
+    return envelope(cloud, owner).open(clients.gcs.bucket(bucket).blob(name).download_as_bytes(), bucket, name, purpose)
 
 
 def test_two_nodes_three_rounds_with_warm_workers(cloud, clients, shares):
@@ -105,11 +112,11 @@ def test_two_nodes_three_rounds_with_warm_workers(cloud, clients, shares):
 
     # The hub's round-1 model is the example-weighted mean of the two uploaded updates.
     updates = rounds[0]["updates"]
-    params = {n: weights.from_bytes(read(clients, u["object"]))[0] for n, u in updates.items()}
+    params = {n: weights.from_bytes(read(cloud, clients, u["object"], Purpose.UPDATE, n))[0] for n, u in updates.items()}
     counts = {n: u["examples"] for n, u in updates.items()}
     assert counts == {n: s["rows"] - round(0.2 * s["rows"]) for n, s in shares.items()}
     hub = clients.gcs.bucket(clients.settings.hub_bucket)
-    global_1, _ = weights.from_bytes(hub.blob(global_model_object("fed-e2e", 1)).download_as_bytes())
+    global_1, _ = weights.from_bytes(read(cloud, clients, f"gs://{hub.name}/{global_model_object('fed-e2e', 1)}", Purpose.GLOBAL_MODEL))
     for name, value in global_1.items():
         expected = sum(params[n][name] * counts[n] for n in params) / sum(counts.values())
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
@@ -145,10 +152,10 @@ def test_duplicate_and_late_updates_change_nothing(cloud, clients, shares):
 
     # A node uploading to a closed round is refused and recorded as late.
     late = hub.blob("updates/us/fed-dups/round-0001-a9.safetensors")
-    payload = hub.blob(global_model_object("fed-dups", 1)).download_as_bytes()
+    payload = read(cloud, clients, f"gs://{hub.name}/{global_model_object('fed-dups', 1)}", Purpose.GLOBAL_MODEL)
     metrics = {"global_accuracy": 0.1, "global_loss": 2.0, "test_examples": 5, "train_loss": 1.0, "train_accuracy": 0.5}
     late.metadata = signed_metadata(cloud, "us", "fed-dups", 1, 9, 10, metrics, payload)
-    late.upload_from_string(payload)
+    late.upload_from_string(envelope(cloud, "us").seal(payload, hub.name, late.name, Purpose.UPDATE))
     reply = report_update(cloud, "us", late)
     assert (reply.status_code, reply.json()["outcome"]) == (409, "late")
     # Each counted update of round 1 reported again by its node: a duplicate, counted once.
@@ -234,14 +241,14 @@ def test_fedadam_steps_the_server_optimizer_from_round_two(cloud, clients, share
     assert fed["status"] == "completed", fed.get("error")
     hub = clients.gcs.bucket(clients.settings.hub_bucket)
     assert not hub.blob(server_state_object("fed-adam", 1)).exists()  # round 1 is a plain average
-    state, _ = weights.from_bytes(hub.blob(server_state_object("fed-adam", 3)).download_as_bytes())
+    state, _ = weights.from_bytes(read(cloud, clients, f"gs://{hub.name}/{server_state_object('fed-adam', 3)}", Purpose.SERVER_STATE))
     assert state["step"].tolist() == [2]  # rounds 2 and 3
     # The round-2 model is the optimizer's step, not the plain average of the round-2 updates.
     updates = rounds[1]["updates"]
-    params = {n: weights.from_bytes(read(clients, u["object"]))[0] for n, u in updates.items()}
+    params = {n: weights.from_bytes(read(cloud, clients, u["object"], Purpose.UPDATE, n))[0] for n, u in updates.items()}
     total = sum(u["examples"] for u in updates.values())
     average = {k: sum(params[n][k] * updates[n]["examples"] for n in params) / total for k in params["us"]}
-    global_2, _ = weights.from_bytes(hub.blob(global_model_object("fed-adam", 2)).download_as_bytes())
+    global_2, _ = weights.from_bytes(read(cloud, clients, f"gs://{hub.name}/{global_model_object('fed-adam', 2)}", Purpose.GLOBAL_MODEL))
     assert max(float(np.abs(global_2[k] - average[k]).max()) for k in average) > 1e-3
     assert fed["final"]["accuracy"] > 0.5
 
@@ -285,7 +292,7 @@ def test_update_racing_a_deadline_close_is_recorded_late(cloud, clients, monkeyp
     bucket = clients.settings.processed_bucket("eu")
     name = f"updates/eu/{fid}/round-0002-a1.json"
     blob = clients.gcs.bucket(bucket).blob(name)
-    blob.upload_from_string(json.dumps(metrics))
+    blob.upload_from_string(envelope(cloud, "eu").seal(json.dumps(metrics).encode(), bucket, name, Purpose.UPDATE))
     obj = RawObject(bucket, name, blob.generation, blob.size, signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, json.dumps(metrics).encode()))
 
     real_create = DocumentReference.create
@@ -337,7 +344,7 @@ def test_an_update_the_nodes_key_did_not_sign_is_refused_and_recorded(cloud, cli
         meta = {"examples": "10", "metrics": json.dumps(metrics), **signature_metadata(signer, claims)}
     bucket, name = clients.settings.processed_bucket("eu"), f"updates/eu/{fid}/round-0002-a1.json"  # no trigger there
     blob = clients.gcs.bucket(bucket).blob(name)
-    blob.upload_from_string(payload)
+    blob.upload_from_string(envelope(cloud, "eu").seal(payload, bucket, name, Purpose.UPDATE))
 
     outcome = hub.record_update(svc, RawObject(bucket, name, blob.generation, blob.size, meta), fid, 2, "eu", 1, now)
 
@@ -378,7 +385,7 @@ def test_a_replaced_update_is_refused_and_the_counted_version_is_the_one_aggrega
     def upload(accuracy: float) -> RawObject:
         metrics = {"global_accuracy": accuracy, "global_loss": 1.0, "test_examples": 10}
         payload = json.dumps(metrics).encode()
-        blob.upload_from_string(payload)
+        blob.upload_from_string(envelope(cloud, "eu").seal(payload, bucket, name, Purpose.UPDATE))
         return RawObject(bucket, name, blob.generation, blob.size, signed_metadata(cloud, "eu", fid, 2, 1, 10, metrics, payload))
 
     first = upload(0.5)
@@ -409,7 +416,7 @@ def test_aggregation_reuses_the_updates_this_hub_counted_instead_of_downloading_
         params = {k: np.full(shape, value, np.float32) for k, (shape, _) in param_spec("mlp", 64, 10, (64,)).items()}
         payload = weights.to_bytes(params, {"federation": fid, "round": "1", "node": node})
         blob = bucket.blob(f"updates/{node}/{fid}/round-0001-a1.safetensors")
-        blob.upload_from_string(payload)
+        blob.upload_from_string(envelope(cloud, node).seal(payload, bucket.name, blob.name, Purpose.UPDATE))
         updates[node] = RawObject(bucket.name, blob.name, blob.generation, blob.size, signed_metadata(cloud, node, fid, 1, 1, examples, metrics, payload))
     # Only us is counted here, so the round stays open (the stack's own deadline sweep could otherwise close it first).
     assert hub.record_update(svc, updates["us"], fid, 1, "us", 1, now).message == "recorded; round 1: 1 of 2 reported"
@@ -423,7 +430,7 @@ def test_aggregation_reuses_the_updates_this_hub_counted_instead_of_downloading_
     uri = aggregate(hub.Hub.of(svc), store.federation(fid), 1, {"us": us, "eu": counted_elsewhere}, recover=False)
 
     assert downloads == [counted_elsewhere.object]
-    global_1, _ = weights.from_bytes(read(clients, uri))
+    global_1, _ = weights.from_bytes(read(cloud, clients, uri, Purpose.GLOBAL_MODEL))
     for value in global_1.values():
         np.testing.assert_allclose(value, (1.0 * 10 + 2.0 * 20) / 30, rtol=1e-6)
 

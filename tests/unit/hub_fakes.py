@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+import tink
 from google.api_core.exceptions import NotFound, PreconditionFailed
+from tink import aead
 
 from shared import weights
 from shared.config import Settings
 from shared.datasets import FeatureStats
-from shared.federation import FederationConfig, FedNode, update_object
+from shared.envelope import HUB, Envelope, Purpose
+from shared.federation import FederationConfig, FedNode, global_model_object, update_object
 from shared.fedstore import Federation, FederationStatus, MemoryFederationStore, Round
 from shared.hub.context import Hub
 from shared.ingest import RawObject
@@ -29,6 +32,7 @@ NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 CONFIG = FederationConfig(id="f", nodes=[FedNode(name="us", dataset="d"), FedNode(name="eu", dataset="d")], hidden=(4,), signed_updates=False)
 SPEC = param_spec("mlp", 3, 2, (4,))
 ROWS = {"us": 100, "eu": 50}
+KEKS: dict[str, aead.Aead] = {}  # each owner's key-encryption key, made once per test session
 GOOD_METRICS = {"global_accuracy": 0.5, "global_loss": 0.7, "test_examples": 20, "train_loss": 0.6, "train_accuracy": 0.6,
                 "compute_s": 0.25}
 
@@ -115,17 +119,31 @@ class FakeHub:
 
     def __init__(self, config: FederationConfig = CONFIG, r: int = 1) -> None:
         self.store, self.gcs, self.jobs, self.keys = MemoryFederationStore(), Gcs(), Jobs(), {}
-        self.hub = Hub(Settings(), self.store, self.gcs, None, self.jobs, self.keys.get)
+        self.keks = KEKS  # each owner's key, as Cloud KMS would hold it
+        self.hub = Hub(Settings(), self.store, self.gcs, None, self.jobs, self.keys.get, self.envelope)
         self.config = config
         if r:
             self.store.put_federation(running(config, r))
             self.store.put_round(config.id, Round.opened(config, r, NOW))
 
+    def envelope(self, owner: str) -> Envelope:
+        if owner not in self.keks:
+            self.keks[owner] = tink.new_keyset_handle(aead.aead_key_templates.AES256_GCM).primitive(aead.Aead)
+        return Envelope(self.keks[owner])
+
     def upload(self, node: str, data: bytes, metadata: dict[str, str], r: int = 1, attempt: int = 1, evaluate: bool = False,
-               size: int | None = None) -> RawObject:
+               size: int | None = None, sealed: bool = True) -> RawObject:
+        """An update as `node`'s worker uploads it: sealed under the node's key, unless `sealed` is False."""
         blob = self.gcs.bucket("hub").blob(update_object(self.config.id, r, node, attempt, evaluate))
-        blob.upload_from_string(data)
-        return RawObject("hub", blob.name, blob.generation, len(data) if size is None else size, metadata)
+        stored = self.envelope(node).seal(data, "hub", blob.name, Purpose.UPDATE) if sealed else data
+        blob.upload_from_string(stored)
+        return RawObject("hub", blob.name, blob.generation, len(stored) if size is None else size, metadata)
+
+    def global_model(self, r: int) -> dict[str, np.ndarray]:
+        """The global model after round r, opened with the hub's key."""
+        name = global_model_object(self.config.id, r)
+        sealed = self.gcs.bucket(self.hub.settings.hub_bucket).blob(name).download_as_bytes()
+        return weights.from_bytes(self.envelope(HUB).open(sealed, self.hub.settings.hub_bucket, name, Purpose.GLOBAL_MODEL))[0]
 
 
 def payload(fill: float = 0.0, node: str = "us", r: int = 1, fid: str = "f", spec: dict = SPEC) -> bytes:

@@ -16,9 +16,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import signing, weights
+from shared.envelope import SEAL_OVERHEAD_MAX, SEAL_OVERHEAD_MIN, Purpose
+from shared.federation import update_object
 from shared.fedstore import RefusalReason
 from shared.hub import UpdateKind, admission
 from shared.hub.recording import EAGER_DOWNLOAD_BYTES, record_update
+from shared.ingest import RawObject
 from shared.model_spec import param_spec
 from tests.unit.hub_fakes import CONFIG, GOOD_METRICS, NOW, SPEC, FakeHub, meta, payload
 
@@ -141,7 +144,7 @@ def test_the_size_bound_is_exactly_what_the_worker_writes(model, n_features, hid
 def test_an_upload_bigger_than_the_workers_update_is_never_downloaded():
     h = FakeHub()
     exact = len(payload())
-    limit = exact + admission.METADATA_SLACK
+    limit = exact + admission.METADATA_SLACK + SEAL_OVERHEAD_MAX
     for size in (2**40, EAGER_DOWNLOAD_BYTES + 1, limit + 1):
         outcome = record(h, h.upload("us", payload(), meta(), size=size))
         assert (outcome.reason, outcome.detail) == (R.TOO_BIG, f"the upload is larger than this round's update (at most {limit} bytes)")
@@ -151,7 +154,7 @@ def test_an_upload_bigger_than_the_workers_update_is_never_downloaded():
 
 def test_an_upload_too_small_to_hold_the_tensors_is_never_downloaded():
     h = FakeHub()
-    least = admission.weights_size(SPEC, {}) - 7
+    least = admission.weights_size(SPEC, {}) - 7 + SEAL_OVERHEAD_MIN
     small = weights.to_bytes({"dense_0.kernel": np.zeros((3, 4), np.float32)})
     outcome = record(h, h.upload("us", small, meta()))
     assert (outcome.reason, outcome.detail) == (R.TOO_SMALL, f"the upload is smaller than this round's update (at least {least} bytes)")
@@ -182,10 +185,26 @@ def test_a_big_model_is_downloaded_once_its_size_matches(monkeypatch):
 def test_an_evaluation_upload_keeps_a_small_cap():
     h = FakeHub(CONFIG.model_copy(update={"rounds": 1}), r=2)  # round 2 evaluates the final model
     body = json.dumps(GOOD_METRICS).encode()
-    for size in (admission.MAX_EVALUATION_BYTES + 1, 2**40):
+    cap = admission.MAX_EVALUATION_BYTES + SEAL_OVERHEAD_MAX
+    for size in (cap + 1, 2**40):
         outcome = record(h, h.upload("us", body, meta(), r=2, evaluate=True, size=size), r=2)
-        assert (outcome.reason, outcome.detail) == (R.TOO_BIG, "the upload is larger than this round's update (at most 4096 bytes)")
+        assert (outcome.reason, outcome.detail) == (R.TOO_BIG, f"the upload is larger than this round's update (at most {cap} bytes)")
     assert record(h, h.upload("us", body, meta(), r=2, evaluate=True), r=2).kind is UpdateKind.RECORDED
+
+
+def test_a_sealed_update_fits_the_size_bound_and_one_not_sealed_under_the_nodes_key_is_refused():
+    h = FakeHub()
+    sealed = h.upload("us", payload(0.5), meta())
+    fed = h.store.federation("f")
+    assert admission.size_refusal(fed, 1, "us", sealed.size) is None  # the bound allows what sealing adds
+    plain = record(h, h.upload("us", payload(0.5) + b"\0" * SEAL_OVERHEAD_MIN, meta(), sealed=False))
+    eu_key = h.gcs.bucket("hub").blob(update_object("f", 1, "us", 2, False))
+    eu_key.upload_from_string(h.envelope("eu").seal(payload(0.5), "hub", eu_key.name, Purpose.UPDATE))  # us's update, eu's key
+    foreign = record(h, RawObject("hub", eu_key.name, eu_key.generation, len(eu_key.download_as_bytes()), meta()), attempt=2)
+
+    assert (plain.kind, plain.reason) == (UpdateKind.REFUSED, R.NOT_SEALED)
+    assert (foreign.kind, foreign.reason, foreign.detail) == (UpdateKind.REFUSED, R.NOT_SEALED, "the update does not open under the node's key")
+    assert record(h, h.upload("us", payload(0.5), meta(), attempt=3), attempt=3).kind is UpdateKind.RECORDED
 
 
 def test_a_node_outside_the_federation_is_refused_and_recorded():

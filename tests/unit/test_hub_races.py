@@ -9,8 +9,8 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from shared import weights
 from shared.aggregation import clip_update, update_norm
+from shared.envelope import HUB, Purpose
 from shared.federation import RoundStatus, global_model_object
 from shared.fedstore import CloseMarker, FederationStatus, RefusalReason, Update, UpdateMetrics
 from shared.hub import STALE_CLOSE_S, AdvanceKind, UpdateKind, closing
@@ -29,7 +29,7 @@ def report(h: FakeHub, node: str, fill: float = 0.0, examples: int = 40, r: int 
 
 
 def global_model(h: FakeHub, r: int) -> dict[str, np.ndarray]:
-    return weights.from_bytes(h.gcs.bucket(h.hub.settings.hub_bucket).blob(global_model_object("f", r)).download_as_bytes())[0]
+    return h.global_model(r)
 
 
 def test_the_last_report_closes_the_round_and_opens_the_next_with_the_weighted_mean():
@@ -89,7 +89,7 @@ class HookedStore:
 def count(h: FakeHub, node: str, fill: float, r: int = 1) -> None:
     """`node`'s update counted in round r, as a delivery that has not closed the round yet leaves it."""
     blob = h.gcs.bucket("hub").blob(f"{node}-{r}")
-    blob.upload_from_string(payload(fill, node=node, r=r))
+    blob.upload_from_string(h.envelope(node).seal(payload(fill, node=node, r=r), "hub", blob.name, Purpose.UPDATE))
     metrics = UpdateMetrics(global_accuracy=0.5, global_loss=1.0, test_examples=10, train_loss=1.0, train_accuracy=0.5)
     h.store.add_update("f", r, Update(node=node, object=f"gs://hub/{blob.name}", generation=blob.generation, attempt=1, examples=10,
                                       metrics=metrics, at=NOW))
@@ -184,7 +184,7 @@ def test_robust_strategies_resist_one_scaled_update(strategy, expected):
 def test_from_round_two_updates_are_clipped_to_the_norm_around_the_previous_model():
     h = FakeHub(CONFIG.model_copy(update={"clip_norm": 1.0}), r=2)
     previous = h.gcs.bucket("hub").blob("previous")
-    previous.upload_from_string(payload(0.0))
+    previous.upload_from_string(h.envelope(HUB).seal(payload(0.0), "hub", "previous", Purpose.GLOBAL_MODEL))
     h.store.put_federation(h.store.federation("f").model_copy(update={"global_model_uri": "gs://hub/previous"}))
     report(h, "us", 3.0, r=2)
     report(h, "eu", 3.0, r=2)

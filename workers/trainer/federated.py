@@ -21,7 +21,7 @@ from google.cloud import storage
 
 from shared import signing, weights
 from shared.config import Settings
-from shared.envelope import Envelope
+from shared.envelope import Envelope, Purpose
 from shared.federation import update_object
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
@@ -65,7 +65,7 @@ def run_federation(job: Job, settings: Settings, api: NodeClient, gcs: storage.C
         if r is not None and r > done:
             if not view.counted:  # only a relaunched worker finds its update counted already
                 global_params = initial if view.global_model_round is None else load_global(api, ref.id, view.global_model_round, expected)
-                train_round(job, view, r, global_params, trainer, split, hub, api, beat, lost_error, signer)
+                train_round(job, view, r, global_params, trainer, split, hub, api, envelope, beat, lost_error, signer)
             done = r
         view = api.federation(ref.id, after=done, wait_s=WAIT_S)
 
@@ -75,15 +75,15 @@ def load_global(api: NodeClient, fid: str, r: int, expected: dict) -> dict:
     return weights.from_bytes(api.global_model(fid, r), expected=expected)[0]
 
 
-def train_round(job, view: FederationView, r: int, global_params, trainer, split, hub, api: NodeClient, beat, lost_error,
-                signer: signing.Signer | None) -> None:
+def train_round(job, view: FederationView, r: int, global_params, trainer, split, hub, api: NodeClient, envelope: Envelope, beat,
+                lost_error, signer: signing.Signer | None) -> None:
     ref = job.spec.federation
     started = time.perf_counter()
     evaluated = trainer.evaluate(global_params, split.x_test, split.y_test)
     metrics = {"global_accuracy": evaluated["accuracy"], "global_loss": evaluated["loss"], "test_examples": evaluated["examples"]}
     evaluate_only = view.kind == "evaluate"
     if evaluate_only:
-        payload, content_type = json.dumps(metrics).encode(), "application/json"
+        payload = json.dumps(metrics).encode()
     else:
         def on_epoch(epoch: int, m: dict) -> None:
             beat.progress = {"round": r, "rounds": view.rounds, "epoch": epoch + 1, "epochs": view.train.epochs, **m}
@@ -93,7 +93,6 @@ def train_round(job, view: FederationView, r: int, global_params, trainer, split
         params, history = trainer.fit(global_params, split.x_train, split.y_train, on_epoch=on_epoch, global_params=global_params)
         metrics |= {"train_loss": history[-1]["loss"], "train_accuracy": history[-1]["accuracy"]}
         payload = weights.to_bytes(params, {"federation": ref.id, "round": str(r), "node": ref.node})
-        content_type = "application/octet-stream"
     metrics["compute_s"] = round(time.perf_counter() - started, 4)  # evaluate + train: what is not overhead
     if diverged := {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}:
         raise TrainingDiverged(f"federation {ref.id} round {r} on {ref.node}: {diverged}; no update uploaded")
@@ -105,7 +104,8 @@ def train_round(job, view: FederationView, r: int, global_params, trainer, split
             federation=ref.id, round=r, node=ref.node, attempt=job.attempt, examples=examples, metrics=metrics, payload=payload
         )
         blob.metadata |= signing.signature_metadata(signer, claims)
-    blob.upload_from_string(payload, content_type=content_type)
+    # Sealed under the node's key (the signature covers what is inside): the hub opens it, nobody else.
+    blob.upload_from_string(envelope.seal(payload, hub.name, blob.name, Purpose.UPDATE), content_type="application/octet-stream")
     reply = api.report_update(ref.id, r, blob.name, blob.generation)
     what = "evaluation" if evaluate_only else "update"
     if reply.counted:
