@@ -173,6 +173,7 @@ def run_ours(n_nodes: int, rounds: int, local_epochs: int, alpha: float, workdir
     t_stack = time.monotonic()
     with LocalCloud(StackOptions(state_dir=workdir / f"stack-{n_nodes}n", settings=settings)) as cloud:
         log(f"ours: local cloud with {n_nodes} nodes up in {time.monotonic() - t_stack:.1f}s ({cloud.endpoints.state_dir})")
+        settings = Settings.from_env()  # now with what the stack set: e.g. its stand-in key store, for the yardstick's reads
         db, gcs = firestore.Client(project=settings.project), storage.Client(project=settings.project)
         printed = io.StringIO()
         report = run_federated_demo(db, gcs, settings, Console(file=printed, width=200), source=DATASET, nodes=nodes, rounds=rounds,

@@ -2,7 +2,8 @@
 #
 # Per node: a workload identity pool whose one provider trusts Confidential Space
 # attestation tokens, admits only those whose claims satisfy the node's key-release
-# policy, and whose principal set may decrypt with the node's data key. The policy is
+# policy, and whose principal set may use the node's key-encryption key (KEK: open the
+# node's shards, seal its weight updates; main.tf). The policy is
 # declared once, in shared/key_release.py (CEL clauses over `assertion`), and rendered
 # per node by Python: var.key_release carries the rendered string, which this file uses
 # untouched, byte for byte the expression the local key broker evaluates
@@ -10,8 +11,8 @@
 # freshness is not expressible here (the local broker checks it; see the README).
 
 locals {
-  # Data keys are per region today (main.tf); when each node gets its own key, this is the one line to change.
-  key_release_data_key = { for node, _ in var.key_release : node => google_kms_crypto_key.data[local.node_region[node]].id }
+  # The node's own KEK (main.tf), in the node's region: never another node's, never a data (CMEK) key.
+  key_release_data_key = { for node, _ in var.key_release : node => google_kms_crypto_key.kek[node].id }
 }
 
 resource "google_project_service" "attestation" {
@@ -24,7 +25,7 @@ resource "google_iam_workload_identity_pool" "attested" {
   for_each                  = var.key_release
   workload_identity_pool_id = "${var.name_prefix}-${each.key}-attested"
   display_name              = "fedpipe ${each.key} attested workers"
-  description               = "Confidential Space workloads allowed to use node ${each.key}'s data key"
+  description               = "Confidential Space workloads allowed to use node ${each.key}'s KEK"
 
   lifecycle {
     precondition {
@@ -58,10 +59,11 @@ resource "google_iam_workload_identity_pool_provider" "attested" {
   }
 }
 
-# Everything the pool admits may decrypt with the node's data key, and nothing else of ours.
-resource "google_kms_crypto_key_iam_member" "attested_decrypter" {
+# Everything the pool admits may encrypt and decrypt with the node's KEK (workers open
+# their node's shards and seal their updates), and nothing else of ours.
+resource "google_kms_crypto_key_iam_member" "attested_uses_kek" {
   for_each      = var.key_release
   crypto_key_id = local.key_release_data_key[each.key]
-  role          = "roles/cloudkms.cryptoKeyDecrypter"
+  role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
   member        = "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.attested[each.key].name}/*"
 }

@@ -4,7 +4,8 @@
 # and shared.triggers); this file only decides where things live and who may
 # touch them. Sections:
 #   1. APIs and project facts
-#   2. Customer-managed keys (one key ring + key per region that holds data)
+#   2. Keys: one key ring per region that holds data, its data key (CMEK), and
+#      the key-encryption keys (one per node, one for the hub)
 #   3. Buckets (per node, in the node's region; hub; function source)
 #   4. Pub/Sub topics, the clock (Cloud Scheduler) and Firestore
 #   5. (iam.tf) Service accounts and IAM: one identity per role and per node
@@ -144,6 +145,67 @@ resource "google_kms_crypto_key_iam_member" "worker_signs_updates" {
   role          = "roles/cloudkms.signer"
   member        = "serviceAccount:${google_service_account.worker[each.key].email}"
 }
+
+# Key-encryption keys (shared/envelope.py): what fedpipe stores is sealed with a
+# fresh data key per object, wrapped by its owner's KEK. One KEK per node, in the
+# node's region (its shards and its weight updates), and the hub's, in the hub
+# region (global models, server-optimizer state). Separate from the data keys
+# above, which only Cloud Storage and Pub/Sub use (CMEK). Owner "hub" is
+# shared.envelope.HUB, so no node may be called that.
+locals {
+  kek_region = merge(
+    { for node, _ in var.nodes : node => local.node_region[node] },
+    { hub = var.region },
+  )
+  # FEDPIPE_NODE_KEKS (shared.config.Settings.node_keks): "<owner>=gcp-kms://<key>" for
+  # every node and the hub, Tink's URI for a Cloud KMS key.
+  node_keks = join(",", [for owner, key in google_kms_crypto_key.kek : format("%s=gcp-kms://%s", owner, key.id)])
+  kek_env   = { FEDPIPE_NODE_KEKS = local.node_keks }
+}
+
+resource "google_kms_crypto_key" "kek" {
+  for_each        = local.kek_region
+  name            = "${var.name_prefix}-${each.key}-kek"
+  key_ring        = google_kms_key_ring.data[each.value].id
+  purpose         = "ENCRYPT_DECRYPT"
+  rotation_period = var.kek_rotation_period
+  labels          = merge(var.labels, { owner = each.key, kind = "kek" })
+
+  lifecycle {
+    # Destroying a KEK makes every object sealed under it unreadable.
+    prevent_destroy = true
+    precondition {
+      condition     = !contains(keys(var.nodes), "hub")
+      error_message = "\"hub\" is the hub's key owner (shared.envelope.HUB): no node may be named hub."
+    }
+  }
+}
+
+# Each node's ingest seals its shards under its own node's KEK: encrypt only.
+resource "google_kms_crypto_key_iam_member" "ingest_seals_shards" {
+  for_each      = var.nodes
+  crypto_key_id = google_kms_crypto_key.kek[each.key].id
+  role          = "roles/cloudkms.cryptoKeyEncrypter"
+  member        = "serviceAccount:${google_service_account.ingest[each.key].email}"
+}
+
+# The hub opens each node's weight updates: decrypt only on the node KEKs.
+resource "google_kms_crypto_key_iam_member" "hub_opens_updates" {
+  for_each      = var.nodes
+  crypto_key_id = google_kms_crypto_key.kek[each.key].id
+  role          = "roles/cloudkms.cryptoKeyDecrypter"
+  member        = local.hub_member
+}
+
+# The hub seals and opens global models and server-optimizer state under its own KEK
+# (the node API opens global models to serve them).
+resource "google_kms_crypto_key_iam_member" "hub_uses_hub_kek" {
+  crypto_key_id = google_kms_crypto_key.kek["hub"].id
+  role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+  member        = local.hub_member
+}
+# Workers get nothing here: their node's KEK is released only to attested
+# workers, through the node's workload identity pool (attestation.tf).
 
 # ---------------------------------------------------------------------------
 # 3. Buckets
@@ -481,6 +543,7 @@ resource "google_cloudfunctions2_function" "fn" {
     environment_variables = merge(
       var.settings_env,
       local.trigger_node[each.key] == null ? local.launcher_env : {},
+      local.kek_env,
       { FEDPIPE_TRIGGER = each.key },
     )
   }
@@ -524,6 +587,10 @@ resource "google_cloudfunctions2_function" "fn" {
     # the buckets they watch (node raw buckets, the hub) are explicit here.
     google_storage_bucket.node,
     google_storage_bucket.hub,
+    # Their identities may use the KEKs before the first event arrives.
+    google_kms_crypto_key_iam_member.ingest_seals_shards,
+    google_kms_crypto_key_iam_member.hub_opens_updates,
+    google_kms_crypto_key_iam_member.hub_uses_hub_kek,
     google_storage_bucket_iam_member.build_reads_source,
     google_artifact_registry_repository_iam_member.build_pushes_images,
     google_project_iam_member.build_writes_logs,
@@ -582,7 +649,7 @@ resource "google_cloudfunctions2_function" "node_api" {
     all_traffic_on_latest_revision   = true
     service_account_email            = google_service_account.hub.email
     # The audience it checks: its own URL, which Terraform cannot read back into it.
-    environment_variables = merge(var.settings_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
+    environment_variables = merge(var.settings_env, local.kek_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
   }
 
   lifecycle {
@@ -599,6 +666,7 @@ resource "google_cloudfunctions2_function" "node_api" {
     google_storage_bucket_iam_member.build_reads_source,
     google_artifact_registry_repository_iam_member.build_pushes_images,
     google_project_iam_member.build_writes_logs,
+    google_kms_crypto_key_iam_member.hub_uses_hub_kek, # it opens global models to serve them
   ]
 }
 
@@ -636,10 +704,11 @@ locals {
   worker_image     = coalesce(var.worker_image, "${local.image_base}/trainer:${var.worker_image_tag}")
   worker_gpu_image = coalesce(var.worker_gpu_image, "${local.image_base}/trainer-gpu:${var.worker_image_tag}")
 
-  # What a worker is told: its node, its signing key, and where the node API is
-  # (it reaches the hub through nothing else).
+  # What a worker is told: its node, its signing key, the KEKs (it may use its
+  # node's only once attested), and where the node API is (it reaches the hub
+  # through nothing else).
   worker_env = {
-    for node, _ in var.nodes : node => merge(var.settings_env, {
+    for node, _ in var.nodes : node => merge(var.settings_env, local.kek_env, {
       FEDPIPE_NODE         = node
       FEDPIPE_SIGNING_KEY  = "${google_kms_crypto_key.signing[node].id}/cryptoKeyVersions/1"
       FEDPIPE_NODE_API_URL = local.node_api_url

@@ -79,6 +79,11 @@ output "data_keys" {
   value       = { for region, key in google_kms_crypto_key.data : region => key.id }
 }
 
+output "node_keks" {
+  description = "FEDPIPE_NODE_KEKS as the functions and workers get it: <owner>=gcp-kms://<key> for each node and the hub."
+  value       = local.node_keks
+}
+
 output "worker_images" {
   description = "Where to push the worker images before the first apply (see README)."
   value = {

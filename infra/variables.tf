@@ -133,6 +133,17 @@ variable "kms_rotation_period" {
   default     = "7776000s" # 90 days
 }
 
+variable "kek_rotation_period" {
+  description = "Rotation period of the key-encryption keys (one per node, one for the hub; shared/envelope.py), in seconds with an 's' suffix. Older versions still decrypt."
+  type        = string
+  default     = "2592000s" # 30 days
+
+  validation {
+    condition     = can(regex("^[0-9]+s$", var.kek_rotation_period)) && try(tonumber(trimsuffix(var.kek_rotation_period, "s")) >= 86400 && tonumber(trimsuffix(var.kek_rotation_period, "s")) <= 2592000, false)
+    error_message = "kek_rotation_period is between 1 day (Cloud KMS's minimum) and 30 days, e.g. \"2592000s\"."
+  }
+}
+
 variable "quarantine_retention_days" {
   description = "Days before quarantined uploads are deleted."
   type        = number

@@ -196,17 +196,15 @@ def _node_region(tf: dict) -> dict[str, str]:
 
 
 def _key(expr: str, tf: dict) -> str:
-    """key:signing:<node> | key:data:<region>."""
-    m = re.fullmatch(r'\$\{google_kms_crypto_key\.(signing|data)\["([\w-]+)"\]\.id\}', expr)
+    """key:signing:<node> | key:data:<region> | key:kek:<node or hub>."""
+    m = re.fullmatch(r'\$\{google_kms_crypto_key\.(signing|data|kek)\["([\w-]+)"\]\.id\}', expr)
     if m:
         return f"key:{m.group(1)}:{m.group(2)}"
     m = re.fullmatch(r'\$\{local\.key_release_data_key\["([\w-]+)"\]\}', expr)
     assert m, f"unknown key {expr!r}"
-    # attestation.tf: the node's data key is its region's (one line to change when nodes get keys of their own).
-    assert tf["locals"]["key_release_data_key"] == (
-        "${{for node, _ in var.key_release : node => google_kms_crypto_key.data[local.node_region[node]].id}}"
-    )
-    return f"key:data:{_node_region(tf)[m.group(1)]}"
+    # attestation.tf: what a node's attested workers may use is the node's own KEK.
+    assert tf["locals"]["key_release_data_key"] == "${{for node, _ in var.key_release : node => google_kms_crypto_key.kek[node].id}}"
+    return f"key:kek:{m.group(1)}"
 
 
 def _target(rtype: str, body: dict, tf: dict) -> str:
@@ -332,9 +330,11 @@ def test_ingest_identity_touches_only_its_own_nodes_buckets(tf, deployment):
         }
         assert set(buckets) == own
         others = {g.target for g in mine} - own
-        assert others == {"project", f"topic:{RENDER['topics']['shard_ready']}"}
+        assert others == {"project", f"topic:{RENDER['topics']['shard_ready']}", f"key:kek:{node}"}
         assert {g.role for g in mine if g.target == "project"} == {"roles/datastore.user"}
         assert {g.role for g in mine if g.target.startswith("topic:")} == {"roles/pubsub.publisher"}
+        # It seals its shards under its own node's KEK, and may not open them.
+        assert {(g.target, g.role) for g in mine if g.target.startswith("key:")} == {(f"key:kek:{node}", "roles/cloudkms.cryptoKeyEncrypter")}
 
 
 @each_deployment
@@ -346,6 +346,9 @@ def test_hub_identity_has_no_node_bucket(tf, deployment):
         (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectUser"),
         ("project", "roles/datastore.user"),
         ("job:worker", "roles/run.jobsExecutorWithOverrides"),
+        # Opens node updates; seals and opens global models and server state under its own KEK.
+        *{(f"key:kek:{n}", "roles/cloudkms.cryptoKeyDecrypter") for n in NODES},
+        ("key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter"),
         *(HUB_CONFIDENTIAL if deployment.confidential_workers else ()),
     }
 
@@ -484,30 +487,63 @@ def test_hub_creates_only_the_launchers_vms_and_their_disks(tf):
 # (test_terraform_gets_byte_for_byte_what_the_broker_evaluates); here: who may decrypt with what.
 
 
-@each_deployment
-def test_each_nodes_data_key_is_released_only_to_its_own_attested_pool(tf, deployment):
-    found = grants(tf, deployment)
-    decrypt_roles = {"roles/cloudkms.cryptoKeyDecrypter", "roles/cloudkms.cryptoKeyEncrypterDecrypter"}
-    attested = [g for g in found if g.principal.startswith("attested:")]
-    # A pool gets the decrypter role on one data key, and nothing else.
-    assert {(g.principal, g.target, g.role, g.condition) for g in attested} == {
-        (f"attested:{n}", f"key:data:{NODE_REGIONS[n]}", "roles/cloudkms.cryptoKeyDecrypter", None) for n in deployment.key_release
+KMS_USE_ROLES = {"roles/cloudkms.cryptoKeyEncrypter", "roles/cloudkms.cryptoKeyDecrypter", "roles/cloudkms.cryptoKeyEncrypterDecrypter"}
+
+
+def _kek_grants(deployment: Deployment) -> set[tuple[str, str, str]]:
+    """(principal, key, role) of every grant on a KEK (main.tf, attestation.tf), by value."""
+    return {
+        # Each node's ingest seals its shards under its own node's KEK: encrypt only.
+        *{(f"ingest:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypter") for n in NODES},
+        # The hub opens every node's updates, and seals and opens its own models and state.
+        *{("hub", f"key:kek:{n}", "roles/cloudkms.cryptoKeyDecrypter") for n in NODES},
+        ("hub", "key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter"),
+        # A node's attested workers open its shards and seal its updates: through its pool only.
+        *{(f"attested:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypterDecrypter") for n in deployment.key_release},
     }
-    # The decrypter role goes to pools only: never to a service account.
-    assert {g.principal for g in found if g.role == "roles/cloudkms.cryptoKeyDecrypter"} == {f"attested:{n}" for n in deployment.key_release}
+
+
+@each_deployment
+def test_kek_grants_are_exactly_these_at_key_level(tf, deployment):
+    found = grants(tf, deployment)
+    on_keks = [g for g in found if g.target.startswith("key:kek:")]
+    assert {(g.principal, g.target, g.role) for g in on_keks} == _kek_grants(deployment)
+    assert all(g.condition is None and g.prefix is None for g in on_keks)
+    # Nobody else on any KEK: no worker service account, no delivery or build identity, no Google agent.
+    assert not {g.principal for g in on_keks} & {*(f"worker:{n}" for n in NODES), "delivery", "build", "gcs-agent", "pubsub-agent"}
+    # KMS use roles only ever on a key, never on the project (or anything broader).
+    assert {g.target.split(":")[0] for g in found if g.role in KMS_USE_ROLES} == {"key"}
+    assert not [g for g in found if g.role.startswith("roles/cloudkms.") and g.target == "project"]
+    # The keys exist for exactly the nodes and the hub (shared.envelope.HUB), each node's in its own region.
+    from shared.envelope import HUB
+
+    assert HUB == "hub"
+    assert tf["locals"]["kek_region"] == "${merge({for node, _ in var.nodes : node => local.node_region[node]}, {hub = var.region})}"
+
+
+@each_deployment
+def test_each_nodes_kek_is_released_only_to_its_own_attested_pool(tf, deployment):
+    found = grants(tf, deployment)
+    attested = [g for g in found if g.principal.startswith("attested:")]
+    # A pool gets encrypt/decrypt on its own node's KEK, and nothing else.
+    assert {(g.principal, g.target, g.role, g.condition) for g in attested} == {
+        (f"attested:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypterDecrypter", None) for n in deployment.key_release
+    }
     for node in NODES:
-        key = f"key:data:{NODE_REGIONS[node]}"
-        # Who may decrypt with the node's key: its own pool (if released) and Google's CMEK agents, no identity of ours.
-        holders = {g.principal for g in found if g.target == key and g.role in decrypt_roles}
-        assert holders - {"gcs-agent", "pubsub-agent"} == ({f"attested:{node}"} if node in deployment.key_release else set())
-    assert len(set(NODE_REGIONS.values())) == len(NODES), "this deployment gives each node a key of its own region"
+        # Who may decrypt with a node's KEK: the hub (its updates) and its own pool (if released).
+        holders = {g.principal for g in found if g.target == f"key:kek:{node}" and g.role in KMS_USE_ROLES - {"roles/cloudkms.cryptoKeyEncrypter"}}
+        assert holders == {"hub", *({f"attested:{node}"} if node in deployment.key_release else set())}
+    # The data keys (CMEK) stay Google's agents' alone.
+    data_keys = {(g.principal, g.role) for g in found if g.target.startswith("key:data:")}
+    assert data_keys == {("gcs-agent", "roles/cloudkms.cryptoKeyEncrypterDecrypter"), ("pubsub-agent", "roles/cloudkms.cryptoKeyEncrypterDecrypter")}
+    assert len(set(NODE_REGIONS.values())) == len(NODES), "this deployment gives each node a region of its own"
 
 
 def test_each_pool_trusts_only_its_nodes_provider(tf):
     resources = tf["resources"]
     pool = resources[("google_iam_workload_identity_pool", "attested")]
     provider = resources[("google_iam_workload_identity_pool_provider", "attested")]
-    decrypter = resources[("google_kms_crypto_key_iam_member", "attested_decrypter")]
+    decrypter = resources[("google_kms_crypto_key_iam_member", "attested_uses_kek")]
     # One pool, one provider and one grant per node of var.key_release, tied together by each.key.
     assert pool["for_each"] == provider["for_each"] == decrypter["for_each"] == "${var.key_release}"
     assert pool["workload_identity_pool_id"] == "${var.name_prefix}-${each.key}-attested"
