@@ -8,8 +8,9 @@ jitted-epoch design cost little. Both sides run the same `models.apply`, softmax
 optax.adam (same learning rate), batch size and seeded synthetic float32 data (10 classes;
 784 = 28x28 features for cnn, 64 for mlp/logreg), in one process, interleaved:
 
-* worker  Parquet shard bytes (made once by `preprocess_file`; setup, untimed) -> `read_shard`
-          for each -> concatenate -> `standardize` (merged stats) -> `Trainer.fit(..., on_epoch=cb)`
+* worker  Parquet shard bytes (made once by `preprocess_file` and sealed as ingest seals them;
+          setup, untimed) -> opened (`Envelope.open`, an in-process key: the key broker's round
+          trip per shard is not counted) -> `read_shard` for each -> concatenate -> `standardize` (merged stats) -> `Trainer.fit(..., on_epoch=cb)`
           -> params ready. Timed end to end, decode and host->device transfer included, after a
           warm-up fit whose trace+compile time (jax's compile events) is `worker_compile_s`.
 * bare    one jitted step (grad + adam), batches already on the device, a Python loop over
@@ -40,8 +41,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import tink  # noqa: E402
+from tink import aead  # noqa: E402
 
 from shared.datasets import DatasetSpec  # noqa: E402
+from shared.envelope import Envelope, Purpose  # noqa: E402
 from shared.preprocess import preprocess_file, read_shard  # noqa: E402
 from workers.trainer import models  # noqa: E402
 from workers.trainer.training import TrainConfig, Trainer, standardize  # noqa: E402
@@ -59,6 +63,9 @@ def synthetic(n: int, f: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (centers[y] + rng.normal(0.0, 1.0, (n, f)).astype(np.float32)).astype(np.float32), y
 
 
+ENVELOPE = Envelope(tink.new_keyset_handle(aead.aead_key_templates.AES256_GCM).primitive(aead.Aead))
+
+
 def build_shards(x: np.ndarray, y: np.ndarray) -> tuple[DatasetSpec, list[bytes], np.ndarray, np.ndarray]:
     """Setup (untimed): a Parquet upload -> `preprocess_file` -> shards and merged mean/std."""
     names = [f"f{j}" for j in range(x.shape[1])]
@@ -67,15 +74,16 @@ def build_shards(x: np.ndarray, y: np.ndarray) -> tuple[DatasetSpec, list[bytes]
     spec = DatasetSpec(features=names, label="label", num_classes=N_CLASSES, expected_files=["synthetic.parquet"])
     processed = preprocess_file(sink.getvalue(), "synthetic.parquet", spec, max_bytes=1 << 34)
     mean, std = processed.stats.mean_std()
-    return spec, processed.shards, np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    sealed = [ENVELOPE.seal(shard, "bench", f"shard-{i}", Purpose.SHARD) for i, shard in enumerate(processed.shards)]
+    return spec, sealed, np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 def worker_run(trainer: Trainer, params: Any, spec: DatasetSpec, shards: list[bytes],
                mean: np.ndarray, std: np.ndarray, epochs: int) -> tuple[float, float]:
-    """(decode s, total s) for shards -> read_shard -> standardize -> fit (with on_epoch) -> params ready."""
+    """(decode s, total s) for sealed shards -> open -> read_shard -> standardize -> fit (with on_epoch) -> params ready."""
     progress: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    parts = [read_shard(b, spec) for b in shards]
+    parts = [read_shard(ENVELOPE.open(b, "bench", f"shard-{i}", Purpose.SHARD), spec) for i, b in enumerate(shards)]
     x = standardize(np.concatenate([p[0] for p in parts]), mean, std)
     y = np.concatenate([p[1] for p in parts])
     decoded = time.perf_counter()

@@ -342,7 +342,8 @@ def test_service_accounts_get_only_named_roles():
         "roles/batch.jobsEditor",
         "roles/confidentialcomputing.workloadUser",
         "roles/batch.agentReporter",
-        # attestation.tf: each node's attested pool on its data key
+        # key-encryption keys (main.tf, attestation.tf): ingest seals, the hub opens node updates
+        "roles/cloudkms.cryptoKeyEncrypter",
         "roles/cloudkms.cryptoKeyDecrypter",
     }
     for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin",
@@ -568,7 +569,7 @@ def test_node_api_url_is_cloud_runs_deterministic_url_on_both_sides(parsed):
     node_api = resources[("google_cloudfunctions2_function", "node_api")]
     assert node_api["name"] == "${local.node_api_name}"
     (service,) = node_api["service_config"]
-    assert service["environment_variables"] == "${merge(var.settings_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
+    assert service["environment_variables"] == "${merge(var.settings_env, local.kek_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
     # Every worker holds a long poll open: one instance serves many, internal callers only.
     assert (service["max_instance_request_concurrency"], service["available_cpu"], service["ingress_settings"]) == (80, "1", "ALLOW_INTERNAL_ONLY")
     # The workers (CPU and GPU jobs) get the same value from local.worker_env.
@@ -592,6 +593,75 @@ def test_node_api_url_is_cloud_runs_deterministic_url_on_both_sides(parsed):
     (lifecycle,) = node_api["lifecycle"]
     (precondition,) = lifecycle["precondition"]
     assert precondition["condition"] == '${length("${local.node_api_name}-${data.google_project.this.number}") <= 63}'
+
+
+def test_one_kek_per_node_in_its_region_and_the_hubs_rotating_and_protected(parsed):
+    resources = _all_resources(parsed)
+    local = _locals(parsed["main.tf"])
+    kek = resources[("google_kms_crypto_key", "kek")]
+    assert kek["for_each"] == "${local.kek_region}"
+    # Every node's KEK in its own region (the key ring of that region), and the hub's in the hub region.
+    assert local["kek_region"] == "${merge({for node, _ in var.nodes : node => local.node_region[node]}, {hub = var.region})}"
+    assert kek["key_ring"] == "${google_kms_key_ring.data[each.value].id}"
+    assert resources[("google_kms_key_ring", "data")]["location"] == "${each.key}"
+    assert (kek["purpose"], kek["rotation_period"]) == ("ENCRYPT_DECRYPT", "${var.kek_rotation_period}")
+    assert re.search(r'default\s*=\s*"2592000s"', declared_variables()["kek_rotation_period"])  # 30 days
+    (lifecycle,) = kek["lifecycle"]
+    assert lifecycle["prevent_destroy"] is True
+    # "hub" names the hub's key (shared.envelope.HUB): a node of that name would take its place.
+    assert lifecycle["precondition"][0]["condition"] == '${!contains(keys(var.nodes), "hub")}'
+    # The bucket CMEK keys stay what they were: one per region, for Google's agents.
+    assert resources[("google_kms_crypto_key", "data")]["for_each"] == "${local.kms_regions}"
+
+
+def test_functions_and_workers_get_fedpipe_node_keks_of_exactly_these_keys(parsed):
+    """FEDPIPE_NODE_KEKS: "<owner>=gcp-kms://<key resource name>" for every node and the hub, everywhere it is read."""
+    from shared import envelope
+
+    resources = _all_resources(parsed)
+    local = _locals(parsed["main.tf"])
+    assert local["node_keks"] == '${join(",", [for owner, key in google_kms_crypto_key.kek : format("%s=gcp-kms://%s", owner, key.id)])}'
+    assert local["kek_env"] == {"FEDPIPE_NODE_KEKS": "${local.node_keks}"}
+    # Every function (each trigger's and the node API), and both worker jobs through local.worker_env.
+    (fn_service,) = resources[("google_cloudfunctions2_function", "fn")]["service_config"]
+    assert fn_service["environment_variables"] == (
+        "${merge(var.settings_env, local.trigger_node[each.key] == null ? local.launcher_env : {}, local.kek_env, {FEDPIPE_TRIGGER = each.key})}"
+    )
+    (api_service,) = resources[("google_cloudfunctions2_function", "node_api")]["service_config"]
+    assert "local.kek_env" in api_service["environment_variables"]
+    assert local["worker_env"].startswith("${{for node, _ in var.nodes : node => merge(var.settings_env, local.kek_env, {")
+    for job in ("worker", "worker_gpu"):
+        (template,) = resources[("google_cloud_run_v2_job", job)]["template"]
+        (task,) = template["template"]
+        (container,) = task["containers"]
+        assert container["dynamic"][0]["env"]["for_each"] == "${local.worker_env[each.key]}"
+    # The confidential launchers hand workers the same local.worker_env.
+    assert "jsonencode(local.worker_env)" in tf_text("confidential.tf")
+
+    # By value, for a deployment: the key ids Terraform gives these keys (google_kms_key_ring id
+    # projects/P/locations/L/keyRings/R; crypto key id <key ring id>/cryptoKeys/<name>).
+    project, prefix, hub_region = "acme-fl", "fedpipe", "us-central1"
+    node_regions = {"us": "us-central1", "eu": "europe-west4"}
+    kek = resources[("google_kms_crypto_key", "kek")]
+    ring = resources[("google_kms_key_ring", "data")]
+    kek_region = {**node_regions, envelope.HUB: hub_region}
+    key_ids = {
+        owner: f"projects/{project}/locations/{region}/keyRings/{ring['name'].replace('${var.name_prefix}', prefix)}/cryptoKeys/"
+        + kek["name"].replace("${var.name_prefix}", prefix).replace("${each.key}", owner)
+        for owner, region in kek_region.items()
+    }
+    value = ",".join(f"{owner}=gcp-kms://{key_ids[owner]}" for owner in sorted(key_ids))  # a for over a map: key order
+    keks = Settings.from_env({"FEDPIPE_NODE_KEKS": value}).node_keks
+    assert keks == {
+        "us": "gcp-kms://projects/acme-fl/locations/us-central1/keyRings/fedpipe/cryptoKeys/fedpipe-us-kek",
+        "eu": "gcp-kms://projects/acme-fl/locations/europe-west4/keyRings/fedpipe/cryptoKeys/fedpipe-eu-kek",
+        "hub": "gcp-kms://projects/acme-fl/locations/us-central1/keyRings/fedpipe/cryptoKeys/fedpipe-hub-kek",
+    }
+    for owner, uri in keks.items():
+        assert re.fullmatch(r"gcp-kms://projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+", uri), uri
+        assert uri.startswith(envelope.GCP_KMS_PREFIX)
+        assert f"/locations/{kek_region[owner]}/" in uri  # each node's key in its own region
+    assert len(set(keks.values())) == len(keks), "no two owners share a KEK"
 
 
 def test_parsed_variables_cover_the_render(parsed):
