@@ -8,7 +8,9 @@ shard copied under another name, or offered as an update, does not open.
 Where the KEK lives:
 - production: the node's Cloud KMS key (`gcp-kms://projects/.../cryptoKeys/...`), in the
   node's region, rotated every 30 days; older versions still decrypt. Ingest may only
-  encrypt with it; decrypting is released only to attested workers (infra/attestation.tf);
+  encrypt with it; the node's attested workers may encrypt and decrypt (infra/attestation.tf);
+  the hub may decrypt, to open the updates it aggregates, but reads no node bucket. Global
+  models are under the hub's own key;
 - the local stack: `LocalKeyStore`, a Tink keyset per node under the stack's state dir. It
   is a LOCAL STAND-IN for Cloud KMS, with cleartext keysets on disk, and says so. Rotating
   adds a key and makes it primary; older keys stay in the keyset and still decrypt.
