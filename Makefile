@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test up down bench bench-events bench-worker bench-aggregate bench-federation lint clean
+.PHONY: demo test test-unit up down bench bench-events bench-worker bench-aggregate bench-federation lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit -q
 
 up: $(STAMP)
 	$(BIN)/fedpipe up
