@@ -712,6 +712,8 @@ locals {
       FEDPIPE_NODE         = node
       FEDPIPE_SIGNING_KEY  = "${google_kms_crypto_key.signing[node].id}/cryptoKeyVersions/1"
       FEDPIPE_NODE_API_URL = local.node_api_url
+      # In Confidential Space: the node's pool provider, whose STS credentials use its KEK (workers/trainer/keys.py).
+      FEDPIPE_KEY_RELEASE_PROVIDER = contains(keys(var.key_release), node) ? google_iam_workload_identity_pool_provider.attested[node].name : ""
     })
   }
 }

@@ -22,6 +22,7 @@ import io
 from enum import StrEnum
 from pathlib import Path
 
+import google.auth.credentials
 import tink
 from tink import aead, cleartext_keyset_handle
 from tink.proto import tink_pb2
@@ -87,15 +88,14 @@ def local_key_id(sealed: bytes) -> int:
     return int.from_bytes(wrapped[1:5], "big")
 
 
-def cloud_kms_kek(key_uri: str) -> aead.Aead:
+def cloud_kms_kek(key_uri: str, credentials: google.auth.credentials.Credentials | None = None) -> aead.Aead:
     """The KEK of a Cloud KMS key (`gcp-kms://projects/P/locations/L/keyRings/R/cryptoKeys/K`), with the
-    caller's credentials: the node's ingest identity may encrypt; an attested worker, through its
-    workload identity pool, may decrypt."""
+    caller's default credentials, or `credentials` (an attested worker's, through its node's pool)."""
     from tink.integration import gcpkms
 
     if not key_uri.startswith(GCP_KMS_PREFIX):
         raise ValueError(f"a Cloud KMS key URI starts with {GCP_KMS_PREFIX}")
-    return gcpkms.GcpKmsClient(key_uri, None).get_aead(key_uri)
+    return gcpkms.GcpKmsClient(key_uri, None, credentials=credentials).get_aead(key_uri)
 
 
 def node_kek(settings: Settings, node: str) -> aead.Aead:

@@ -538,7 +538,11 @@ def test_confidential_launch_policy_allows_exactly_the_env_the_launcher_sets():
 
     text = (REPO / "workers" / "trainer" / "Dockerfile.confidential").read_text()
     allowed = set(re.search(r'"tee\.launch_policy\.allow_env_override"="([^"]*)"', text).group(1).split(","))
-    worker_keys = {"FEDPIPE_NODE", "FEDPIPE_SIGNING_KEY", "FEDPIPE_NODE_API_URL"}  # infra/main.tf local.worker_env
+    main = (REPO / "infra" / "main.tf").read_text()
+    worker_env = re.search(r"^  worker_env = \{(.*?)^  \}", main, re.M | re.S).group(1)  # infra/main.tf local.worker_env
+    kek_env = re.search(r"kek_env\s*=\s*\{([^}]*)\}", main).group(1)
+    worker_keys = set(re.findall(r"\b(FEDPIPE_[A-Z_]+)\s*=", worker_env + kek_env))
+    assert {"FEDPIPE_NODE", "FEDPIPE_NODE_KEKS", "FEDPIPE_KEY_RELEASE_PROVIDER"} <= worker_keys
     assert allowed == {"FEDPIPE_JOB_ID", "FEDPIPE_JOB_ATTEMPT", *worker_keys, *render(Settings())["settings_env"]}
     assert '"tee.launch_policy.log_redirect"="always"' in text
     assert re.search(r"^FROM \$\{TRAINER\}$", text, re.M)
