@@ -32,12 +32,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 from pydantic import BaseModel, Field, ValidationError
 
-from emulators.metadata_server import key_id
+from emulators.token_keys import jwks, key_id, new_key
 from shared.attestation import AMD_SEV_SNP, CONFIDENTIAL_SPACE, DEBUG_DBGSTAT, INTEL_TDX, PRODUCTION_DBGSTAT, STS_AUDIENCE
 
 log = logging.getLogger("fedpipe.attestation_simulator")
@@ -95,17 +93,8 @@ class Attester:
         self._workloads = dict(workloads)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def new_key(key_path: Path) -> rsa.RSAPrivateKey:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        return key
-
     def jwks(self) -> dict:
-        public = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
-        return {"keys": [{**public, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+        return jwks(self._key)
 
     def workload(self, node: str) -> Workload | None:
         with self._lock:
@@ -229,7 +218,7 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
-        self.attester = Attester(issuer_url(config.port), Attester.new_key(config.key_path), config.project, config.workloads)
+        self.attester = Attester(issuer_url(config.port), new_key(config.key_path), config.project, config.workloads)
         self._servers: list[socketserver.BaseServer] = [ThreadingHTTPServer(("127.0.0.1", config.port), _handler(self.attester, None))]
         for node in config.workloads:
             path = socket_path(config.launcher_dir, node)

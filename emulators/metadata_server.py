@@ -30,10 +30,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 from pydantic import BaseModel
+
+from emulators.token_keys import jwks, key_id, load_key, new_key
 
 log = logging.getLogger("fedpipe.metadata_server")
 
@@ -84,19 +84,14 @@ class Issuer:
 
     @classmethod
     def create(cls, url: str, key_path: Path) -> Issuer:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        return cls(url, key)
+        return cls(url, new_key(key_path))
 
     @classmethod
     def load(cls, url: str, key_path: Path) -> Issuer:
-        return cls(url, serialization.load_pem_private_key(key_path.read_bytes(), password=None))
+        return cls(url, load_key(key_path))
 
     def jwks(self) -> dict:
-        public = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
-        return {"keys": [{**public, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+        return jwks(self._key)
 
     def id_token(self, email: str, audience: str, now: float | None = None, **override) -> str:
         now = int(time.time() if now is None else now)
@@ -105,11 +100,6 @@ class Issuer:
             "email": email, "email_verified": True, "iat": now, "exp": now + TOKEN_LIFETIME_S, **override,
         }
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
-
-
-def key_id(key: rsa.RSAPrivateKey) -> str:
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "local-" + hashlib.sha256(der).hexdigest()[:16]
 
 
 def _handler(issuer: Issuer, project: str, email: str | None) -> type[BaseHTTPRequestHandler]:

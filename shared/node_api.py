@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +37,7 @@ from werkzeug.exceptions import NotFound as NoRoute
 from werkzeug.routing import Map, Rule
 
 from shared import hub
+from shared.bytes_cache import BytesCache
 from shared.dataset_shards import pinned_dataset
 from shared.envelope import HUB, Purpose
 from shared.federation import UPDATE_PATH, global_model_object, round_kind
@@ -159,29 +159,6 @@ class FederationWatches:
             watch.unsubscribe()
 
 
-class GlobalModels:
-    """The global models this instance served lately, by (federation, round): every member asks for
-    the same one as a round opens. Each is written once to a fixed path, so a copy never goes stale.
-    Bounded by bytes, oldest out first."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._held: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, fid: str, r: int, read: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            if (data := self._held.get((fid, r))) is not None:
-                self._held.move_to_end((fid, r))
-                return data
-        data = read()
-        with self._lock:
-            self._held[(fid, r)] = data
-            while sum(map(len, self._held.values())) > self.max_bytes and len(self._held) > 1:
-                self._held.popitem(last=False)
-        return data
-
-
 ROUTES = Map(
     [
         Rule("/v1/jobs/<job_id>/start", methods=["POST"], endpoint="start"),
@@ -205,7 +182,7 @@ class NodeApi:
         self.registry = NodeRegistry(svc.db, svc.settings)
         self.store = hub.federation_store(svc)
         self.watches = FederationWatches(self.store.federation_ref)
-        self.models = GlobalModels(max_bytes=256 * 2**20)
+        self.models = BytesCache(max_bytes=256 * 2**20)  # by (federation, round): every member asks for each one
         self.hub_envelope = owner_envelopes(svc.settings)(HUB)
         self._identities: dict[str, tuple[float, str | None]] = {}
 
@@ -337,10 +314,12 @@ class NodeApi:
         def read() -> bytes:  # sealed under the hub's key at rest; a member gets it over its authenticated channel
             return self.hub_envelope.open(blob.download_as_bytes(), blob.bucket.name, blob.name, Purpose.GLOBAL_MODEL)
 
-        try:
-            data = self.models.get(fid, r, read)
-        except NotFound:
-            return _error(404, f"no global model after round {r}")
+        if (data := self.models.get(fid, r)) is None:
+            try:
+                data = read()
+            except NotFound:
+                return _error(404, f"no global model after round {r}")
+            self.models.put(fid, r, data)
         return Reply(200, data)
 
     def _update(self, node: str, fid: str, r: int, body: bytes, **_) -> Reply:

@@ -9,7 +9,7 @@
 - api: the entry points with the cloud clients, as functions and the node API call them.
 """
 
-from shared.hub.aggregation_io import VERIFIED, VerifiedUpdates
+from shared.hub.aggregation_io import VERIFIED
 from shared.hub.api import advance, fed_ref, federation_store, handle_hub_object, record_update, round_ref, sweep_deadlines
 from shared.hub.closing import STALE_CLOSE_S
 from shared.hub.context import Hub
@@ -26,6 +26,6 @@ from shared.hub.starting import FederationError
 
 __all__ = [
     "STALE_CLOSE_S", "VERIFIED", "AdvanceKind", "AdvanceOutcome", "FederationError", "Hub", "StartKind", "StartOutcome",
-    "SweepOutcome", "UpdateKind", "UpdateOutcome", "VerifiedUpdates", "advance", "fed_ref", "federation_store",
+    "SweepOutcome", "UpdateKind", "UpdateOutcome", "advance", "fed_ref", "federation_store",
     "handle_hub_object", "record_update", "round_ref", "sweep_deadlines",
 ]

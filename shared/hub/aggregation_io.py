@@ -7,8 +7,6 @@ when it counted them come from VERIFIED instead of a second download.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +14,7 @@ from google.api_core.exceptions import PreconditionFailed
 
 from shared import gcs_uri, weights
 from shared.aggregation import ServerOptimizer, aggregator, clip_update
+from shared.bytes_cache import BytesCache
 from shared.envelope import HUB, Purpose
 from shared.federation import global_model_object, server_state_object
 from shared.fedstore import Federation, Update
@@ -25,41 +24,10 @@ from shared.io_pool import IO
 from shared.model_spec import initial_params
 from shared.privacy import private_mean, secure_rng
 
-
-class VerifiedUpdates:
-    """Updates this hub instance read and counted, held for their round's aggregation.
-
-    Without it the delivery that closes a round downloads again every update the
-    instance already read and verified. An entry is keyed by object and generation, and a
-    generation's bytes never change, so it is exactly what that download would return once
-    opened (the version whose signature was verified). Bounded, oldest out first; a miss (an
-    update counted by another instance, or evicted) is downloaded as before. Thread-safe:
-    one instance handles concurrent deliveries.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._held: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def put(self, uri: str, generation: int, data: bytes) -> None:
-        with self._lock:
-            if (uri, generation) in self._held or len(data) > self.max_bytes:
-                return
-            self._held[(uri, generation)] = data
-            self._size += len(data)
-            while self._size > self.max_bytes:
-                self._size -= len(self._held.popitem(last=False)[1])
-
-    def pop(self, uri: str, generation: int) -> bytes | None:
-        with self._lock:
-            data = self._held.pop((uri, generation), None)
-            self._size -= len(data) if data is not None else 0
-            return data
-
-
-VERIFIED = VerifiedUpdates(max_bytes=64 * 2**20)
+# Updates this hub instance read, opened and counted, held for their round's aggregation by
+# (object, generation): without it the delivery that closes a round downloads again every update
+# the instance already verified. A miss (counted by another instance, or evicted) is downloaded.
+VERIFIED = BytesCache(max_bytes=64 * 2**20)
 
 
 def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update], recover: bool) -> str:

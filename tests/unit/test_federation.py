@@ -635,7 +635,7 @@ class TestDirichletSplit:
 
 class TestVerifiedUpdates:
     def test_an_update_is_returned_once_by_object_and_generation(self):
-        from shared.hub import VerifiedUpdates
+        from shared.bytes_cache import BytesCache as VerifiedUpdates
 
         held = VerifiedUpdates(max_bytes=100)
         held.put("gs://hub/updates/us/f/round-0001-a1.safetensors", 7, b"weights")
@@ -644,7 +644,7 @@ class TestVerifiedUpdates:
         assert held.pop("gs://hub/updates/us/f/round-0001-a1.safetensors", 7) is None
 
     def test_bounded_oldest_out_first(self):
-        from shared.hub import VerifiedUpdates
+        from shared.bytes_cache import BytesCache as VerifiedUpdates
 
         held = VerifiedUpdates(max_bytes=10)
         for i in range(4):
@@ -654,6 +654,16 @@ class TestVerifiedUpdates:
         assert held.pop("gs://u/big", 1) is None
         held.put("gs://u/a", 1, b"x" * 10)  # room again once popped
         assert held.pop("gs://u/a", 1) == b"x" * 10
+
+    def test_a_global_model_served_again_is_kept_and_made_the_newest(self):
+        from shared.bytes_cache import BytesCache
+
+        held = BytesCache(max_bytes=8)
+        held.put("fed", 1, b"abcd")
+        held.put("fed", 2, b"efgh")
+        assert held.get("fed", 1) == b"abcd"  # kept, and now the newest
+        held.put("fed", 3, b"ijkl")  # evicts round 2, the oldest
+        assert [held.get("fed", r) for r in (1, 2, 3)] == [b"abcd", None, b"ijkl"]
 
 
 # --- the demo's round clock -----------------------------------------------------------
