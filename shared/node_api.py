@@ -55,6 +55,8 @@ log = logging.getLogger("fedpipe.node_api")
 MAX_BODY_BYTES = 64 * 2**10
 MAX_WAIT_S = 30.0  # a long poll answers within this, moved or not
 IDENTITY_TTL_S = 30.0  # how long an instance trusts its registry lookup of a token's identity
+MAX_IDENTITIES = 4096  # identities an instance remembers; past it, the lookups start over
+MAX_ROUND = 9999  # a round number in a path: round_key's four digits
 
 Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
 Attempt = Annotated[int, Field(ge=1, le=1000)]
@@ -166,8 +168,8 @@ ROUTES = Map(
         Rule("/v1/jobs/<job_id>/finish", methods=["POST"], endpoint="finish"),
         Rule("/v1/jobs/<job_id>/dataset", methods=["GET"], endpoint="dataset"),
         Rule("/v1/federations/<fid>", methods=["GET"], endpoint="federation"),
-        Rule("/v1/federations/<fid>/models/<int:r>", methods=["GET"], endpoint="model"),
-        Rule("/v1/federations/<fid>/rounds/<int:r>/updates", methods=["POST"], endpoint="update"),
+        Rule(f"/v1/federations/<fid>/models/<int(max={MAX_ROUND}):r>", methods=["GET"], endpoint="model"),
+        Rule(f"/v1/federations/<fid>/rounds/<int(max={MAX_ROUND}):r>/updates", methods=["POST"], endpoint="update"),
     ],
     strict_slashes=False,
 )
@@ -215,6 +217,8 @@ class NodeApi:
         cached = self._identities.get(identity)
         if cached is None or time.monotonic() - cached[0] > IDENTITY_TTL_S:
             cached = (time.monotonic(), self.registry.node_of_identity(identity))
+            if len(self._identities) >= MAX_IDENTITIES:
+                self._identities.clear()
             self._identities[identity] = cached
         return Caller(identity=identity, node=cached[1])
 
