@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from google.api_core.exceptions import NotFound
 from google.cloud import firestore
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 from werkzeug.routing import Map, Rule
@@ -48,6 +48,7 @@ from shared.identity import Caller, Refusal, TokenVerifier, Unauthenticated
 from shared.ingest import RawObject, Services
 from shared.jobs import Job, JobStatus, retry_or_fail, transition, utcnow
 from shared.jobstore import JobStore
+from shared.node_api_messages import AttemptBody, FederationView, FinishBody, HeartbeatBody, UpdateReply, UpdateReport
 from shared.node_registry import NodeRegistry
 
 log = logging.getLogger("fedpipe.node_api")
@@ -57,39 +58,6 @@ MAX_WAIT_S = 30.0  # a long poll answers within this, moved or not
 IDENTITY_TTL_S = 30.0  # how long an instance trusts its registry lookup of a token's identity
 MAX_IDENTITIES = 4096  # identities an instance remembers; past it, the lookups start over
 MAX_ROUND = 9999  # a round number in a path: round_key's four digits
-
-Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
-Attempt = Annotated[int, Field(ge=1, le=1000)]
-Count = Annotated[int, Field(ge=-(2**53), le=2**53)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-
-
-class AttemptBody(_Body):
-    attempt: Attempt
-
-
-class HeartbeatBody(_Body):
-    attempt: Attempt
-    progress: dict[Annotated[str, Field(max_length=64)], Finite] = Field(default_factory=dict, max_length=32)
-
-
-class FinishBody(_Body):
-    attempt: Attempt
-    outcome: Literal["completed", "failed", "retry"]
-    results: dict[Annotated[str, Field(max_length=64)], Count | Finite | Annotated[str, Field(max_length=1024)] | None] = Field(
-        default_factory=dict, max_length=64
-    )
-    error: Annotated[str, Field(max_length=4000)] | None = None
-    reason: Literal["worker error", "attestation"] = "worker error"
-
-
-class UpdateReport(_Body):
-    object: Annotated[str, Field(max_length=1024)]
-    generation: int = Field(ge=1, le=2**63 - 1)
-
 
 @dataclass(frozen=True)
 class Reply:
@@ -281,20 +249,17 @@ class NodeApi:
 
     # -- federations -----------------------------------------------------------------
 
-    def _member_view(self, node: str, fed: Federation | None) -> dict:
+    def _member_view(self, node: str, fed: Federation | None) -> FederationView:
         """What a member may know of its federation: its own standing, never another node's."""
         if fed is None or fed.config is None or node not in fed.config.node_names:
             raise Forbidden(Refusal.NOT_A_MEMBER, "not a member of this federation")
         r = fed.round or None
-        view = {
-            "status": fed.status.value, "round": r, "rounds": fed.config.rounds, "kind": round_kind(fed.config, r) if r else None,
-            "global_model_round": (r - 1) if fed.global_model_uri and r else None,
-            "train": fed.config.train_spec().model_dump(mode="json"), "signed_updates": fed.config.signed_updates,
-            "stats": fed.stats.model_dump(mode="json") if fed.stats else None, "error": fed.error,
-        }
-        if fed.status is FederationStatus.COMPLETED and fed.final is not None:
-            view["final"] = fed.final.model_dump(mode="json", exclude_none=True)
-        return view
+        final = fed.final.model_dump(exclude_none=True) if fed.status is FederationStatus.COMPLETED and fed.final else None
+        return FederationView(
+            status=fed.status.value, round=r, rounds=fed.config.rounds, kind=round_kind(fed.config, r) if r else None,
+            global_model_round=(r - 1) if fed.global_model_uri and r else None, train=fed.config.train_spec(),
+            signed_updates=fed.config.signed_updates, stats=fed.stats, error=fed.error, final=final,
+        )
 
     def _federation(self, node: str, fid: str, query: dict[str, str], **_) -> Reply:
         fed = self._fed(fid)
@@ -308,8 +273,8 @@ class NodeApi:
         if fed.status is FederationStatus.RUNNING and fed.round and wait_s == 0:
             # Only a worker's first call can find its update counted (a relaunched worker); a long poll
             # answers with a round that opened after the caller's last one.
-            view["counted"] = self.store.is_counted(fid, fed.round, node)
-        return Reply(200, view)
+            view = view.model_copy(update={"counted": self.store.is_counted(fid, fed.round, node)})
+        return Reply(200, view.model_dump(mode="json"))
 
     def _model(self, node: str, fid: str, r: int, **_) -> Reply:
         self._member_view(node, self._fed(fid, fresh=False))
@@ -338,10 +303,10 @@ class NodeApi:
         obj = RawObject(bucket=blob.bucket.name, name=blob.name, generation=blob.generation, size=blob.size, metadata=dict(blob.metadata or {}))
         outcome = hub.record_update(self.svc, obj, fid, r, node, int(match["attempt"]), self.now())
         log.info("update %s#%d: %s", obj.name, obj.generation, outcome.message)
-        reply = {"outcome": outcome.kind.value, "counted": outcome.counted, "message": outcome.message}
-        if outcome.reason is not None:
-            reply["reason"] = outcome.reason.value
-        return Reply(UPDATE_STATUS[outcome.kind], reply)
+        reply = UpdateReply(
+            outcome=outcome.kind.value, counted=outcome.counted, message=outcome.message, reason=outcome.reason.value if outcome.reason else None,
+        )
+        return Reply(UPDATE_STATUS[outcome.kind], reply.model_dump(mode="json", exclude_none=True))
 
     def _fed(self, fid: str, fresh: bool = True) -> Federation | None:
         """The federation; not `fresh`: as this instance's listener last saw it, if it has one (membership

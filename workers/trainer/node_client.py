@@ -14,11 +14,10 @@ from typing import Any, Literal
 import requests
 from google.auth.transport.requests import AuthorizedSession
 from google.oauth2 import id_token
-from pydantic import BaseModel
 
 from shared.dataset_shards import DatasetShards
-from shared.datasets import FeatureStats
-from shared.jobs import Job, TrainSpec
+from shared.jobs import Job
+from shared.node_api_messages import FederationView, UpdateReply
 
 ENV_URL = "FEDPIPE_NODE_API_URL"
 TIMEOUT_S = 60.0  # a report of the update that closes a round waits for the aggregation
@@ -31,29 +30,6 @@ class NodeApiError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"node API: {status} {message}")
         self.status = status
-
-
-class FederationView(BaseModel):
-    """What the hub tells a member of its federation; nothing about the other nodes."""
-
-    status: str
-    round: int | None
-    rounds: int
-    kind: Literal["train", "evaluate"] | None
-    global_model_round: int | None
-    train: TrainSpec
-    signed_updates: bool
-    stats: FeatureStats | None
-    error: str | None = None
-    counted: bool = False  # this node's update for `round` is counted already
-    final: dict[str, float] | None = None
-
-
-class UpdateReply(BaseModel):
-    outcome: Literal["recorded", "duplicate", "refused", "late", "ignored"]
-    counted: bool
-    message: str
-    reason: str | None = None
 
 
 class NodeClient:
