@@ -73,7 +73,7 @@ def job_detail(job: Job) -> Table:
         ("attempt", f"{job.attempt} of {job.spec.max_attempts}"),
         ("data set", f"{job.spec.dataset.node}/{job.spec.dataset.dataset}"),
         ("train", job.spec.train.model_dump_json()),
-        ("accelerator", job.spec.accelerator),
+        ("accelerator", str(job.spec.accelerator) + (f" x {job.spec.hosts} hosts" if job.spec.hosts > 1 else "")),
         ("execution", job.execution or "-"),
         ("heartbeat", when(job.heartbeat_at)),
         ("progress", progress_text(job) or "-"),

@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.accelerators import CPU, AcceleratorField
 
 
 class JobStatus(StrEnum):
@@ -75,6 +77,7 @@ class DatasetRef(BaseModel, frozen=True):
 
 MAX_WIDTH = 4096  # units in one hidden layer
 MAX_LAYERS = 8
+MAX_HOSTS = 64  # worker processes of one multi-host run
 
 
 class TrainSpec(BaseModel, frozen=True):
@@ -103,9 +106,22 @@ class JobSpec(BaseModel, frozen=True):
     dataset: DatasetRef
     train: TrainSpec = TrainSpec()
     federation: FederationRef | None = None
-    accelerator: Literal["cpu", "gpu", "tpu"] = "cpu"
+    accelerator: AcceleratorField = CPU
+    hosts: int = Field(default=1, ge=1, le=MAX_HOSTS, description="worker processes of a multi-host run (a TPU slice: its hosts)")
     max_attempts: int = Field(default=3, ge=1, le=20)
     lease_seconds: float = Field(default=60.0, gt=0, description="heartbeat patience")
+
+    @model_validator(mode="after")
+    def _hosts_fit_the_accelerator(self) -> JobSpec:
+        """A TPU slice runs one worker per host: its topology sets `hosts`, and a different count is an error."""
+        needed = self.accelerator.hosts
+        if self.accelerator.kind == "tpu" and self.hosts != needed:
+            if self.hosts != 1:
+                raise ValueError(f"a {self.accelerator} slice has {needed} hosts, not {self.hosts}")
+            object.__setattr__(self, "hosts", needed)
+        if self.hosts > 1 and self.federation is not None:
+            raise ValueError("a federation's node jobs run on one host")
+        return self
 
 
 class Transition(BaseModel, frozen=True):

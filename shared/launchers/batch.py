@@ -126,9 +126,9 @@ class ConfidentialBatchLauncher:
         return self._client
 
     def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
-        if job.spec.accelerator != "cpu":
+        if job.spec.accelerator.kind != "cpu":
             raise LaunchError(
-                f"job {job.id}: accelerator {job.spec.accelerator!r} on confidential Batch is not built "
+                f"job {job.id}: accelerator {job.spec.accelerator} on confidential Batch is not built "
                 "(confidential GPUs: the Confidential Space launcher with flex-start)"
             )
         target = self.config.target(job)

@@ -59,12 +59,12 @@ def job_resource_name(project: str, region: str, job_name: str) -> str:
 def cloud_run_job_for(job_name: str, job: Job) -> str:
     """The Cloud Run job (short name) that can run `job` on its accelerator."""
     accelerator = job.spec.accelerator
-    if accelerator == "cpu":
+    if accelerator.kind == "cpu":
         return job_name
-    if accelerator == "gpu":
+    if accelerator.kind == "gpu":
         return f"{job_name}{GPU_SUFFIX}"
     raise LaunchError(
-        f"job {job.id}: accelerator {accelerator!r} cannot run on Cloud Run Jobs "
+        f"job {job.id}: accelerator {accelerator} cannot run on Cloud Run Jobs "
         "(it has CPUs and NVIDIA GPUs only); TPU jobs need the GKE/Vertex AI launcher, "
         "which is not built yet"
     )

@@ -469,14 +469,14 @@ class ConfidentialSpaceLauncher:
         target = config.target(job)
         worker_env = config.worker_env.get(target.node, {})
         try:
-            if job.spec.accelerator == "cpu":
+            if job.spec.accelerator.kind == "cpu":
                 return build_instance_request(
                     config.project, target, job, config.image,
                     shape=config.shape, worker_env=worker_env,
                     max_run_duration=config.max_run_duration, debug=config.debug,
                     name_prefix=f"{config.infra_prefix}-cs",
                 )
-            if job.spec.accelerator == "gpu":
+            if job.spec.accelerator.kind == "gpu":
                 if config.gpu_image is None:
                     raise LaunchError(f"job {job.id}: GPU job, but {ENV_GPU_IMAGE} is not set")
                 return build_gpu_instance_request(
@@ -486,7 +486,7 @@ class ConfidentialSpaceLauncher:
                 )
         except ValueError as exc:
             raise LaunchError(f"job {job.id}: {exc}") from exc
-        raise LaunchError(f"job {job.id}: accelerator {job.spec.accelerator!r} has no confidential worker (TPUs cannot be confidential)")
+        raise LaunchError(f"job {job.id}: accelerator {job.spec.accelerator} has no confidential worker (TPUs cannot be confidential)")
 
     def launch(self, job: Job) -> str:
         """Insert the VM and return its resource path; does not wait for it to boot."""

@@ -118,8 +118,8 @@ def test_gpu_jobs_run_the_gpu_job_resource():
 
 
 def test_tpu_jobs_are_refused_with_a_pointer_to_the_right_launcher():
-    with pytest.raises(LaunchError, match=r"'tpu'.*GKE/Vertex"):
-        build_run_request(PROJECT, REGION, "fedpipe-worker", make_job(accelerator="tpu"))
+    with pytest.raises(LaunchError, match=r"tpu:v5e:2x4.*GKE/Vertex"):
+        build_run_request(PROJECT, REGION, "fedpipe-worker", make_job(accelerator="tpu:v5e:2x4"))
 
 
 def test_explicit_timeout_overrides_the_template_for_this_execution():
@@ -184,7 +184,7 @@ def test_retry_exhaustion_becomes_launch_error():
 def test_tpu_launch_fails_before_calling_cloud_run():
     client = FakeJobsClient()
     with pytest.raises(LaunchError):
-        CloudRunJobsLauncher(PROJECT, REGION, "w", client=client).launch(make_job(accelerator="tpu"))
+        CloudRunJobsLauncher(PROJECT, REGION, "w", client=client).launch(make_job(accelerator="tpu:v5e:2x4"))
     assert client.requests == []
 
 

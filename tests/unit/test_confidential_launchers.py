@@ -379,8 +379,8 @@ def test_refusals_happen_before_any_request():
         launcher.launch(make_job(node="asia"))
     with pytest.raises(LaunchError, match="FEDPIPE_CONFIDENTIAL_GPU_IMAGE"):
         launcher.launch(make_job(accelerator="gpu"))
-    with pytest.raises(LaunchError, match="'tpu'"):
-        launcher.launch(make_job(accelerator="tpu"))
+    with pytest.raises(LaunchError, match="tpu:v5e:2x4"):
+        launcher.launch(make_job(accelerator="tpu:v5e:2x4"))
     assert client.requests == []
 
 
@@ -404,7 +404,7 @@ def test_batch_launch_sends_the_built_request_and_treats_already_exists_as_launc
     denied = FakeBatchClient(error=api_exceptions.PermissionDenied("batch.jobs.create"))
     with pytest.raises(LaunchError, match="batch.jobs.create"):
         ConfidentialBatchLauncher(config(), client=denied).launch(job)
-    with pytest.raises(LaunchError, match="'gpu'"):
+    with pytest.raises(LaunchError, match="gpu:nvidia-l4:1"):
         ConfidentialBatchLauncher(config(), client=client).launch(make_job(accelerator="gpu"))
 
 
