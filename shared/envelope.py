@@ -42,6 +42,7 @@ class Purpose(StrEnum):
     UPDATE = "weight-update"
     GLOBAL_MODEL = "global-model"
     SERVER_STATE = "server-optimizer-state"
+    CHECKPOINT = "training-checkpoint"  # a worker's resumable training state: its node's, like a shard
 
 
 HUB = "hub"  # the owner of global models and the server optimizer's state: the hub's own key
