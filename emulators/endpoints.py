@@ -40,6 +40,9 @@ class Endpoints:
     worker_modules: dict[str, str] = field(default_factory=dict)  # nodes that run a worker of their own (StackOptions)
     attestation_port: int = 0  # the attestation simulator (emulators/attestation_simulator.py)
     key_broker_port: int = 0  # the key broker (emulators/key_broker.py)
+    hub_metadata_port: int = 0  # the hub functions' metadata endpoint (their ID tokens)
+    aggregator_port: int = 0  # the attested aggregator (workers/aggregator)
+    aggregator_digests: str = ""  # the aggregator images the nodes trust: the local stand-in's digest
     function_ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     supervisor_pid: int | None = None  # the `fedpipe up`/`demo` process that owns the children
@@ -63,13 +66,24 @@ class Endpoints:
     def function_url(self, function: str) -> str:
         return f"http://127.0.0.1:{self.function_ports[function]}/"
 
+    @property
+    def aggregator_url(self) -> str:
+        return f"http://127.0.0.1:{self.aggregator_port}/"
+
     def identity_env(self) -> dict[str, str]:
-        """Where the functions find the node API's audience and the token issuer's keys."""
+        """Where the functions find the node API's audience and the token issuer's keys, and the attested aggregator."""
         return {
             "FEDPIPE_NODE_API_URL": self.function_url("node_api"),
             "FEDPIPE_ID_TOKEN_CERTS_URL": f"http://127.0.0.1:{self.issuer_port}/oauth2/v3/certs",
             "FEDPIPE_ID_TOKEN_ISSUER": f"http://127.0.0.1:{self.issuer_port}",
+            "FEDPIPE_AGGREGATOR_URL": self.aggregator_url,
+            "FEDPIPE_HUB_IDENTITY": f"hub@{self.project}.iam.gserviceaccount.com",
         }
+
+    def hub_env(self) -> dict[str, str]:
+        """The hub functions' own metadata endpoint: google-auth gets the hub identity's ID tokens there, as on Cloud Run."""
+        host = f"127.0.0.1:{self.hub_metadata_port}"
+        return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
 
     def worker_env(self, node: str) -> dict[str, str]:
         """What a worker of `node` is told: the node API, and the metadata endpoint that gives it `node`'s ID tokens."""
@@ -81,6 +95,10 @@ class Endpoints:
             "FEDPIPE_TEESERVER_SOCKET": str(launcher / node / "teeserver.sock"),
             "FEDPIPE_ATTESTATION_TOKEN_FILE": str(launcher / node / "attestation_verifier_claims_token"),
             "FEDPIPE_KEY_BROKER_URL": f"http://127.0.0.1:{self.key_broker_port}",
+            # The aggregator images this node trusts with its updates, and where their tokens' signing keys are.
+            "FEDPIPE_AGGREGATOR_IMAGE_DIGESTS": self.aggregator_digests,
+            "FEDPIPE_ATTESTATION_ISSUER": f"http://127.0.0.1:{self.attestation_port}",
+            "FEDPIPE_ATTESTATION_JWKS_URL": f"http://127.0.0.1:{self.attestation_port}/v1/certs",
         }
 
     @property

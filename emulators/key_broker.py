@@ -39,10 +39,10 @@ from pathlib import Path
 
 import jwt
 import tink
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from tink import aead, cleartext_keyset_handle
 
-from shared.attestation import AttestationClaims, NodePolicy, Reason
+from shared.attestation import AttestationClaims, NodePolicy, Reason, Refused, verify_token
 from shared.audit import AuditEvent, Auditor, FirestoreAuditStore
 from shared.key_release import PolicyProgram
 
@@ -55,8 +55,6 @@ STAND_IN = (
 )
 NONCE_TTL_S = 300.0
 MAX_OUTSTANDING_NONCES = 1024  # per node: nonces nobody redeemed are forgotten oldest first
-MAX_TOKEN_CHARS = 16384
-CLOCK_SKEW_S = 10
 # A token that fails verification is an attestation failure; one that verifies but is not allowed is a refusal.
 FAILURES = {Reason.BAD_SIGNATURE, Reason.EXPIRED}
 
@@ -69,12 +67,6 @@ class BrokerConfig(BaseModel):
     policies: list[NodePolicy]
     keysets: dict[str, Path]  # node -> its KEK keyset (LocalKeyStore.path(node))
     audit_to_firestore: bool = True  # FIRESTORE_EMULATOR_HOST says where
-
-
-class Refused(Exception):
-    def __init__(self, reason: Reason, claims: AttestationClaims | None = None) -> None:
-        super().__init__(reason.value)
-        self.reason, self.claims = reason, claims
 
 
 class Nonces:
@@ -144,30 +136,12 @@ class KeyBroker:
     def verify(self, node: str, token: str) -> AttestationClaims:
         """The token's claims if it may use `node`'s key; else Refused with the reason."""
         program = self.programs[node]
-        raw = self._decode(token, program.policy.audience)
-        try:
-            claims = AttestationClaims.model_validate(raw)
-        except ValidationError:
-            raise Refused(Reason.BAD_SIGNATURE) from None
+        raw, claims = verify_token(token, self.jwks, program.policy.audience, self.config.issuer)
         if not self.nonces.redeem(node, claims.nonces):
             raise Refused(Reason.REPLAYED_NONCE, claims)
         if (reason := program.refusal(raw)) is not None:
             raise Refused(reason, claims)
         return claims
-
-    def _decode(self, token: str, audience: str) -> dict:
-        if len(token) > MAX_TOKEN_CHARS:
-            raise Refused(Reason.BAD_SIGNATURE)
-        try:
-            key = self.jwks.get_signing_key_from_jwt(token).key
-            return jwt.decode(token, key, algorithms=["RS256"], audience=audience, issuer=self.config.issuer, leeway=CLOCK_SKEW_S,
-                              options={"require": ["exp", "iat", "aud", "iss"]})
-        except jwt.ExpiredSignatureError:
-            raise Refused(Reason.EXPIRED) from None
-        except jwt.InvalidAudienceError:
-            raise Refused(Reason.WRONG_AUDIENCE) from None
-        except (jwt.PyJWTError, jwt.PyJWKClientError, ValueError):
-            raise Refused(Reason.BAD_SIGNATURE) from None
 
     def use_key(self, node: str, operation: str, token: str, data: bytes = b"", associated_data: bytes = b"") -> bytes:
         """Encrypt, decrypt or only attest for `node`; audited either way. tink.TinkError: a ciphertext that does not open."""

@@ -54,6 +54,7 @@ class MetadataConfig(BaseModel):
     project: str
     issuer_port: int
     node_ports: dict[str, int]
+    hub_port: int = 0  # the hub functions' endpoint: their ID tokens for the attested aggregator
     key_path: Path  # the issuer's signing key, made at start (tests mint expired or foreign tokens with it)
 
 
@@ -64,6 +65,11 @@ def issuer_key_file(state_dir: Path) -> Path:
 def local_identity(project: str, node: str) -> str:
     """The service account email node `node`'s workers have in the local stack."""
     return f"worker-{node.lower().replace('_', '-')}@{project}.iam.gserviceaccount.com"
+
+
+def local_hub_identity(project: str) -> str:
+    """The service account email the hub's functions have in the local stack."""
+    return f"hub@{project}.iam.gserviceaccount.com"
 
 
 def issuer_url(port: int) -> str:
@@ -152,8 +158,11 @@ def serve(config: MetadataConfig) -> list[ThreadingHTTPServer]:
     """Start the issuer and one metadata endpoint per node, each on its own thread."""
     issuer = Issuer.create(issuer_url(config.issuer_port), config.key_path)
     servers = [ThreadingHTTPServer(("127.0.0.1", config.issuer_port), _handler(issuer, config.project, None))]
-    for node, port in config.node_ports.items():
-        servers.append(ThreadingHTTPServer(("127.0.0.1", port), _handler(issuer, config.project, local_identity(config.project, node))))
+    identities = {port: local_identity(config.project, node) for node, port in config.node_ports.items()}
+    if config.hub_port:
+        identities[config.hub_port] = local_hub_identity(config.project)
+    for port, email in identities.items():
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), _handler(issuer, config.project, email)))
     for server in servers:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True, name=f"port-{server.server_address[1]}").start()

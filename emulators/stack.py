@@ -40,6 +40,7 @@ from emulators.processes import (
 )
 from emulators.router_config import RouterConfig
 from shared.attestation import NodePolicy, node_audience
+from shared.attested_seal import AGGREGATOR
 from shared.config import Settings
 from shared.envelope import LocalKeyStore
 from shared.triggers import HTTP_FUNCTIONS, function_names
@@ -153,12 +154,15 @@ class LocalCloud:
         ep.metadata_ports = {node: free_port() for node in settings.nodes}
         ep.worker_modules = dict(opts.worker_modules)
         ep.attestation_port, ep.key_broker_port = free_port(), free_port()
+        ep.hub_metadata_port, ep.aggregator_port = free_port(), free_port()
+        ep.aggregator_digests = local_worker_digest(AGGREGATOR)
         self.endpoints = ep
         env = {**ep.client_env(), "FEDPIPE_STATE_DIR": str(state_dir), "JAVA_TOOL_OPTIONS": "-Xss4m"}
 
         self.on_step("starting the LOCAL STAND-IN metadata server and ID-token issuer (not Google's: valid for this stack only)")
         metadata = MetadataConfig(
-            project=settings.project, issuer_port=ep.issuer_port, node_ports=ep.metadata_ports, key_path=issuer_key_file(state_dir)
+            project=settings.project, issuer_port=ep.issuer_port, node_ports=ep.metadata_ports, hub_port=ep.hub_metadata_port,
+            key_path=issuer_key_file(state_dir),
         )
         identity = self._spawn("metadata-server", [sys.executable, "-m", "emulators.metadata_server", metadata.model_dump_json()], env)
 
@@ -194,12 +198,13 @@ class LocalCloud:
         provision.ensure_nodes(settings, state_dir)
         wait_ready(identity, http_ok(f"http://127.0.0.1:{ep.issuer_port}/"), 30)
         self._start_key_release(ep, settings, state_dir, env)
+        aggregator = self._start_aggregator(ep, env)
 
         # Workers fork from here with their imports loaded (emulators/worker_zygote.py).
         self._spawn("worker-zygote", [sys.executable, "-m", "emulators.worker_zygote", str(zygote_socket(state_dir))], env)
 
         self.on_step("starting functions")
-        self._env = {**env, **ep.identity_env()}
+        self._env = {**env, **ep.identity_env(), **ep.hub_env()}
         for name in ep.function_ports:
             self.start_function(name, wait=False)
 
@@ -215,6 +220,7 @@ class LocalCloud:
                 port = ep.function_ports[proc.name.removeprefix("function-")]
                 wait_ready(proc, http_ok(f"http://127.0.0.1:{port}/"), 60)
         wait_ready(router, http_ok(f"http://127.0.0.1:{ep.router_port}/healthz"), 60)
+        wait_ready(aggregator, http_ok(ep.aggregator_url), 60)
         self._record_pids()
         if opts.reload:
             project = Path(functions.__file__).parent.parent
@@ -229,9 +235,11 @@ class LocalCloud:
         self.on_step("starting the Confidential Space ATTESTATION SIMULATOR and the local key broker (stand-ins: they prove nothing)")
         digest = local_worker_digest()
         simulator_url = attestation_issuer_url(ep.attestation_port)
+        workloads = {node: Workload(image_digest=digest, lifetime_s=self.options.attestation_token_s) for node in settings.nodes}
+        workloads[AGGREGATOR] = Workload(image_digest=ep.aggregator_digests, image_reference="local/fedpipe-aggregator")
         simulator = SimulatorConfig(
             project=settings.project, port=ep.attestation_port, key_path=state_dir / "keys" / "attestation-simulator.pem",
-            launcher_dir=launcher_dir(state_dir), workloads={node: Workload(image_digest=digest, lifetime_s=self.options.attestation_token_s) for node in settings.nodes},
+            launcher_dir=launcher_dir(state_dir), workloads=workloads,
         )
         sim = self._spawn("attestation-simulator", [sys.executable, "-m", "emulators.attestation_simulator", simulator.model_dump_json()], env)
         wait_ready(sim, http_ok(simulator_url + "/"), 30)
@@ -243,6 +251,19 @@ class LocalCloud:
         )
         broker_proc = self._spawn("key-broker", [sys.executable, "-m", "emulators.key_broker", broker.model_dump_json()], env)
         wait_ready(broker_proc, http_ok(f"http://127.0.0.1:{ep.key_broker_port}/"), 30)
+
+    def _start_aggregator(self, ep: Endpoints, env: dict[str, str]) -> ManagedProcess:
+        """The attested aggregator, as its Confidential Space VM would run it: its launcher is the simulator's
+        `aggregator` workload, and it serves only the hub identity. Not given Firestore or Pub/Sub."""
+        self.on_step("starting the attested aggregator (its attestation comes from the SIMULATOR)")
+        source = Path(functions.__file__).parent.parent / "workers" / "aggregator" / "main.py"
+        ff = shutil.which("functions-framework", path=str(Path(sys.executable).parent)) or "functions-framework"
+        withheld = ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
+        agg_env = {k: v for k, v in env.items() if k not in withheld} | ep.identity_env() | {
+            "FEDPIPE_TEESERVER_SOCKET": str(launcher_dir(Path(ep.state_dir)) / AGGREGATOR / "teeserver.sock"),
+        }
+        argv = [ff, "--target", "aggregator_api", "--source", str(source), "--port", str(ep.aggregator_port), "--host", "127.0.0.1"]
+        return self._spawn("aggregator", argv, agg_env)
 
     def _record_pids(self) -> None:
         ep = self.endpoints
@@ -319,11 +340,11 @@ class LocalCloud:
             self.endpoints.path.unlink(missing_ok=True)
 
 
-def local_worker_digest() -> str:
-    """The local stand-in for the worker image's digest: a SHA-256 of the code a local worker runs
-    (workers/ and shared/), which the nodes' key-release policies allow."""
+def local_worker_digest(image: str = "trainer") -> str:
+    """The local stand-in for a workload image's digest: a SHA-256 of its name and the code it runs
+    (workers/ and shared/). The nodes' key-release policies allow the trainer's; the nodes trust the aggregator's."""
     root = Path(functions.__file__).parent.parent
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(image.encode() + b"\0")
     for path in sorted(p for folder in ("workers", "shared") for p in (root / folder).rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return f"sha256:{digest.hexdigest()}"

@@ -17,7 +17,8 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import jwt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIDENTIAL_SPACE = "CONFIDENTIAL_SPACE"  # swname of hardened and debug Confidential Space images
 PRODUCTION_DBGSTAT = "disabled-since-boot"
@@ -49,6 +50,7 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"  # also: malformed, unknown key, wrong issuer
     MISSED_CHECK = "missed_check"  # worker side: a re-attestation that could not complete in time
     TOKEN_OUTLIVES_CHECK = "token_outlives_check"  # worker side: a token valid past the next check
+    WRONG_KEY = "wrong_key"  # node side: an aggregator token whose nonce is not the offered key's fingerprint
 
 
 class _Claims(BaseModel):
@@ -116,3 +118,43 @@ class NodePolicy(BaseModel, frozen=True):
 def node_audience(project: str, node: str) -> str:
     """The audience a node's worker asks the launcher for, and the node's pool provider accepts."""
     return f"https://fedpipe.{project}/nodes/{node}/key-release"
+
+
+def aggregator_audience(project: str) -> str:
+    """The audience of the attested aggregator's tokens: what a node checks before it seals an update to it."""
+    return f"https://fedpipe.{project}/aggregator"
+
+
+MAX_TOKEN_CHARS = 16384
+CLOCK_SKEW_S = 10
+
+
+class Refused(Exception):
+    """A token that may not have what it asked for, with the reason (and its claims, once they verified)."""
+
+    def __init__(self, reason: Reason, claims: AttestationClaims | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason, self.claims = reason, claims
+
+
+def verify_token(token: str, jwks: jwt.PyJWKClient, audience: str, issuer: str) -> tuple[dict, AttestationClaims]:
+    """A token's raw and typed claims if it is signed by the issuer's JWKS, unexpired and for `audience`; else Refused.
+
+    What the policy says about those claims is the caller's to check (shared/key_release.py).
+    """
+    if len(token) > MAX_TOKEN_CHARS:
+        raise Refused(Reason.BAD_SIGNATURE)
+    try:
+        key = jwks.get_signing_key_from_jwt(token).key
+        raw = jwt.decode(token, key, algorithms=["RS256"], audience=audience, issuer=issuer, leeway=CLOCK_SKEW_S,
+                         options={"require": ["exp", "iat", "aud", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise Refused(Reason.EXPIRED) from None
+    except jwt.InvalidAudienceError:
+        raise Refused(Reason.WRONG_AUDIENCE) from None
+    except (jwt.PyJWTError, jwt.PyJWKClientError, ValueError):
+        raise Refused(Reason.BAD_SIGNATURE) from None
+    try:
+        return raw, AttestationClaims.model_validate(raw)
+    except ValidationError:
+        raise Refused(Reason.BAD_SIGNATURE) from None

@@ -77,6 +77,10 @@ class Settings(BaseModel, frozen=True):
     node_api_url: str = ""
     id_token_certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     id_token_issuers: tuple[str, ...] = ("https://accounts.google.com", "accounts.google.com")
+    # The attested aggregator (workers/aggregator), for federations with confidential_aggregation: its URL (the
+    # audience of the hub's ID tokens) and the hub identity, the only caller it serves.
+    aggregator_url: str = ""
+    hub_identity: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -104,4 +108,8 @@ class Settings(BaseModel, frozen=True):
             values["id_token_certs_url"] = certs_url
         if issuer := env.get("FEDPIPE_ID_TOKEN_ISSUER"):
             values["id_token_issuers"] = (issuer,)
+        if aggregator_url := env.get("FEDPIPE_AGGREGATOR_URL"):
+            values["aggregator_url"] = aggregator_url
+        if hub_identity := env.get("FEDPIPE_HUB_IDENTITY"):
+            values["hub_identity"] = hub_identity.lower()
         return cls(**values)

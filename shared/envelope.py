@@ -46,10 +46,12 @@ class Purpose(StrEnum):
 
 
 HUB = "hub"  # the owner of global models and the server optimizer's state: the hub's own key
-# What sealing adds to an object: the magic, the wrapped data key (its length, Tink's prefix, and a
-# local keyset's or Cloud KMS's ciphertext of 32 bytes), the data's nonce and tag. Bounds for the
-# hub's size check before it downloads an update.
-SEAL_OVERHEAD_MIN = 4 + 4 + 12 + 16 + 32
+# What sealing adds to an object, bounds for the hub's size check before it downloads an update. Under
+# a node's key: the magic, the wrapped data key (its length, Tink's prefix, and a local keyset's or
+# Cloud KMS's ciphertext of 32 bytes), the data's nonce and tag, at least 68 bytes. Sealed to the
+# attested aggregator (shared/attested_seal.py): the magic, Tink's prefix, the encapsulated key and
+# the tag, 57 bytes, the smaller.
+SEAL_OVERHEAD_MIN = 4 + 5 + 32 + 16
 SEAL_OVERHEAD_MAX = 1024
 
 

@@ -27,6 +27,8 @@ from shared.privacy import PrivacyConfig
 if TYPE_CHECKING:
     from shared.fedstore import Round
 
+MIN_AGGREGATED = 2  # the fewest nodes an attested aggregator combines: one node's "aggregate" is its update
+
 # Anchored with \Z: `$` would also accept a trailing newline.
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 # Each node writes under its own prefix, so the hub can trust the node a name claims:
@@ -88,6 +90,11 @@ class FederationConfig(BaseModel, frozen=True):
     max_attempts: int = Field(default=3, ge=1, le=100)
     lease_seconds: float = Field(default=120.0, gt=0, le=3600)
     signed_updates: bool = Field(default=True, description="count only updates signed with the node's registered key")
+    confidential_aggregation: bool = Field(
+        default=False,
+        description="updates are sealed to an attested aggregator workload (workers/aggregator) that only releases aggregates of "
+        f"at least {MIN_AGGREGATED} nodes: the hub and its operator never see one node's update",
+    )
     privacy: PrivacyConfig | None = Field(
         default=None,
         description="client-level differential privacy (shared/privacy.py): each node's change clipped, the mean unweighted and "
@@ -108,6 +115,9 @@ class FederationConfig(BaseModel, frozen=True):
         if self.privacy is not None and self.strategy in ("median", "trimmed_mean"):
             raise ValueError(f"privacy adds Gaussian noise to the mean of clipped updates, and strategy {self.strategy} takes no mean: "
                              "use fedavg, fedprox, fedadam or fedyogi")
+        if self.confidential_aggregation and (not self.signed_updates or len(self.nodes) < MIN_AGGREGATED or self.quorum < MIN_AGGREGATED):
+            raise ValueError(f"confidential_aggregation needs signed updates and at least {MIN_AGGREGATED} nodes in every round "
+                             f"(min_nodes >= {MIN_AGGREGATED}): an aggregate of one node is that node's update")
         if self.privacy is not None and self.clip_norm is not None:
             raise ValueError("privacy clips each update to privacy.clip_norm: leave clip_norm unset")
         return self

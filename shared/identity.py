@@ -69,9 +69,12 @@ class CachedCertsRequest:
 
 
 class TokenVerifier:
-    def __init__(self, settings: Settings) -> None:
-        if not settings.node_api_url:
-            raise ValueError("FEDPIPE_NODE_API_URL is not set: the node API cannot check a token's audience")
+    """ID tokens for one audience: the node API's by default, or another service's (the attested aggregator's)."""
+
+    def __init__(self, settings: Settings, audience: str | None = None) -> None:
+        self.audience = audience if audience is not None else settings.node_api_url
+        if not self.audience:
+            raise ValueError("no audience configured (FEDPIPE_NODE_API_URL): a token's audience cannot be checked")
         self.settings = settings
         self.request = CachedCertsRequest(settings.id_token_certs_url)
 
@@ -106,7 +109,7 @@ class TokenVerifier:
         try:
             return dict(
                 id_token.verify_token(
-                    token, self.request, audience=self.settings.node_api_url, certs_url=self.settings.id_token_certs_url,
+                    token, self.request, audience=self.audience, certs_url=self.settings.id_token_certs_url,
                     clock_skew_in_seconds=CLOCK_SKEW_S,
                 )
             )

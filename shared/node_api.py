@@ -37,13 +37,15 @@ from werkzeug.exceptions import NotFound as NoRoute
 from werkzeug.routing import Map, Rule
 
 from shared import hub
+from shared.aggregator_messages import KeyReply
 from shared.bytes_cache import BytesCache
 from shared.dataset_shards import pinned_dataset
 from shared.envelope import HUB, Purpose
 from shared.federation import UPDATE_PATH, global_model_object, round_kind
 from shared.fedstore import Federation, FederationStatus
 from shared.hub import UpdateKind
-from shared.hub.context import owner_envelopes
+from shared.hub.aggregator_client import AggregatorUnavailable
+from shared.hub.context import aggregator_client, owner_envelopes
 from shared.identity import Caller, Refusal, TokenVerifier, Unauthenticated
 from shared.ingest import RawObject, Services
 from shared.jobs import Job, JobStatus, retry_or_fail, transition, utcnow
@@ -259,7 +261,18 @@ class NodeApi:
             status=fed.status.value, round=r, rounds=fed.config.rounds, kind=round_kind(fed.config, r) if r else None,
             global_model_round=(r - 1) if fed.global_model_uri and r else None, train=fed.config.train_spec(),
             signed_updates=fed.config.signed_updates, stats=fed.stats, error=fed.error, final=final,
+            confidential_aggregation=fed.config.confidential_aggregation,
+            aggregator=self._aggregator_key() if fed.config.confidential_aggregation and fed.status is FederationStatus.RUNNING else None,
         )
+
+    def _aggregator_key(self) -> KeyReply | None:
+        """Relayed as the aggregator gives it: the member checks the token itself, so this hop need not be trusted."""
+        client = aggregator_client(self.svc.settings.aggregator_url)
+        try:
+            return client.key() if client is not None else None
+        except AggregatorUnavailable as exc:
+            log.warning("aggregator key unavailable: %s", exc)
+            return None
 
     def _federation(self, node: str, fid: str, query: dict[str, str], **_) -> Reply:
         fed = self._fed(fid)

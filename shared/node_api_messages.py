@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.aggregator_messages import KeyReply
 from shared.datasets import FeatureStats
 from shared.jobs import TrainSpec
 
@@ -60,6 +61,10 @@ class FederationView(BaseModel):
     error: str | None = None
     counted: bool = False  # this node's update for `round` is counted already
     final: dict[str, float] | None = None
+    # With confidential_aggregation: the attested aggregator's key, to seal training updates to once the worker has
+    # checked its token against its node's own policy (shared/attested_seal.py). None while the aggregator is unreachable.
+    confidential_aggregation: bool = False
+    aggregator: KeyReply | None = None
 
 
 class UpdateReply(BaseModel):

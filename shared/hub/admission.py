@@ -109,7 +109,7 @@ def size_refusal(fed: Federation, r: int, node: str, size: int) -> Refusal | Non
         spec = model_spec(fed)
         low = weights_size(spec, {}) - 7  # no metadata but the format tag, and the header left unpadded
         high = weights_size(spec, {"federation": fed.id, "round": str(r), "node": node}) + METADATA_SLACK
-    low, high = low + SEAL_OVERHEAD_MIN, high + SEAL_OVERHEAD_MAX  # sealed under the node's key
+    low, high = low + SEAL_OVERHEAD_MIN, high + SEAL_OVERHEAD_MAX  # sealed under the node's key, or to the attested aggregator
     if size > high:
         return Refusal(RefusalReason.TOO_BIG, f"the upload is larger than this round's update (at most {high} bytes)")
     if size < low:

@@ -7,19 +7,21 @@ when it counted them come from VERIFIED instead of a second download.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 from google.api_core.exceptions import PreconditionFailed
+from google.cloud import storage
 
 from shared import gcs_uri, weights
 from shared.aggregation import ServerOptimizer, aggregator, clip_update
 from shared.bytes_cache import BytesCache
-from shared.envelope import HUB, Purpose
+from shared.config import Settings
+from shared.envelope import HUB, Envelope, Purpose
 from shared.federation import global_model_object, server_state_object
 from shared.fedstore import Federation, Update
 from shared.hub.admission import model_spec
-from shared.hub.context import Hub
 from shared.io_pool import IO
 from shared.model_spec import initial_params
 from shared.privacy import private_mean, secure_rng
@@ -29,8 +31,19 @@ from shared.privacy import private_mean, secure_rng
 # the instance already verified. A miss (counted by another instance, or evicted) is downloaded.
 VERIFIED = BytesCache(max_bytes=64 * 2**20)
 
+UpdateOpener = Callable[[Update], bytes]  # a counted update's bytes, opened: downloaded at its counted generation
 
-def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update], recover: bool) -> str:
+
+class ModelKeeper(Protocol):
+    """What aggregation needs of its host: the hub's bucket and the hub's key (the hub itself, or the attested aggregator)."""
+
+    settings: Settings
+    gcs: storage.Client
+    envelope: Callable[[str], Envelope]
+
+
+def aggregate(hub: ModelKeeper, fed: Federation, r: int, participants: dict[str, Update], recover: bool,
+              open_update: UpdateOpener | None = None) -> str:
     """The global model after training round r, written once to a fixed path; returns its URI.
 
     Only a recovering closer can find the model written already (by the closer that died
@@ -44,6 +57,7 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
     uri = f"gs://{bucket.name}/{target.name}"
     if recover and target.exists():
         return uri
+    opener = open_update or (lambda update: read_sealed(hub, update.object, Purpose.UPDATE, update.generation, update.node))
     expected = model_spec(fed)
     # Round 1 has no previous global model at the hub (nodes start from the shared seed), so
     # clip_norm and the server optimizers act from round 2 on. Privacy cannot wait a round:
@@ -54,11 +68,11 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
         previous = weights.from_bytes(read_sealed(hub, fed.global_model_uri, Purpose.GLOBAL_MODEL), expected=expected)[0]
     if config.privacy is not None:
         reference = previous if previous is not None else initial_params(expected, config.seed)
-        updates = (params for params, _ in _updates(hub, participants, expected, None, None))
+        updates = (params for params, _ in _updates(opener, participants, expected, None, None))
         combined, _ = private_mean(updates, reference, config.privacy, secure_rng())
     else:
         combine = aggregator(config.strategy, config.trim_fraction)
-        combine.extend(_updates(hub, participants, expected, previous, config.clip_norm))
+        combine.extend(_updates(opener, participants, expected, previous, config.clip_norm))
         combined = combine.result()
     new_global = combined
     if stepped and previous is not None:
@@ -71,14 +85,15 @@ def aggregate(hub: Hub, fed: Federation, r: int, participants: dict[str, Update]
     return uri
 
 
-def read_sealed(hub: Hub, uri: str, purpose: Purpose, generation: int | None = None, owner: str = HUB) -> bytes:
+def read_sealed(hub: ModelKeeper, uri: str, purpose: Purpose, generation: int | None = None, owner: str = HUB) -> bytes:
     """An object the hub keeps (or a node sent), opened under its owner's key."""
     bucket, name = uri.removeprefix("gs://").split("/", 1)
     return hub.envelope(owner).open(gcs_uri.read(hub.gcs, uri, generation), bucket, name, purpose)
 
 
 def _updates(
-    hub: Hub, participants: dict[str, Update], expected: dict, previous: dict[str, np.ndarray] | None, clip_norm: float | None
+    open_update: UpdateOpener, participants: dict[str, Update], expected: dict, previous: dict[str, np.ndarray] | None,
+    clip_norm: float | None,
 ) -> Iterator[tuple[dict[str, np.ndarray], float]]:
     """Each counted update as the aggregator asks for it (clipped when asked), the next one already downloading."""
     nodes = sorted(participants)
@@ -86,9 +101,7 @@ def _updates(
     def fetch(node: str):
         # The very version whose signature was verified when it was counted.
         update = participants[node]
-        return IO.submit(
-            lambda: VERIFIED.pop(update.object, update.generation) or read_sealed(hub, update.object, Purpose.UPDATE, update.generation, node)
-        )
+        return IO.submit(lambda: VERIFIED.pop(update.object, update.generation) or open_update(update))
 
     pending = fetch(nodes[0])
     for i, node in enumerate(nodes):
@@ -103,7 +116,7 @@ def _updates(
         del params
 
 
-def _create(hub: Hub, blob, data: bytes, purpose: Purpose) -> None:
+def _create(hub: ModelKeeper, blob, data: bytes, purpose: Purpose) -> None:
     """Write once, sealed under the hub's key: a recovering closer racing the original one never replaces what it wrote."""
     try:
         sealed = hub.envelope(HUB).seal(data, blob.bucket.name, blob.name, purpose)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from shared.aggregator_messages import AggregateRequest
 from shared.federation import RoundMetrics, RoundStatus, close_decision, weighted_metrics
 from shared.fedstore import CloseMarker, Federation, FederationStatus, Round, Stored, Update
 from shared.hub.aggregation_io import aggregate
+from shared.hub.aggregator_client import AggregatorUnavailable
 from shared.hub.context import Hub
 from shared.hub.outcomes import AdvanceKind, AdvanceOutcome, SweepOutcome
 from shared.privacy import spent
@@ -87,7 +89,7 @@ def _finish(
         # Each node evaluated the model it received: the global model after round r-1.
         evaluated = RoundMetrics(round=r - 1, **weighted_metrics(docs, "global_"))
         if rd.kind == "train":
-            uri = aggregate(hub, fed, r, participants, recover)
+            uri = aggregated(hub, fed, r, participants, recover)
             # Every round up to r released a noised model (a round that fails ends the federation),
             # so r rounds are spent; recounted from the config, a recovering closer agrees.
             dp = spent(fed.config.privacy, r, len(participants)) if fed.config.privacy is not None else None
@@ -121,3 +123,14 @@ def sweep_deadlines(hub: Hub, now: datetime) -> list[SweepOutcome]:
             log.exception("deadline sweep of %s failed", fid)
             outcomes.append(SweepOutcome(fid, error=type(exc).__name__))
     return outcomes
+
+
+def aggregated(hub: Hub, fed: Federation, r: int, participants: dict[str, Update], recover: bool) -> str:
+    """The new global model's URI: aggregated here, or by the attested aggregator when only it can open the updates."""
+    assert fed.config is not None
+    if not fed.config.confidential_aggregation:
+        return aggregate(hub, fed, r, participants, recover)
+    if hub.aggregator is None:
+        raise AggregatorUnavailable("this federation needs the attested aggregator, and FEDPIPE_AGGREGATOR_URL is not set")
+    request = AggregateRequest(federation=fed, round=r, participants=participants, recover=recover)
+    return hub.aggregator.aggregate(request).global_model_uri

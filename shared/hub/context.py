@@ -12,6 +12,7 @@ from google.cloud import firestore, storage
 from shared.config import Settings
 from shared.envelope import Envelope, node_kek
 from shared.fedstore import FederationStore, FirestoreFederationStore
+from shared.hub.aggregator_client import AggregatorClient
 from shared.ingest import Services
 from shared.jobs import Job
 from shared.jobstore import JobStore
@@ -31,6 +32,7 @@ class Hub:
     jobs: JobCreator
     public_key: Callable[[str], str | None]  # a node's registered signing key, None if it has none
     envelope: Callable[[str], Envelope]  # an owner's key (a node's, or HUB's): updates open, global models seal under it
+    aggregator: AggregatorClient | None = None  # the attested aggregator, for federations with confidential_aggregation
 
     @classmethod
     def of(cls, svc: Services) -> Hub:
@@ -42,8 +44,14 @@ class Hub:
 
         return cls(
             svc.settings, FirestoreFederationStore(svc.db, svc.settings), svc.gcs, svc.db, JobStore(svc.db, svc.settings), public_key,
-            owner_envelopes(svc.settings),
+            owner_envelopes(svc.settings), aggregator_client(svc.settings.aggregator_url),
         )
+
+
+@cache
+def aggregator_client(url: str) -> AggregatorClient | None:
+    """One client per process (it keeps the hub's ID token and the aggregator's key for a while)."""
+    return AggregatorClient(url) if url else None
 
 
 def owner_envelopes(settings: Settings) -> Callable[[str], Envelope]:

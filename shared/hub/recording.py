@@ -16,12 +16,14 @@ from datetime import datetime
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 
+from shared.aggregator_messages import AdmitRequest
 from shared.envelope import EnvelopeError, Purpose
 from shared.federation import RoundStatus
-from shared.fedstore import Federation, RefusalReason, RefusedUpdate, Update
+from shared.fedstore import Federation, RefusalReason, RefusedUpdate, Round, Update
 from shared.hub import admission
 from shared.hub.admission import Claims, Refusal
 from shared.hub.aggregation_io import VERIFIED
+from shared.hub.aggregator_client import AggregatorUnavailable
 from shared.hub.closing import advance, advance_seen
 from shared.hub.context import Hub
 from shared.hub.outcomes import UpdateKind, UpdateOutcome
@@ -73,9 +75,9 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
             return None  # deleted or replaced since; a replacement has its own event
 
     # Every round's critical path: the reads go out together, and a small upload whose size
-    # fits the model (as this instance knows it) downloads alongside them.
+    # fits the model (as this instance knows it) downloads alongside them (unless only the aggregator may open it).
     known = MODELS.get(fid)
-    eager = (isinstance(claims, Claims) and obj.size <= EAGER_DOWNLOAD_BYTES and known is not None
+    eager = (isinstance(claims, Claims) and not (known is not None and known.config is not None and known.config.confidential_aggregation) and obj.size <= EAGER_DOWNLOAD_BYTES and known is not None
              and admission.size_refusal(known, r, node, obj.size) is None)
     view, public_key, *downloaded = parallel(
         lambda: hub.store.update_view(fid, r, node), lambda: hub.public_key(node), *([download] if eager else [])
@@ -106,17 +108,22 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
         return refuse(claims)
     if refusal := admission.size_refusal(fed, r, node, obj.size):
         return refuse(refusal)
-    if data is None and (data := download()) is None:
-        return UpdateOutcome(UpdateKind.IGNORED, detail="the update is gone")
-    try:
-        data = hub.envelope(node).open(data, obj.bucket, obj.name, Purpose.UPDATE)
-    except EnvelopeError:
-        return refuse(Refusal(RefusalReason.NOT_SEALED, "the update does not open under the node's key"))
-    if refusal := (
-        admission.signature_refusal(fed.config, fid, r, node, attempt, claims, data, obj.metadata, public_key)
-        or admission.content_refusal(fed, rd, node, claims, data)
-    ):
-        return refuse(refusal)
+    attested = fed.config.confidential_aggregation and rd.kind == "train"
+    if attested:  # sealed to the attested aggregator: only it can open and check the weights
+        if refusal := admitted_by_aggregator(hub, fed, rd, node, obj, attempt, public_key):
+            return refuse(refusal)
+    else:
+        if data is None and (data := download()) is None:
+            return UpdateOutcome(UpdateKind.IGNORED, detail="the update is gone")
+        try:
+            data = hub.envelope(node).open(data, obj.bucket, obj.name, Purpose.UPDATE)
+        except EnvelopeError:
+            return refuse(Refusal(RefusalReason.NOT_SEALED, "the update does not open under the node's key"))
+        if refusal := (
+            admission.signature_refusal(fed.config, fid, r, node, attempt, claims, data, obj.metadata, public_key)
+            or admission.content_refusal(fed, rd, node, claims, data)
+        ):
+            return refuse(refusal)
 
     late = Refusal(RefusalReason.LATE, f"round {r} is closed")
     counted = view.counted
@@ -129,9 +136,22 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
     update = Update(node=node, object=uri, generation=obj.generation, attempt=attempt, examples=claims.examples, metrics=claims.metrics, at=now)
     if not hub.store.add_update(fid, r, update):
         return UpdateOutcome(UpdateKind.DUPLICATE, advance=advance(hub, fid, r, now))  # this node's update counted meanwhile
-    if rd.kind == "train":
+    if rd.kind == "train" and not attested:
         VERIFIED.put(uri, obj.generation, data)  # the closing delivery aggregates it without a download
     outcome, marker = advance_seen(hub, fid, r, now, seen=(stored, rd))
     if marker is not None and node not in marker.participants:
         return refuse(late, UpdateKind.LATE)  # the round was closed without us between our checks and our write
     return UpdateOutcome(UpdateKind.RECORDED, advance=outcome)
+
+
+def admitted_by_aggregator(
+    hub: Hub, fed: Federation, rd: Round, node: str, obj: RawObject, attempt: int, public_key: str | None
+) -> Refusal | None:
+    """The attested aggregator's verdict on an update sealed to it: the same checks, made where the weights can be read."""
+    if hub.aggregator is None:
+        raise AggregatorUnavailable("this federation needs the attested aggregator, and FEDPIPE_AGGREGATOR_URL is not set")
+    reply = hub.aggregator.admit(AdmitRequest(
+        federation=fed, round=rd, node=node, object=f"gs://{obj.bucket}/{obj.name}", generation=obj.generation, attempt=attempt,
+        metadata=obj.metadata, public_key=public_key,
+    ))
+    return Refusal(reply.refusal.reason, reply.refusal.message) if reply.refusal else None

@@ -21,12 +21,13 @@ from google.cloud import storage
 
 from shared import signing, weights
 from shared.config import Settings
-from shared.envelope import Envelope, Purpose
+from shared.envelope import Envelope
 from shared.federation import update_object
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
 from workers.trainer.node_client import FederationView, NodeClient
 from workers.trainer.training import TrainConfig, Trainer
+from workers.trainer.update_seal import seal_upload
 
 log = logging.getLogger("fedpipe.worker.federated")
 WAIT_S = 10.0  # one long poll; the heartbeat's verdict is checked between polls
@@ -104,8 +105,9 @@ def train_round(job, view: FederationView, r: int, global_params, trainer, split
             federation=ref.id, round=r, node=ref.node, attempt=job.attempt, examples=examples, metrics=metrics, payload=payload
         )
         blob.metadata |= signing.signature_metadata(signer, claims)
-    # Sealed under the node's key (the signature covers what is inside): the hub opens it, nobody else.
-    blob.upload_from_string(envelope.seal(payload, hub.name, blob.name, Purpose.UPDATE), content_type="application/octet-stream")
+    # Sealed under the node's key for the hub, or to the attested aggregator (the signature covers what is inside).
+    sealed = seal_upload(view, hub.client.project, envelope, payload, hub.name, blob.name, refetch=lambda: api.federation(ref.id))
+    blob.upload_from_string(sealed, content_type="application/octet-stream")
     reply = api.report_update(ref.id, r, blob.name, blob.generation)
     what = "evaluation" if evaluate_only else "update"
     if reply.counted:
