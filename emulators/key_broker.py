@@ -8,6 +8,7 @@ decrypt with the node's Cloud KMS key. Locally this process plays that whole pat
   POST /v1/nonces                      {"node"} -> {"nonce", "expires_in_s"}
   POST /v1/nodes/{node}:encrypt        {"plaintext", "associated_data", "attestation_token"} -> {"ciphertext"}
   POST /v1/nodes/{node}:decrypt        {"ciphertext", "associated_data", "attestation_token"} -> {"plaintext"}
+  POST /v1/nodes/{node}:sign           {"message", "attestation_token"} -> {"signature"}   (its update-signing key)
   POST /v1/nodes/{node}:attest         {"attestation_token"} -> {"attested": true}   (re-attestation: no key used)
 
 (bytes as standard base64). A token is used only if its signature verifies against the
@@ -42,6 +43,7 @@ import tink
 from pydantic import BaseModel
 from tink import aead, cleartext_keyset_handle
 
+from shared import signing
 from shared.attestation import AttestationClaims, NodePolicy, Reason, Refused, verify_token
 from shared.audit import AuditEvent, Auditor, FirestoreAuditStore
 from shared.key_release import PolicyProgram
@@ -55,6 +57,7 @@ STAND_IN = (
 )
 NONCE_TTL_S = 300.0
 MAX_OUTSTANDING_NONCES = 1024  # per node: nonces nobody redeemed are forgotten oldest first
+INPUT_FIELD = {"encrypt": "plaintext", "decrypt": "ciphertext", "sign": "message"}
 # A token that fails verification is an attestation failure; one that verifies but is not allowed is a refusal.
 FAILURES = {Reason.BAD_SIGNATURE, Reason.EXPIRED}
 
@@ -66,6 +69,7 @@ class BrokerConfig(BaseModel):
     jwks_url: str
     policies: list[NodePolicy]
     keysets: dict[str, Path]  # node -> its KEK keyset (LocalKeyStore.path(node))
+    signing_keys: dict[str, Path] = {}  # node -> its update-signing key (PEM); Cloud KMS's asymmetric key in production
     audit_to_firestore: bool = True  # FIRESTORE_EMULATOR_HOST says where
 
 
@@ -152,6 +156,13 @@ class KeyBroker:
             raise
         if operation == "attest":
             return b""
+        if operation == "sign":
+            if node not in self.config.signing_keys:
+                self._record(Reason.WRONG_KEY, node, operation, claims)
+                raise Refused(Reason.WRONG_KEY, claims)
+            signature = signing.LocalKeySigner.from_file(self.config.signing_keys[node]).sign(data)
+            self.audit(AuditEvent.KEY_RELEASED, node=node, operation=operation, key_id=None, **_workload(claims))
+            return signature
         kek = self.keys[node]
         result = kek.aead().encrypt(data, associated_data) if operation == "encrypt" else kek.aead().decrypt(data, associated_data)
         self.audit(AuditEvent.KEY_RELEASED, node=node, operation=operation, key_id=kek.primary_key_id, **_workload(claims))
@@ -209,7 +220,7 @@ def _handler(broker: KeyBroker) -> type[BaseHTTPRequestHandler]:
                     return self._reply(HTTPStatus.NOT_FOUND, {"error": "no such node"})
                 return self._reply(HTTPStatus.OK, {"nonce": broker.nonces.issue(node), "expires_in_s": broker.nonces.ttl_s})
             node, _, operation = self.path.removeprefix("/v1/nodes/").partition(":")
-            if not self.path.startswith("/v1/nodes/") or operation not in ("encrypt", "decrypt", "attest"):
+            if not self.path.startswith("/v1/nodes/") or operation not in ("encrypt", "decrypt", "sign", "attest"):
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": "no such route"})
             if not broker.has_node(node):
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": "no such node"})
@@ -218,8 +229,8 @@ def _handler(broker: KeyBroker) -> type[BaseHTTPRequestHandler]:
         def _use_key(self, node: str, operation: str, body: dict) -> None:
             token = body.get("attestation_token")
             try:
-                data = _b64(body, "plaintext" if operation == "encrypt" else "ciphertext") if operation != "attest" else b""
-                associated = _b64(body, "associated_data")
+                data = _b64(body, INPUT_FIELD[operation]) if operation in INPUT_FIELD else b""
+                associated = _b64(body, "associated_data") if operation in ("encrypt", "decrypt") else b""
             except (ValueError, binascii.Error):
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": "bytes fields must be standard base64"})
             if not isinstance(token, str) or not token:
@@ -230,7 +241,7 @@ def _handler(broker: KeyBroker) -> type[BaseHTTPRequestHandler]:
                 return self._reply(HTTPStatus.FORBIDDEN, {"error": "key not released", "reason": refused.reason.value})
             except tink.TinkError:
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": "the ciphertext does not open under this node's key with this associated data"})
-            field = {"encrypt": "ciphertext", "decrypt": "plaintext"}.get(operation)
+            field = {"encrypt": "ciphertext", "decrypt": "plaintext", "sign": "signature"}.get(operation)
             reply = {field: base64.b64encode(out).decode()} if field else {"attested": True}
             self._reply(HTTPStatus.OK, reply)
 

@@ -38,6 +38,7 @@ from emulators.processes import (
     kill_group,
     wait_ready,
 )
+from emulators.provision import node_key_file
 from emulators.router_config import RouterConfig
 from shared.attestation import NodePolicy, node_audience
 from shared.attested_seal import AGGREGATOR
@@ -248,6 +249,7 @@ class LocalCloud:
             project=settings.project, port=ep.key_broker_port, issuer=simulator_url, jwks_url=simulator_url + CERTS_PATH,
             policies=[NodePolicy(node=n, audience=node_audience(settings.project, n), image_digests=(digest,)) for n in settings.nodes],
             keysets={node: keys.path(node) for node in settings.nodes},
+            signing_keys={node: node_key_file(state_dir, node) for node in settings.nodes},
         )
         broker_proc = self._spawn("key-broker", [sys.executable, "-m", "emulators.key_broker", broker.model_dump_json()], env)
         wait_ready(broker_proc, http_ok(f"http://127.0.0.1:{ep.key_broker_port}/"), 30)

@@ -16,6 +16,7 @@ from emulators.key_broker import BrokerConfig, KeyBroker, serve
 from shared.attestation import NodePolicy, node_audience
 from shared.audit import Auditor, AuditRecord
 from shared.envelope import LocalKeyStore
+from shared.signing import create_node_key
 from workers.trainer.attestation import Attestor, BrokerClient, Launcher
 
 GOOD_DIGEST = "sha256:" + "1" * 64
@@ -78,7 +79,10 @@ def start_stack(lifetime_s: int = 3600) -> tuple[Stack, object]:
         project=PROJECT, port=broker_port, issuer=issuer_url(sim_port), jwks_url=issuer_url(sim_port) + CERTS_PATH,
         policies=[NodePolicy(node=n, audience=node_audience(PROJECT, n), image_digests=(GOOD_DIGEST,)) for n in NODES],
         keysets={n: keystore.ensure(n) for n in NODES}, audit_to_firestore=False,
+        signing_keys={n: directory / "keys" / f"sign-{n}.pem" for n in NODES},
     )
+    for path in config.signing_keys.values():
+        create_node_key(path)
     broker = KeyBroker(config, Auditor(store, stream=io.StringIO()))
     server = serve(broker, broker_port)
     return Stack(directory, simulator, broker, f"http://127.0.0.1:{broker_port}", keystore, store), server

@@ -11,11 +11,13 @@ import pytest
 import tink
 
 from emulators.attestation_simulator import SIMULATOR
+from shared import signing
 from shared.attestation import STS_AUDIENCE, Reason, node_audience
 from shared.audit import AuditEvent
 from shared.envelope import Envelope, Purpose
 from tests.unit.attestation_stack import OTHER_DIGEST, PROJECT, start_stack
-from workers.trainer.attestation import AttestationFailed, BrokerAead, Reattestation
+from workers.trainer.attestation import BROKER_ENV, SOCKET_ENV, TOKEN_FILE_ENV, AttestationFailed, BrokerAead, Reattestation
+from workers.trainer.signing_key import BrokerSigner, node_signer
 
 pytestmark = pytest.mark.unit
 
@@ -197,3 +199,27 @@ def test_a_check_that_cannot_complete_is_a_missed_check():
     assert watch.failed.wait(2)
     watch.stop()
     assert [e.reason for e in stopped] == [Reason.MISSED_CHECK]
+
+
+def test_the_signing_key_signs_only_for_an_attested_worker_and_each_signature_is_audited(stack):
+    public = signing.LocalKeySigner.from_file(stack.broker.config.signing_keys["us"]).public_key
+    signer = BrokerSigner(stack.attestor("us"), "us")
+    signature = signer.sign(b"update claims")
+    assert signing.verify(public, b"update claims", signature)
+    assert [(r.node, r.operation) for r in released(stack)] == [("us", "sign")]
+
+    stack.configure("us", image_digest=OTHER_DIGEST)
+    with pytest.raises(AttestationFailed) as failed:
+        signer.sign(b"forged claims")
+    assert failed.value.reason == Reason.WRONG_IMAGE.value
+    assert (stack.audit.records[-1].operation, stack.audit.records[-1].reason) == ("sign", "wrong_image")
+    assert len(released(stack)) == 1  # nothing more was signed
+
+
+def test_a_worker_signs_through_the_broker_unless_given_a_key_of_its_own(stack, tmp_path):
+    env = {BROKER_ENV: stack.broker_url, SOCKET_ENV: "unused", TOKEN_FILE_ENV: "unused"}
+    assert isinstance(node_signer(PROJECT, "us", env), BrokerSigner)
+    own = tmp_path / "own.pem"
+    signing.create_node_key(own)
+    assert isinstance(node_signer(PROJECT, "us", {**env, signing.ENV_VAR: str(own)}), signing.LocalKeySigner)
+    assert node_signer(PROJECT, "us", {}) is None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 
 from google.cloud import storage
@@ -26,6 +25,7 @@ from shared.federation import update_object
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
 from workers.trainer.node_client import FederationView, NodeClient
+from workers.trainer.signing_key import node_signer
 from workers.trainer.training import TrainConfig, Trainer
 from workers.trainer.update_seal import seal_upload
 
@@ -51,9 +51,10 @@ def run_federation(job: Job, settings: Settings, api: NodeClient, gcs: storage.C
     initial = trainer.init_params()  # same seed on every node: round 1 starts from the same model
     expected = weights.spec_of(initial)
     hub = gcs.bucket(settings.hub_bucket)
-    signer = signing.signer_from_env(os.environ)
+    signer = node_signer(settings.project, ref.node)
     if view.signed_updates and signer is None:  # every update would be refused: say why now, not at the deadline
-        raise FederationEnded(f"federation {ref.id} takes signed updates only, and {signing.ENV_VAR} names no key for node {ref.node}")
+        raise FederationEnded(f"federation {ref.id} takes signed updates only, and node {ref.node} has no signing key "
+                              f"({signing.ENV_VAR}, or its key released by the key broker)")
     done = 0  # the last round this worker finished
     while True:
         if beat.lost.is_set():
