@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit up down bench bench-events bench-worker bench-aggregate bench-federation lint clean
+.PHONY: demo test test-unit up down bench bench-events bench-worker bench-aggregate bench-federation bench-confidential lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ $(BENCH_VENV)/.installed:
 	$(BENCH_VENV)/bin/pip install --quiet "flwr[simulation]==1.42.0" jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 numpy
 	@touch $@
 
-bench: bench-events bench-worker bench-aggregate bench-federation
+bench: bench-events bench-worker bench-aggregate bench-federation bench-confidential
 
 bench-events: $(STAMP)
 	$(BIN)/python bench/events.py
@@ -48,6 +48,9 @@ bench-aggregate: $(STAMP) $(BENCH_VENV)/.installed
 
 bench-federation: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python bench/federation.py
+
+bench-confidential: $(STAMP)
+	$(BIN)/python bench/confidential.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
