@@ -42,6 +42,7 @@ class Endpoints:
     key_broker_port: int = 0  # the key broker (emulators/key_broker.py)
     hub_metadata_port: int = 0  # the hub functions' metadata endpoint (their ID tokens)
     aggregator_port: int = 0  # the attested aggregator (workers/aggregator)
+    worker_digest: str = ""  # the local stand-in for the trainer image's digest, which the key-release policies allow
     aggregator_digests: str = ""  # the aggregator images the nodes trust: the local stand-in's digest
     function_ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)

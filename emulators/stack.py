@@ -234,7 +234,7 @@ class LocalCloud:
         pool (the key broker): a node's key opens its shards only for a worker whose attestation passes
         the node's policy, which allows the digest of the worker code this stack runs."""
         self.on_step("starting the Confidential Space ATTESTATION SIMULATOR and the local key broker (stand-ins: they prove nothing)")
-        digest = local_worker_digest()
+        digest = ep.worker_digest = local_worker_digest()
         simulator_url = attestation_issuer_url(ep.attestation_port)
         workloads = {node: Workload(image_digest=digest, lifetime_s=self.options.attestation_token_s) for node in settings.nodes}
         workloads[AGGREGATOR] = Workload(image_digest=ep.aggregator_digests, image_reference="local/fedpipe-aggregator")

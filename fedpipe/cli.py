@@ -20,7 +20,8 @@ from rich.console import Console
 from emulators.endpoints import REPLAY_TOPIC, Endpoints, default_state_dir
 from fedpipe import context, views
 from fedpipe.audit import audit_app
-from shared.jobs import NODE_NAME, DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
+from fedpipe.smoke import smoke_app
+from shared.jobs import MAX_HOSTS, NODE_NAME, DatasetRef, Job, JobSpec, JobStatus, TrainSpec, utcnow
 from shared.jobstore import JobStore
 from shared.privacy import MAX_CLIP_NORM, MAX_NOISE_MULTIPLIER, PrivacyConfig
 
@@ -238,6 +239,8 @@ def submit(
     seed: int = 0,
     max_attempts: int = 3,
     lease_seconds: float = 60.0,
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu, gpu:<type>:<count> or tpu:<version>:<topology> (e.g. tpu:v5e:2x4)")] = "cpu",
+    hosts: Annotated[int, typer.Option(min=1, max=MAX_HOSTS, help="worker processes of a multi-host run (a TPU slice sets its own)")] = 1,
     job_id: Annotated[str | None, typer.Option(help="default: a new unique id")] = None,
     watch: bool = False,
 ) -> None:
@@ -246,7 +249,7 @@ def submit(
         spec = JobSpec(
             dataset=DatasetRef(node=node, dataset=dataset),
             train=TrainSpec(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
-            max_attempts=max_attempts, lease_seconds=lease_seconds,
+            accelerator=accelerator, hosts=hosts, max_attempts=max_attempts, lease_seconds=lease_seconds,
         )
         job = Job.new(job_id or f"manual-{node}-{dataset}-{uuid.uuid4().hex[:8]}", spec, utcnow())
     except ValidationError as exc:
@@ -285,12 +288,26 @@ def _job(job_id: str) -> Job:
 
 @jobs_app.command("show")
 def jobs_show(job_id: str, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """One job: status, attempts, progress, results, history."""
+    """One job: status, attempts, progress, results, history, and what its engine says of its run."""
     job = _job(job_id)
     if json_out:
         print(job.model_dump_json(indent=2))
     else:
-        console.print(views.job_detail(job))
+        console.print(views.job_detail(job, _engine_state(job)))
+
+
+def _engine_state(job: Job) -> str | None:
+    """The run's state as the launcher FEDPIPE_LAUNCHER names reads it (one call), for a job that is not over."""
+    if job.execution is None or job.is_terminal:
+        return None
+    from shared.launchers.select import launcher_from_env
+    from shared.timekeeper import read_state
+
+    try:
+        state, why = read_state(launcher_from_env(), job.execution)
+    except (ValueError, ImportError) as exc:  # no launcher configured here
+        return f"unknown ({exc})"
+    return str(state) if state is not None else f"unknown ({why})"
 
 
 @jobs_app.command("watch")
@@ -517,6 +534,7 @@ def nodes_list() -> None:
 
 
 app.add_typer(audit_app, name="audit")
+app.add_typer(smoke_app, name="smoke")
 
 
 if __name__ == "__main__":

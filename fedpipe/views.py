@@ -63,7 +63,8 @@ def jobs_table(jobs: list[Job], width: int = 200) -> Table:
     return table
 
 
-def job_detail(job: Job) -> Table:
+def job_detail(job: Job, engine_state: str | None = None) -> Table:
+    """The job, and `engine_state`: what the engine running its current attempt says of it, when asked."""
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
@@ -75,6 +76,7 @@ def job_detail(job: Job) -> Table:
         ("train", job.spec.train.model_dump_json()),
         ("accelerator", str(job.spec.accelerator) + (f" x {job.spec.hosts} hosts" if job.spec.hosts > 1 else "")),
         ("execution", job.execution or "-"),
+        *([("engine state", engine_state)] if engine_state else []),
         ("heartbeat", when(job.heartbeat_at)),
         ("progress", progress_text(job) or "-"),
         ("error", job.error or "-"),

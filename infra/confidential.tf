@@ -85,9 +85,14 @@ locals {
     "roles/logging.logWriter",                  # tee-container-log-redirect and Batch logs
     "roles/batch.agentReporter",                # the Batch agent on the VM reports as the VM's identity
   ]
+  # Plain Cloud Batch workers (accelerators.tf, var.batch_enabled) need the last two as well:
+  # one resource holds each binding, whichever switches ask for it.
+  batch_worker_roles = ["roles/logging.logWriter", "roles/batch.agentReporter"]
+  vm_worker_nodes    = var.confidential_workers || var.batch_enabled ? var.nodes : {}
+  vm_worker_roles    = var.confidential_workers ? local.confidential_worker_roles : local.batch_worker_roles
   confidential_worker_grants = merge([
-    for node, _ in local.confidential_nodes : {
-      for role in local.confidential_worker_roles : "${node} ${role}" => { node = node, role = role }
+    for node, _ in local.vm_worker_nodes : {
+      for role in local.vm_worker_roles : "${node} ${role}" => { node = node, role = role }
     }
   ]...)
 }
@@ -169,10 +174,11 @@ resource "google_compute_instance_template" "confidential_batch" {
 # Grants
 # ---------------------------------------------------------------------------
 
-# The hub attaches each node's worker identity to the VMs and Batch jobs it
-# creates: actAs on those service accounts only, never on the project.
+# The hub attaches each node's worker identity to the VMs, Batch jobs and Vertex AI
+# custom jobs it creates (this file's launchers and accelerators.tf's): actAs on
+# those service accounts only, never on the project.
 resource "google_service_account_iam_member" "hub_acts_as_confidential_worker" {
-  for_each           = local.confidential_nodes
+  for_each           = var.confidential_workers || var.vertex_enabled || var.batch_enabled ? var.nodes : {}
   service_account_id = google_service_account.worker[each.key].name
   role               = "roles/iam.serviceAccountUser"
   member             = local.hub_member
@@ -195,9 +201,10 @@ resource "google_project_iam_member" "hub_creates_confidential_vms" {
 }
 
 # A VM in the node's subnet needs compute.subnetworks.use on that subnet: granted
-# on each worker subnet, not on the network or project.
+# on each worker subnet, not on the network or project (confidential VMs, and the
+# Batch jobs of either kind).
 resource "google_compute_subnetwork_iam_member" "hub_uses_worker_subnet" {
-  for_each   = local.confidential_nodes
+  for_each   = var.confidential_workers || var.batch_enabled ? var.nodes : {}
   project    = var.project
   region     = google_compute_subnetwork.workers[each.key].region
   subnetwork = google_compute_subnetwork.workers[each.key].name
@@ -206,9 +213,10 @@ resource "google_compute_subnetwork_iam_member" "hub_uses_worker_subnet" {
 }
 
 # Batch has no job-level IAM (a job does not exist before it is created):
-# creating one needs batch.jobs.create on the project.
+# creating one needs batch.jobs.create on the project (confidential Batch, and plain
+# Batch with accelerators.tf's batch_enabled).
 resource "google_project_iam_member" "hub_runs_confidential_batch" {
-  for_each = var.confidential_workers ? toset(["batch"]) : toset([])
+  for_each = var.confidential_workers || var.batch_enabled ? toset(["batch"]) : toset([])
   project  = var.project
   role     = "roles/batch.jobsEditor"
   member   = local.hub_member

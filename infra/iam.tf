@@ -250,7 +250,9 @@ resource "google_project_iam_member" "eventarc_agent" {
   member  = "serviceAccount:${google_project_service_identity.eventarc.email}"
 }
 
-# Data Access audit logs: who read or wrote which object, key or document.
+# Data Access audit logs: who read or wrote which object, key or document. Firestore's
+# are configured under datastore.googleapis.com (its audit logging documentation: that
+# name configures both, and the entries then carry firestore.googleapis.com).
 resource "google_project_iam_audit_config" "data_access" {
   for_each = toset(["storage.googleapis.com", "cloudkms.googleapis.com", "datastore.googleapis.com"])
   project  = var.project

@@ -27,12 +27,15 @@ resource "google_compute_subnetwork" "workers" {
 }
 
 # Workers take no inbound connections: say so explicitly (and log any attempt)
-# rather than rely on the implied rule.
+# rather than rely on the implied rule. Lowest priority but the implied rule's:
+# GKE (accelerators.tf) opens what its clusters need (control plane to nodes, pod
+# to pod) with rules of its own at priority 1000, which a deny at the same
+# priority would override.
 resource "google_compute_firewall" "workers_deny_ingress" {
   name      = "${var.name_prefix}-workers-deny-ingress"
   network   = google_compute_network.workers.id
   direction = "INGRESS"
-  priority  = 1000
+  priority  = 65534
 
   deny {
     protocol = "all"

@@ -96,3 +96,8 @@ output "signing_key_versions" {
   description = "Each node's update-signing key version: register it with `fedpipe nodes register NODE --kms <version>`."
   value       = { for node, key in google_kms_crypto_key.signing : node => "${key.id}/cryptoKeyVersions/1" }
 }
+
+output "cli_env" {
+  description = "The FEDPIPE_* environment that points the `fedpipe` CLI (and `fedpipe smoke`) at this deployment: export it where the CLI runs, with Application Default Credentials."
+  value       = merge(var.settings_env, { GOOGLE_CLOUD_PROJECT = var.project })
+}

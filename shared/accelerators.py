@@ -24,6 +24,19 @@ GPU_TYPES = frozenset({
 GPU_COUNTS = (1, 2, 4, 8)  # GPUs one host can carry
 DEFAULT_GPU = "nvidia-l4"  # plain `gpu`: Cloud Run's GPU
 
+# The Compute Engine machine that carries each GPU shape (type, GPUs per host): Vertex AI and
+# Batch ask for machines, not GPUs. N1 machines take attached T4s; the others come with theirs.
+GPU_MACHINES: dict[tuple[str, int], str] = {
+    **{("nvidia-l4", n): f"g2-standard-{cpus}" for n, cpus in ((1, 8), (2, 24), (4, 48), (8, 96))},
+    **{("nvidia-tesla-t4", n): f"n1-standard-{8 * n}" for n in (1, 2, 4)},
+    **{("nvidia-tesla-a100", n): f"a2-highgpu-{n}g" for n in GPU_COUNTS},
+    **{("nvidia-a100-80gb", n): f"a2-ultragpu-{n}g" for n in GPU_COUNTS},
+    **{("nvidia-h100-80gb", n): f"a3-highgpu-{n}g" for n in GPU_COUNTS},
+    ("nvidia-h100-mega-80gb", 8): "a3-megagpu-8g",
+    ("nvidia-h200-141gb", 8): "a3-ultragpu-8g",
+    ("nvidia-b200", 8): "a4-highgpu-8g",
+}
+
 
 @dataclass(frozen=True)
 class TpuVersion:
@@ -73,6 +86,19 @@ class Accelerator:
 
 
 CPU = Accelerator("cpu")
+
+
+def gpu_machine_type(accelerator: Accelerator) -> str | None:
+    """The machine type that carries this GPU shape, or None where Compute Engine has none."""
+    return GPU_MACHINES.get((accelerator.type or "", accelerator.count)) if accelerator.kind == "gpu" else None
+
+
+def gpu_shapes() -> str:
+    """The GPU shapes machines carry, for a refusal's message: `nvidia-l4:1|2|4|8, ...`."""
+    counts: dict[str, list[int]] = {}
+    for gpu, count in GPU_MACHINES:
+        counts.setdefault(gpu, []).append(count)
+    return ", ".join(f"{gpu}:{'|'.join(map(str, n))}" for gpu, n in counts.items())
 
 
 def parse(text: str) -> Accelerator:

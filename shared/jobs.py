@@ -6,7 +6,7 @@ document can never make a worker run arbitrary code.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -78,6 +78,9 @@ class DatasetRef(BaseModel, frozen=True):
 MAX_WIDTH = 4096  # units in one hidden layer
 MAX_LAYERS = 8
 MAX_HOSTS = 64  # worker processes of one multi-host run
+# How long a launched attempt may wait for capacity (its backend says it is queued: a TPU slice or a
+# flex-start GPU not yet there) before its lease counts again. Launchers bound their runs to match.
+MAX_QUEUED = timedelta(hours=6)
 
 
 class TrainSpec(BaseModel, frozen=True):
@@ -196,6 +199,20 @@ def retry_or_fail(job: Job, now: datetime, reason: str) -> Job:
     if job.attempt < job.spec.max_attempts:
         return transition(job, JobStatus.PENDING, now, reason=reason)
     return transition(job, JobStatus.FAILED, now, reason=reason, error=f"{reason} (attempt {job.attempt} of {job.spec.max_attempts})")
+
+
+def scheduled_at(job: Job) -> datetime | None:
+    """When the current attempt was claimed for launch."""
+    for entry in reversed(job.history):
+        if entry.status is JobStatus.SCHEDULED and entry.attempt == job.attempt:
+            return entry.at
+    return None
+
+
+def may_wait_queued(job: Job, now: datetime) -> bool:
+    """A scheduled attempt its backend holds in a queue may wait for capacity, up to MAX_QUEUED since its claim."""
+    claimed = scheduled_at(job)
+    return job.status is JobStatus.SCHEDULED and claimed is not None and now - claimed <= MAX_QUEUED
 
 
 def is_lease_expired(job: Job, now: datetime) -> bool:

@@ -14,7 +14,7 @@ from google.cloud import firestore
 from pydantic import ValidationError
 
 from shared.config import Settings
-from shared.jobs import Job, JobStatus, is_lease_expired, retry_or_fail, transition
+from shared.jobs import Job, JobStatus, is_lease_expired, may_wait_queued, retry_or_fail, transition
 
 ACTIVE = [JobStatus.SCHEDULED.value, JobStatus.RUNNING.value]
 
@@ -28,21 +28,22 @@ def _bad_document(job_id: str, exc: Exception) -> None:
     log.error("job document %r is not a valid job (%s, %d problems); skipped", job_id[:200], type(exc).__name__, problems)
 
 
-def expired_jobs(docs: Iterable[tuple[str, dict | None]], now: datetime) -> list[Job]:
-    """The jobs among (document id, fields) pairs whose lease expired at `now`.
+def parse_jobs(docs: Iterable[tuple[str, dict | None]]) -> list[Job]:
+    """The jobs among (document id, fields) pairs.
 
     A document that does not parse as a job is logged by id and skipped: one bad
     document must not stop the clock for every other job.
     """
-    expired = []
+    jobs = []
     for job_id, doc in docs:
         try:
             job = Job.from_doc(job_id, doc or {})
-            if is_lease_expired(job, now):
-                expired.append(job)
-        except (TypeError, ValueError) as exc:  # ValidationError is a ValueError; naive datetimes raise TypeError
+            if any(t is not None and t.tzinfo is None for t in (job.updated_at, job.heartbeat_at)):
+                raise TypeError("timestamps without a time zone")  # leases compare them with an aware `now`
+            jobs.append(job)
+        except (TypeError, ValueError) as exc:  # ValidationError is a ValueError
             _bad_document(job_id, exc)
-    return expired
+    return jobs
 
 
 class JobStore:
@@ -141,23 +142,47 @@ class JobStore:
     def cancel(self, job_id: str, now: datetime) -> Job | None:
         return self.update(job_id, lambda j: None if j.is_terminal else transition(j, JobStatus.CANCELLED, now, reason="cancelled by user"))
 
-    def reap(self, now: datetime) -> list[tuple[Job, int]]:
-        """Retry or fail every job whose worker went silent past its lease.
+    def refuse(self, job_id: str, attempt: int, now: datetime, reason: str) -> Job | None:
+        """scheduled -> failed at once, no retry: the attempt can never run where it was sent."""
+        return self.update(
+            job_id,
+            lambda j: transition(j, JobStatus.FAILED, now, reason=reason, error=reason)
+            if j.attempt == attempt and j.status is JobStatus.SCHEDULED
+            else None,
+        )
 
-        Returns (job as written, the attempt that was lost) for each reaped job.
+    # -- the clock's view of running attempts (shared/timekeeper.py) -----------
+
+    def active(self) -> list[Job]:
+        """Every scheduled or running job (bad documents logged and skipped)."""
+        snaps = self.collection.where(filter=firestore.FieldFilter("status", "in", ACTIVE)).stream()
+        return parse_jobs((snap.id, snap.to_dict()) for snap in snaps)
+
+    def _if_current(self, listed: Job, change: Callable[[Job], Job | None]) -> Job | None:
+        """`change` applied only while the job is still active on the attempt and run it was listed with.
+
+        A document that turned invalid since it was listed is logged and left alone.
         """
-        reaped = []
-        active = self.collection.where(filter=firestore.FieldFilter("status", "in", ACTIVE)).stream()
-        for job in expired_jobs(((snap.id, snap.to_dict()) for snap in active), now):
-            reason = f"no heartbeat for {job.spec.lease_seconds:g}s while {job.status}"
-            try:
-                written = self.update(
-                    job.id,
-                    lambda j, a=job.attempt, r=reason: retry_or_fail(j, now, r) if j.attempt == a and is_lease_expired(j, now) else None,
-                )
-            except ValidationError as exc:  # the document changed into a bad one since it was listed
-                _bad_document(job.id, exc)
-                continue
-            if written is not None:
-                reaped.append((written, job.attempt))
-        return reaped
+        try:
+            return self.update(
+                listed.id,
+                lambda j: change(j)
+                if j.attempt == listed.attempt and j.execution == listed.execution and j.status in (JobStatus.SCHEDULED, JobStatus.RUNNING)
+                else None,
+            )
+        except ValidationError as exc:
+            _bad_document(listed.id, exc)
+            return None
+
+    def reap(self, job: Job, now: datetime) -> Job | None:
+        """Retry or fail `job` (as listed) if its worker is still silent past its lease."""
+        reason = f"no heartbeat for {job.spec.lease_seconds:g}s while {job.status}"
+        return self._if_current(job, lambda j: retry_or_fail(j, now, reason) if is_lease_expired(j, now) else None)
+
+    def lose(self, job: Job, now: datetime, reason: str) -> Job | None:
+        """Retry or fail `job` (as listed) now: its engine says the run is over, and no worker reported."""
+        return self._if_current(job, lambda j: retry_or_fail(j, now, reason))
+
+    def renew_queued(self, job: Job, now: datetime) -> Job | None:
+        """Renew a scheduled attempt's lease while its engine holds it in a queue, up to MAX_QUEUED since its claim."""
+        return self._if_current(job, lambda j: j.model_copy(update={"heartbeat_at": now}) if may_wait_queued(j, now) else None)

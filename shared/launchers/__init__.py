@@ -1,6 +1,7 @@
-"""Launchers start a job's worker somewhere: a local process, Cloud Run Jobs, ...
+"""Launchers start a job's worker somewhere: a local process, Cloud Run Jobs, GKE, Vertex AI, Cloud Batch, ...
 
-Each implements `Launcher`; the launch function picks one from the environment.
+Each implements `Launcher`; `select.launcher_from_env` picks one from the environment
+(`routing.py` picks a backend per job). Their client libraries load only when used.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class RunState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    ENDED = "ended"  # finished, and the backend cannot tell how (a Confidential Space VM that stopped)
     GONE = "gone"  # the backend no longer knows it (deleted, or expired from its history)
 
 

@@ -1,7 +1,8 @@
 """Start a job's worker as a Cloud Batch job on confidential VMs (one task, one attempt).
 
 `build_batch_job_request` is pure (a `batch_v1.CreateJobRequest`, tested by value);
-`ConfidentialBatchLauncher.launch` only sends it.
+`ConfidentialBatchLauncher.launch` only sends it; state and stop are batch_runs.py's,
+shared with the accelerator Batch launcher (batch_gpu.py).
 
 batch_v1's InstancePolicy has no confidential-computing field (google-cloud-batch
 0.22: machine_type, min_cpu_platform, provisioning_model, accelerators, disks,
@@ -26,24 +27,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 
-from google.api_core import exceptions as api_exceptions
-from google.auth import exceptions as auth_exceptions
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from shared.jobs import Job
-from shared.launchers import LaunchError
-from shared.launchers.confidential_space import (
-    DEFAULT_MAX_RUN,
-    ConfidentialConfig,
-    NodeTarget,
-    is_already_exists,
-    job_env,
-    job_labels,
-    request_id,
-    require_digest,
-    resource_name,
-)
+from shared.launchers import LaunchError, LaunchRefused, RunState
+from shared.launchers.batch_runs import batch_state, create_batch_job, stop_batch_job
+from shared.launchers.confidential_space import DEFAULT_MAX_RUN, ConfidentialConfig, NodeTarget
+from shared.launchers.naming import job_env, job_labels, request_id, require_digest, resource_name
 
 DEFAULT_NAME_PREFIX = "fedpipe-cb"
 
@@ -102,11 +93,6 @@ def build_batch_job_request(
     )
 
 
-def batch_job_handle(request: batch_v1.CreateJobRequest) -> str:
-    """The execution handle: the Batch job's resource name (known before it exists)."""
-    return f"{request.parent}/jobs/{request.job_id}"
-
-
 class ConfidentialBatchLauncher:
     """Implements `shared.launchers.Launcher` with one Batch job per attempt on confidential VMs."""
 
@@ -126,9 +112,9 @@ class ConfidentialBatchLauncher:
         return self._client
 
     def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
-        if job.spec.accelerator.kind != "cpu":
-            raise LaunchError(
-                f"job {job.id}: accelerator {job.spec.accelerator} on confidential Batch is not built "
+        if job.spec.accelerator.kind != "cpu" or job.spec.hosts > 1:
+            raise LaunchRefused(
+                f"job {job.id}: confidential Batch runs cpu on one host, not {job.spec.accelerator} on {job.spec.hosts} "
                 "(confidential GPUs: the Confidential Space launcher with flex-start)"
             )
         target = self.config.target(job)
@@ -145,14 +131,10 @@ class ConfidentialBatchLauncher:
 
     def launch(self, job: Job) -> str:
         """Create the Batch job and return its name; does not wait for it to run."""
-        request = self.request_for(job)
-        handle = batch_job_handle(request)
-        try:
-            self.client.create_job(request=request)
-        except api_exceptions.GoogleAPICallError as exc:
-            if is_already_exists(exc):
-                return handle  # created before (a retried event): the same attempt
-            raise LaunchError(f"job {job.id}: could not create Batch job {handle}: {exc}") from exc
-        except (api_exceptions.RetryError, auth_exceptions.GoogleAuthError) as exc:
-            raise LaunchError(f"job {job.id}: could not create Batch job {handle}: {exc}") from exc
-        return handle
+        return create_batch_job(self.client, self.request_for(job), job.id)
+
+    def state(self, execution: str) -> RunState:
+        return batch_state(self.client, execution)
+
+    def stop(self, execution: str) -> None:
+        stop_batch_job(self.client, execution)

@@ -9,11 +9,13 @@ How jobs map onto Cloud Run job resources (created by infra/main.tf):
 - the worker container is named `trainer`; an execution gets its job through
   environment overrides (FEDPIPE_JOB_ID, FEDPIPE_JOB_ATTEMPT), never through
   code or arguments, so a job document cannot make the worker run anything else;
-- accelerator "cpu" runs `{job_name}`, "gpu" runs `{job_name}-gpu`: the GPU is a
-  node selector of the job *template*, which run overrides cannot change, so
-  GPU work needs its own job resource;
-- accelerator "tpu" is refused: Cloud Run has no TPUs (that needs the GKE or
-  Vertex AI launcher, not built yet);
+- accelerator "cpu" runs `{job_name}`, "gpu" (one NVIDIA L4, Cloud Run's GPU) runs
+  `{job_name}-gpu`: the GPU is a node selector of the job *template*, which run
+  overrides cannot change, so GPU work needs its own job resource;
+- anything else is refused for good (LaunchRefused): Cloud Run has no TPUs, no other
+  GPUs, and its tasks cannot reach each other for a multi-host run (routing.py sends
+  those to GKE, Vertex AI or Batch);
+- `state` reads the execution's task counts; `stop` cancels the execution;
 - with `node_regions` (the production wiring), every node has its own worker
   job `{job_name}-{node}` in the node's region, so raw and processed data never
   leave the region they live in; only weight updates travel to the hub.
@@ -35,7 +37,9 @@ from google.protobuf import duration_pb2
 
 from shared.config import Settings
 from shared.jobs import Job
-from shared.launchers import LaunchError
+from shared.launchers import LaunchError, LaunchRefused, RunState, gcp
+from shared.launchers.naming import ENV_JOB_ATTEMPT, ENV_JOB_ID
+from shared.launchers.routing import CLOUD_RUN_GPU, runs_on_cloud_run
 
 CONTAINER_NAME = "trainer"  # the container's name in infra/main.tf's job template
 GPU_SUFFIX = "-gpu"
@@ -46,10 +50,6 @@ DEFAULT_JOB_NAME = "fedpipe-worker"
 ENV_JOB_NAME = "FEDPIPE_WORKER_JOB"
 ENV_NODE_REGIONS = "FEDPIPE_NODE_REGIONS"  # "us=us-central1,eu=europe-west4"
 
-# Environment every execution gets (read by the worker).
-ENV_JOB_ID = "FEDPIPE_JOB_ID"
-ENV_JOB_ATTEMPT = "FEDPIPE_JOB_ATTEMPT"
-
 
 def job_resource_name(project: str, region: str, job_name: str) -> str:
     """The full resource name of a Cloud Run job."""
@@ -57,17 +57,14 @@ def job_resource_name(project: str, region: str, job_name: str) -> str:
 
 
 def cloud_run_job_for(job_name: str, job: Job) -> str:
-    """The Cloud Run job (short name) that can run `job` on its accelerator."""
+    """The Cloud Run job (short name) that can run `job` on its accelerator; LaunchRefused if none can."""
     accelerator = job.spec.accelerator
-    if accelerator.kind == "cpu":
-        return job_name
-    if accelerator.kind == "gpu":
-        return f"{job_name}{GPU_SUFFIX}"
-    raise LaunchError(
-        f"job {job.id}: accelerator {accelerator} cannot run on Cloud Run Jobs "
-        "(it has CPUs and NVIDIA GPUs only); TPU jobs need the GKE/Vertex AI launcher, "
-        "which is not built yet"
-    )
+    if not runs_on_cloud_run(accelerator, job.spec.hosts):
+        raise LaunchRefused(
+            f"job {job.id}: {accelerator} on {job.spec.hosts} host(s) cannot run on Cloud Run Jobs, which runs cpu "
+            f"or {CLOUD_RUN_GPU} on one host; TPUs, other GPUs and multi-host runs need GKE, Vertex AI or Batch"
+        )
+    return job_name if accelerator.kind == "cpu" else f"{job_name}{GPU_SUFFIX}"
 
 
 def build_run_request(
@@ -127,6 +124,7 @@ class CloudRunJobsLauncher:
         job_name: str = DEFAULT_JOB_NAME,
         client: run_v2.JobsClient | None = None,
         *,
+        executions: run_v2.ExecutionsClient | None = None,
         node_regions: Mapping[str, str] | None = None,
         timeout: timedelta | None = None,
     ) -> None:
@@ -136,6 +134,7 @@ class CloudRunJobsLauncher:
         self.node_regions = dict(node_regions) if node_regions is not None else None
         self.timeout = timeout
         self._client = client
+        self._executions = executions
 
     @classmethod
     def from_env(
@@ -159,6 +158,12 @@ class CloudRunJobsLauncher:
         if self._client is None:
             self._client = run_v2.JobsClient()
         return self._client
+
+    @property
+    def executions(self) -> run_v2.ExecutionsClient:
+        if self._executions is None:
+            self._executions = run_v2.ExecutionsClient()
+        return self._executions
 
     def target(self, job: Job) -> tuple[str, str]:
         """(region, base job name) that runs `job`: per node in production."""
@@ -193,6 +198,32 @@ class CloudRunJobsLauncher:
         ) as exc:
             raise LaunchError(f"job {job.id}: could not run {request.name}: {exc}") from exc
         return execution_name(operation)
+
+    def state(self, execution: str) -> RunState:
+        _require_execution(execution)
+        return gcp.read_state(lambda: self.executions.get_execution(name=execution), execution_run_state, execution)
+
+    def stop(self, execution: str) -> None:
+        """Cancel the execution; the operation is not waited on."""
+        _require_execution(execution)
+        gcp.stop(lambda: self.executions.cancel_execution(name=execution), execution)
+
+
+def _require_execution(execution: str) -> None:
+    # `launch` falls back to the RunJob operation's name, which is no execution to read or cancel.
+    if "/executions/" not in execution:
+        raise LaunchError(f"{execution!r} is not a Cloud Run execution name")
+
+
+def execution_run_state(execution: run_v2.Execution) -> RunState:
+    """An execution's state from its task counts: done once it has a completion time."""
+    if execution.completion_time is None:
+        return RunState.RUNNING if execution.running_count > 0 else RunState.QUEUED
+    if execution.cancelled_count > 0:
+        return RunState.CANCELLED
+    if execution.failed_count > 0 or execution.succeeded_count < execution.task_count:
+        return RunState.FAILED
+    return RunState.SUCCEEDED
 
 
 def execution_name(operation) -> str:

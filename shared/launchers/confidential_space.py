@@ -2,7 +2,8 @@
 
 Split like cloud_run.py: `build_instance_request` and `build_gpu_instance_request`
 are pure (a `compute_v1.InsertInstanceRequest` built from the job, tested by value);
-`ConfidentialSpaceLauncher.launch` only sends it.
+`ConfidentialSpaceLauncher.launch` only sends it. `state` reads the VM's status (a
+stopped VM is ENDED: Compute cannot say how its container ended) and `stop` deletes it.
 
 Why each part of the instance is what it is:
 
@@ -31,23 +32,27 @@ Importing this module imports google.cloud.compute_v1; `shared.launchers` does n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from google.api_core import exceptions as api_exceptions
-from google.auth import exceptions as auth_exceptions
 from google.cloud import compute_v1
 
 from shared.config import Settings
 from shared.jobs import Job
-from shared.launchers import LaunchError
+from shared.launchers import LaunchError, LaunchRefused, RunState, gcp
+from shared.launchers.naming import (
+    job_env,
+    job_labels,
+    parse_pairs,
+    request_id,
+    require_digest,
+    resource_name,
+)
 
 Tee = Literal["SEV_SNP", "TDX"]
 
@@ -59,78 +64,12 @@ DEBUG_IMAGE_FAMILY = "confidential-space-debug"
 # writing and is a parameter so it can follow the documentation.
 GPU_IMAGE_FAMILY = "confidential-space-preview-cgpu"
 
-ENV_JOB_ID = "FEDPIPE_JOB_ID"
-ENV_JOB_ATTEMPT = "FEDPIPE_JOB_ATTEMPT"
 TEE_ENV_PREFIX = "tee-env-"
 
 DEFAULT_NAME_PREFIX = "fedpipe-cs"  # infra/confidential.tf scopes the hub's compute grant to it
 DEFAULT_MAX_RUN = timedelta(hours=6)
 MAX_FLEX_START_RUN = timedelta(days=7)  # DWS flex-start's upper bound on max_run_duration
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
-
-# A pinned image: registry host, repository path, and a sha256 digest (no tag).
-DIGEST_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9.-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)+@sha256:[0-9a-f]{64}$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESOURCE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # Compute instance names and Batch job ids
-
-
-def require_digest(image: str) -> str:
-    """`image` if it names its content by sha256 digest; a tag is refused."""
-    if not DIGEST_REFERENCE.fullmatch(image):
-        raise ValueError(
-            f"image {image!r} is not pinned by digest (expected REGISTRY/PATH@sha256:<64 hex>): "
-            "a key-release policy allowlists image digests, and a tag can move"
-        )
-    return image
-
-
-def resource_name(prefix: str, job_id: str, attempt: int) -> str:
-    """The VM / Batch job name of one attempt: `<prefix>-<job slug>-a<attempt>-<hash>`.
-
-    Lowercase letters, digits and '-', at most 63 characters (Compute and Batch
-    share this rule). The job id is slugged and cut to fit; the hash of the full
-    id keeps two ids that slug alike ("Job_1", "job-1") or share a long prefix apart.
-    """
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
-    if not RESOURCE_NAME.fullmatch(prefix) or len(prefix) > 24:
-        raise ValueError(f"name prefix {prefix!r}: 1-24 lowercase letters, digits or '-', starting with a letter")
-    digest = hashlib.sha256(job_id.encode()).hexdigest()[:10]
-    suffix = f"-a{attempt}-{digest}"
-    slug = re.sub(r"[^a-z0-9]+", "-", job_id.lower()).strip("-")
-    head = f"{prefix}-{slug}"[: 63 - len(suffix)].rstrip("-")
-    return head + suffix
-
-
-def request_id(kind: str, *parts: str) -> str:
-    """A UUID derived from what is being created: the API drops a repeated insert with it."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "fedpipe:" + kind + ":" + "/".join(parts)))
-
-
-def label_value(value: str) -> str:
-    """A label value (lowercase letters, digits, '_' and '-', at most 63 characters)."""
-    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
-
-
-def job_labels(job: Job, name: str) -> dict[str, str]:
-    """Labels that find an attempt's VM or Batch job again (billing, cleanup, audit)."""
-    return {
-        "app": "fedpipe",
-        "fedpipe-job": label_value(job.id),
-        "fedpipe-attempt": str(job.attempt),
-        "fedpipe-node": label_value(job.spec.dataset.node),
-        "fedpipe-name": name,  # exact, even where the job id label was cut
-    }
-
-
-def job_env(job: Job, worker_env: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment: its node's settings, then this attempt's job id and attempt."""
-    for key in worker_env:
-        if not ENV_NAME.fullmatch(key):
-            raise ValueError(f"environment variable name {key!r} is not valid")
-        if key in (ENV_JOB_ID, ENV_JOB_ATTEMPT):
-            raise ValueError(f"{key} is set per attempt by the launcher, not by the worker environment")
-    return {**dict(sorted(worker_env.items())), ENV_JOB_ID: job.id, ENV_JOB_ATTEMPT: str(job.attempt)}
 
 
 @dataclass(frozen=True)
@@ -334,18 +273,6 @@ def instance_handle(request: compute_v1.InsertInstanceRequest) -> str:
     return f"projects/{request.project}/zones/{request.zone}/instances/{request.instance_resource.name}"
 
 
-def is_already_exists(exc: api_exceptions.GoogleAPICallError) -> bool:
-    """A 409 for the deterministic name: this attempt was launched before.
-
-    Compute's REST API answers 409 Conflict (api_core raises `Conflict`, not its
-    `AlreadyExists` subclass); only its "already exists" reason is a launch we
-    made; any other conflict is an error.
-    """
-    if isinstance(exc, api_exceptions.AlreadyExists):
-        return True
-    return isinstance(exc, api_exceptions.Conflict) and "already exists" in str(exc.message).lower()
-
-
 # ---------------------------------------------------------------- configuration
 
 ENV_ZONES = "FEDPIPE_CONFIDENTIAL_ZONES"  # "us=us-central1-a,eu=europe-west4-a"
@@ -357,19 +284,6 @@ ENV_MAX_RUN_SECONDS = "FEDPIPE_CONFIDENTIAL_MAX_RUN_SECONDS"  # default 6 h
 ENV_WORKER_ENV = "FEDPIPE_CONFIDENTIAL_WORKER_ENV"  # JSON {node: {NAME: value}}
 ENV_INFRA_PREFIX = "FEDPIPE_NAME_PREFIX"  # infra's var.name_prefix, default "fedpipe"
 ENV_DEBUG = "FEDPIPE_CONFIDENTIAL_DEBUG"  # "true" only for a debug deployment
-
-
-def parse_pairs(text: str, what: str) -> dict[str, str]:
-    """`"us=us-central1-a,eu=europe-west4-a"` -> `{"us": "us-central1-a", ...}`."""
-    pairs: dict[str, str] = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{what}: expected node=value, got {item!r}")
-        pairs[key.strip()] = value.strip()
-    return pairs
 
 
 def node_targets(project: str, zones: Mapping[str, str], infra_prefix: str = "fedpipe") -> dict[str, NodeTarget]:
@@ -466,6 +380,8 @@ class ConfidentialSpaceLauncher:
 
     def request_for(self, job: Job) -> compute_v1.InsertInstanceRequest:
         config = self.config
+        if job.spec.hosts > 1:
+            raise LaunchRefused(f"job {job.id}: a Confidential Space VM runs one host, not {job.spec.hosts}")
         target = config.target(job)
         worker_env = config.worker_env.get(target.node, {})
         try:
@@ -486,20 +402,48 @@ class ConfidentialSpaceLauncher:
                 )
         except ValueError as exc:
             raise LaunchError(f"job {job.id}: {exc}") from exc
-        raise LaunchError(f"job {job.id}: accelerator {job.spec.accelerator} has no confidential worker (TPUs cannot be confidential)")
+        raise LaunchRefused(f"job {job.id}: accelerator {job.spec.accelerator} has no confidential worker (TPUs cannot be confidential)")
 
     def launch(self, job: Job) -> str:
         """Insert the VM and return its resource path; does not wait for it to boot."""
         request = self.request_for(job)
         handle = instance_handle(request)
-        try:
-            # The returned ExtendedOperation is not waited on: a VM that fails to
-            # start later never heartbeats, and the lease retries the job.
-            self.client.insert(request=request)
-        except api_exceptions.GoogleAPICallError as exc:
-            if is_already_exists(exc):
-                return handle  # launched before (a retried event): the same attempt, not a new VM
-            raise LaunchError(f"job {job.id}: could not create {handle}: {exc}") from exc
-        except (api_exceptions.RetryError, auth_exceptions.GoogleAuthError) as exc:
-            raise LaunchError(f"job {job.id}: could not create {handle}: {exc}") from exc
+        # The returned ExtendedOperation is not waited on: a VM that fails to start later
+        # never heartbeats, and the lease retries the job. A VM of this name is this attempt's.
+        gcp.create(lambda: self.client.insert(request=request), f"job {job.id}: could not create {handle}")
         return handle
+
+    def state(self, execution: str) -> RunState:
+        project, zone, name = parse_instance_handle(execution)
+        return gcp.read_state(lambda: self.client.get(project=project, zone=zone, instance=name), instance_run_state, execution)
+
+    def stop(self, execution: str) -> None:
+        """Delete the VM (its container cannot be stopped alone); the operation is not waited on."""
+        project, zone, name = parse_instance_handle(execution)
+        gcp.stop(lambda: self.client.delete(project=project, zone=zone, instance=name), execution)
+
+
+_INSTANCE_HANDLE = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)")
+
+# Compute says whether the VM runs, not how its container ended: a stopped VM is ENDED and the
+# job's own report (or its lease) decides. Every other status is on the way up or down.
+_INSTANCE_STATES = {
+    "PROVISIONING": RunState.QUEUED,
+    "STAGING": RunState.QUEUED,
+    "PENDING": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    "REPAIRING": RunState.RUNNING,
+}
+
+
+def parse_instance_handle(execution: str) -> tuple[str, str, str]:
+    """(project, zone, instance) of a handle `instance_handle` made."""
+    match = _INSTANCE_HANDLE.fullmatch(execution)
+    if match is None:
+        raise LaunchError(f"{execution!r} is not a Confidential Space VM handle (projects/P/zones/Z/instances/N)")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def instance_run_state(instance: compute_v1.Instance) -> RunState:
+    """A VM's status as a RunState: queued while it comes up, running, else ended."""
+    return _INSTANCE_STATES.get(instance.status, RunState.ENDED)

@@ -1,4 +1,8 @@
-"""Pick the launcher from FEDPIPE_LAUNCHER (local | cloud-run | confidential-space | confidential-batch), imported only when used."""
+"""Pick the launcher from FEDPIPE_LAUNCHER, its client library imported only when used.
+
+`cloud` routes each job to the engine its accelerator needs (routing.py); the others
+name one engine: local | cloud-run | gke | vertex | batch | confidential-space | confidential-batch.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import os
 from pathlib import Path
 
 from shared.launchers import Launcher
+from shared.launchers.routing import Backend, RoutingLauncher, engine_factories
 
-KINDS = ("local", "cloud-run", "confidential-space", "confidential-batch")
+KINDS = ("local", "cloud", *(b.value for b in Backend), "confidential-space", "confidential-batch")
 
 
 def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
@@ -17,10 +22,10 @@ def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
         from emulators.launcher import LocalProcessLauncher
 
         return LocalProcessLauncher(Path(env.get("FEDPIPE_STATE_DIR", ".fedpipe")))
-    if kind == "cloud-run":
-        from shared.launchers.cloud_run import CloudRunJobsLauncher
-
-        return CloudRunJobsLauncher.from_env(env)
+    if kind == "cloud":
+        return RoutingLauncher.from_env(env)
+    if kind in Backend.__members__.values():
+        return engine_factories(env)[Backend(kind)]()
     if kind == "confidential-space":
         from shared.launchers.confidential_space import ConfidentialSpaceLauncher
 

@@ -129,7 +129,9 @@ def test_killed_worker_is_reaped_and_its_job_retried(cloud, clients):
     assert done.attempt == 2
     statuses = [(t.status.value, t.attempt) for t in done.history]
     assert statuses == [("pending", 1), ("scheduled", 1), ("running", 1), ("pending", 2), ("scheduled", 2), ("running", 2), ("completed", 2)]
-    assert "no heartbeat" in done.history[3].reason
+    # Lost either way: the clock's poll finds the dead process, or its lease runs out first.
+    lost = done.history[3].reason
+    assert "no heartbeat" in lost or lost.startswith("the engine reports its run"), lost
 
 
 def test_job_that_keeps_dying_fails_after_its_attempt_limit(cloud, clients):

@@ -8,7 +8,6 @@ import pytest
 import requests
 
 from emulators.attestation_simulator import Workload
-from emulators.stack import local_worker_digest
 from fedpipe.fed_demo import start_by_upload, upload_node_shares, wait_datasets
 from shared.audit import AuditEvent, FirestoreAuditStore
 from shared.federation import FederationConfig, FedNode, member_id
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.emulator
 
 def set_workload(cloud, node: str, **changes) -> None:
     """What `node`'s simulated launcher attests from now on (the stack's good workload, changed)."""
-    workload = Workload(**{"image_digest": local_worker_digest(), "lifetime_s": 1, **changes})
+    workload = Workload(**{"image_digest": cloud.endpoints.worker_digest, "lifetime_s": 1, **changes})
     url = f"http://127.0.0.1:{cloud.endpoints.attestation_port}/v1/workloads/{node}"
     requests.put(url, data=workload.model_dump_json(), headers={"Content-Type": "application/json"}, timeout=10).raise_for_status()
 
@@ -38,7 +37,7 @@ def test_a_job_opens_its_shards_through_released_keys_and_each_release_is_audite
     assert job.status == "completed", job.error
     released = [r for r in FirestoreAuditStore(clients.db).recent(node="us", limit=200) if r.event is AuditEvent.KEY_RELEASED]
     assert released and {r.operation for r in released} >= {"decrypt"}
-    assert {r.image_digest for r in released} == {local_worker_digest()}
+    assert {r.image_digest for r in released} == {cloud.endpoints.worker_digest}
 
 
 @pytest.mark.parametrize(("workload", "reason"), [

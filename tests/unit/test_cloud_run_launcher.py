@@ -19,7 +19,7 @@ from google.cloud import run_v2
 from google.longrunning import operations_pb2
 
 from shared.jobs import DatasetRef, Job, JobSpec
-from shared.launchers import LaunchError
+from shared.launchers import LaunchError, LaunchRefused, RunState
 from shared.launchers.cloud_run import (
     CloudRunJobsLauncher,
     build_run_request,
@@ -34,8 +34,8 @@ PROJECT, REGION = "acme-fl", "us-central1"
 EXECUTION = f"projects/{PROJECT}/locations/{REGION}/jobs/fedpipe-worker/executions/fedpipe-worker-x7k2p"
 
 
-def make_job(job_id: str = "job-1", *, accelerator: str = "cpu", node: str = "us", attempt: int = 1) -> Job:
-    spec = JobSpec(dataset=DatasetRef(node=node, dataset="iris"), accelerator=accelerator)
+def make_job(job_id: str = "job-1", *, accelerator: str = "cpu", node: str = "us", attempt: int = 1, hosts: int = 1) -> Job:
+    spec = JobSpec(dataset=DatasetRef(node=node, dataset="iris"), accelerator=accelerator, hosts=hosts)
     return Job.new(job_id, spec, NOW).model_copy(update={"attempt": attempt})
 
 
@@ -117,9 +117,11 @@ def test_gpu_jobs_run_the_gpu_job_resource():
     assert env_of(request) == {"FEDPIPE_JOB_ID": "job-1", "FEDPIPE_JOB_ATTEMPT": "1"}
 
 
-def test_tpu_jobs_are_refused_with_a_pointer_to_the_right_launcher():
-    with pytest.raises(LaunchError, match=r"tpu:v5e:2x4.*GKE/Vertex"):
-        build_run_request(PROJECT, REGION, "fedpipe-worker", make_job(accelerator="tpu:v5e:2x4"))
+@pytest.mark.parametrize(("accelerator", "hosts"), [("tpu:v5e:2x4", 1), ("gpu:nvidia-tesla-a100:1", 1), ("gpu:nvidia-l4:2", 1), ("cpu", 2)])
+def test_what_cloud_run_cannot_run_is_refused_naming_what_it_can(accelerator, hosts):
+    job = make_job(accelerator=accelerator, hosts=hosts)
+    with pytest.raises(LaunchRefused, match=r"runs cpu or gpu:nvidia-l4:1 on one host.*GKE, Vertex AI or Batch"):
+        build_run_request(PROJECT, REGION, "fedpipe-worker", job)
 
 
 def test_explicit_timeout_overrides_the_template_for_this_execution():
@@ -183,7 +185,7 @@ def test_retry_exhaustion_becomes_launch_error():
 
 def test_tpu_launch_fails_before_calling_cloud_run():
     client = FakeJobsClient()
-    with pytest.raises(LaunchError):
+    with pytest.raises(LaunchRefused):
         CloudRunJobsLauncher(PROJECT, REGION, "w", client=client).launch(make_job(accelerator="tpu:v5e:2x4"))
     assert client.requests == []
 
@@ -246,6 +248,56 @@ def test_parse_node_regions():
     assert parse_node_regions("us=us-central1,") == {"us": "us-central1"}
     with pytest.raises(ValueError, match="node=region"):
         parse_node_regions("us:us-central1")
+
+
+# ---------------------------------------------------------------- state and stop
+
+
+class FakeExecutionsClient:
+    """Records get/cancel calls by name; answers with `execution` or raises `error`."""
+
+    def __init__(self, execution: run_v2.Execution | None = None, error: Exception | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.execution, self.error = execution, error
+
+    def _answer(self, method: str, name: str, kwargs: dict):
+        assert not kwargs, f"launcher passed unexpected arguments {kwargs}"
+        self.calls.append((method, name))
+        if self.error is not None:
+            raise self.error
+        return self.execution
+
+    def get_execution(self, name=None, **kwargs):
+        return self._answer("get", name, kwargs)
+
+    def cancel_execution(self, name=None, **kwargs):
+        return self._answer("cancel", name, kwargs)
+
+
+def test_state_and_stop_address_the_execution_and_a_gone_one_is_gone():
+    executions = FakeExecutionsClient(run_v2.Execution(task_count=1, running_count=1))
+    launcher = CloudRunJobsLauncher(PROJECT, REGION, "w", client=FakeJobsClient(), executions=executions)
+    assert launcher.state(EXECUTION) is RunState.RUNNING
+    launcher.stop(EXECUTION)
+    assert executions.calls == [("get", EXECUTION), ("cancel", EXECUTION)]
+
+    gone = CloudRunJobsLauncher(PROJECT, REGION, "w", executions=FakeExecutionsClient(error=api_exceptions.NotFound("no such execution")))
+    assert gone.state(EXECUTION) is RunState.GONE
+    gone.stop(EXECUTION)  # nothing to stop
+    over = FakeExecutionsClient(error=api_exceptions.FailedPrecondition("execution already completed"))
+    CloudRunJobsLauncher(PROJECT, REGION, "w", executions=over).stop(EXECUTION)
+
+
+def test_state_and_stop_failures_are_launch_errors():
+    denied = FakeExecutionsClient(error=api_exceptions.PermissionDenied("run.executions.cancel"))
+    launcher = CloudRunJobsLauncher(PROJECT, REGION, "w", executions=denied)
+    with pytest.raises(LaunchError, match="run.executions.cancel"):
+        launcher.state(EXECUTION)
+    with pytest.raises(LaunchError, match="run.executions.cancel"):
+        launcher.stop(EXECUTION)
+    with pytest.raises(LaunchError, match="not a Cloud Run execution"):
+        launcher.state("projects/p/locations/r/operations/op-9")  # launch's fallback handle names no execution
+    assert len(denied.calls) == 2
 
 
 def test_shared_launchers_does_not_import_cloud_run_library():

@@ -18,8 +18,9 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1, compute_v1
 
 from shared.jobs import DatasetRef, Job, JobSpec
-from shared.launchers import LaunchError
-from shared.launchers.batch import ConfidentialBatchLauncher, batch_job_handle, build_batch_job_request
+from shared.launchers import LaunchError, LaunchRefused, RunState
+from shared.launchers.batch import ConfidentialBatchLauncher, build_batch_job_request
+from shared.launchers.batch_runs import batch_job_handle
 from shared.launchers.confidential_space import (
     SEV_SNP_CPU,
     TDX_CPU,
@@ -35,6 +36,7 @@ from shared.launchers.confidential_space import (
     require_digest,
     resource_name,
 )
+from tests.unit.launcher_fakes import FakeBatchClient
 
 pytestmark = pytest.mark.unit
 
@@ -52,8 +54,8 @@ EU = NodeTarget(
 )
 
 
-def make_job(job_id: str = "job-1", *, node: str = "eu", attempt: int = 1, accelerator: str = "cpu") -> Job:
-    spec = JobSpec(dataset=DatasetRef(node=node, dataset="iris"), accelerator=accelerator)
+def make_job(job_id: str = "job-1", *, node: str = "eu", attempt: int = 1, accelerator: str = "cpu", hosts: int = 1) -> Job:
+    spec = JobSpec(dataset=DatasetRef(node=node, dataset="iris"), accelerator=accelerator, hosts=hosts)
     return Job.new(job_id, spec, NOW).model_copy(update={"attempt": attempt})
 
 
@@ -285,11 +287,12 @@ def test_batch_refuses_a_tag():
 
 
 class FakeInstancesClient:
-    """Records insert requests; returns a stand-in operation or raises `error`."""
+    """Records insert requests and get / delete calls; answers with `instance` or a stand-in operation, or raises `error`."""
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, instance: compute_v1.Instance | None = None) -> None:
         self.requests: list[compute_v1.InsertInstanceRequest] = []
-        self.error = error
+        self.calls: list[tuple[str, str, str, str]] = []
+        self.error, self.instance = error, instance
 
     def insert(self, request=None, **kwargs):
         assert not kwargs, f"launcher passed unexpected arguments {kwargs}"
@@ -298,18 +301,17 @@ class FakeInstancesClient:
             raise self.error
         return object()  # an ExtendedOperation; the launcher does not wait on it
 
-
-class FakeBatchClient:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.requests: list[batch_v1.CreateJobRequest] = []
-        self.error = error
-
-    def create_job(self, request=None, **kwargs):
-        assert not kwargs, f"launcher passed unexpected arguments {kwargs}"
-        self.requests.append(request)
+    def _addressed(self, method: str, project: str, zone: str, instance: str):
+        self.calls.append((method, project, zone, instance))
         if self.error is not None:
             raise self.error
-        return batch_v1.Job(name=f"{request.parent}/jobs/{request.job_id}")
+        return self.instance
+
+    def get(self, *, project, zone, instance):
+        return self._addressed("get", project, zone, instance)
+
+    def delete(self, *, project, zone, instance):
+        return self._addressed("delete", project, zone, instance)
 
 
 def config(**changes) -> ConfidentialConfig:
@@ -435,6 +437,45 @@ def test_from_env_reads_the_variables_infra_outputs():
         ConfidentialConfig.from_env({**env, "FEDPIPE_CONFIDENTIAL_TEE": "SEV"})
 
 
+def test_confidential_space_state_reads_and_stop_deletes_the_vm():
+    handle = "projects/acme-fl/zones/europe-west4-b/instances/fedpipe-cs-job-5-a2-0123456789"
+    client = FakeInstancesClient(instance=compute_v1.Instance(status="RUNNING"))
+    launcher = ConfidentialSpaceLauncher(config(), client=client)
+    assert launcher.state(handle) is RunState.RUNNING
+    launcher.stop(handle)
+    address = ("acme-fl", "europe-west4-b", "fedpipe-cs-job-5-a2-0123456789")
+    assert client.calls == [("get", *address), ("delete", *address)]
+
+    gone = ConfidentialSpaceLauncher(config(), client=FakeInstancesClient(error=api_exceptions.NotFound("no such instance")))
+    assert gone.state(handle) is RunState.GONE
+    gone.stop(handle)  # deleted already: nothing to do
+    with pytest.raises(LaunchError, match="not a Confidential Space VM handle"):
+        launcher.state("projects/acme-fl/locations/europe-west4/jobs/x")
+    denied = ConfidentialSpaceLauncher(config(), client=FakeInstancesClient(error=api_exceptions.Forbidden("compute.instances.delete")))
+    with pytest.raises(LaunchError, match="compute.instances.delete"):
+        denied.stop(handle)
+
+
+def test_confidential_batch_state_and_stop():
+    handle = "projects/acme-fl/locations/europe-west4/jobs/fedpipe-cb-job-8-a4-0123456789"
+    client = FakeBatchClient(job=batch_v1.Job(status=batch_v1.JobStatus(state=batch_v1.JobStatus.State.SUCCEEDED)))
+    launcher = ConfidentialBatchLauncher(config(), client=client)
+    assert launcher.state(handle) is RunState.SUCCEEDED
+    launcher.stop(handle)
+    assert client.calls == [("get", handle), ("delete", handle)]
+    gone = ConfidentialBatchLauncher(config(), client=FakeBatchClient(error=api_exceptions.NotFound("no such job")))
+    assert gone.state(handle) is RunState.GONE
+    gone.stop(handle)
+
+
+def test_what_no_confidential_launcher_runs_is_refused_for_good():
+    for launcher in (ConfidentialSpaceLauncher(config(), client=FakeInstancesClient()), ConfidentialBatchLauncher(config(), client=FakeBatchClient())):
+        with pytest.raises(LaunchRefused, match="tpu:v5e:2x4"):
+            launcher.launch(make_job(accelerator="tpu:v5e:2x4"))
+        with pytest.raises(LaunchRefused, match="2"):
+            launcher.launch(make_job(hosts=2))
+
+
 def test_shared_launchers_does_not_import_compute_or_batch():
     code = "import sys, shared.launchers; print(any(m in sys.modules for m in ('google.cloud.compute_v1', 'google.cloud.batch_v1')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
@@ -478,7 +519,7 @@ def test_image_variables_accept_digests_only(confidential_tf):
         assert not re.fullmatch(pattern, IMAGE.split("@")[0] + ":latest")
         assert not re.fullmatch(pattern, IMAGE[:-1])
         # The same rule as the launchers': what infra accepts, they accept.
-        from shared.launchers.confidential_space import DIGEST_REFERENCE
+        from shared.launchers.naming import DIGEST_REFERENCE
 
         assert pattern == DIGEST_REFERENCE.pattern
 

@@ -345,10 +345,17 @@ def test_service_accounts_get_only_named_roles():
         # key-encryption keys (main.tf, attestation.tf): ingest seals, the hub opens node updates
         "roles/cloudkms.cryptoKeyEncrypter",
         "roles/cloudkms.cryptoKeyDecrypter",
+        # accelerators.tf, only with its switches (test_infra_identities.py says who holds them, on what)
+        "roles/container.defaultNodeServiceAccount",
+        "roles/artifactregistry.reader",
+        "roles/iam.workloadIdentityUser",  # each node's KSA on its own worker identity only
+        "roles/container.developer",
+        "roles/aiplatform.user",
     }
     for broad in ("roles/owner", "roles/editor", "roles/storage.admin", "roles/run.admin", "roles/pubsub.editor", "roles/pubsub.admin",
                   "roles/cloudbuild.builds.builder", "roles/compute.admin", "roles/compute.instanceAdmin", "roles/batch.admin",
-                  "roles/iam.serviceAccountAdmin", "roles/iam.workloadIdentityUser", "roles/cloudkms.admin"):
+                  "roles/iam.serviceAccountAdmin", "roles/cloudkms.admin", "roles/container.admin", "roles/container.clusterAdmin",
+                  "roles/aiplatform.admin", "roles/container.nodeServiceAccount"):
         assert not re.search(rf"{re.escape(broad)}(?![\w.])", code), broad
     assert "google_service_account_key" not in code  # attached identities only
     assert "google_project_iam_custom_role" not in code
@@ -389,7 +396,7 @@ def parsed() -> dict[str, dict]:
 
 KNOWN_TF_FILES = {
     "main.tf", "iam.tf", "delivery.tf", "network.tf", "outputs.tf", "variables.tf", "versions.tf",
-    "confidential.tf", "attestation.tf",
+    "confidential.tf", "attestation.tf", "accelerators.tf", "vpc_sc.tf",
 }
 
 

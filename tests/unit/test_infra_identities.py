@@ -7,9 +7,10 @@ An expression it does not know fails the expansion, so a new grant cannot slip p
 these tests unread.
 
 The deployment's switches are expanded too (`Deployment`): `confidential_workers`
-(confidential.tf) off and on, and `key_release` (attestation.tf) empty and set for
-every node. The rules below hold for each combination, and what the switches add is
-pinned by value: with them off, none of it exists.
+(confidential.tf) off and on, `key_release` (attestation.tf) empty and set for
+every node, and the accelerator backends `gke_enabled`, `vertex_enabled` and
+`batch_enabled` (accelerators.tf). The rules below hold for each combination, and
+what the switches add is pinned by value: with them off, none of it exists.
 """
 
 from __future__ import annotations
@@ -47,14 +48,27 @@ KEY_RELEASE = terraform_vars(
 class Deployment:
     confidential_workers: bool = False  # var.confidential_workers
     key_release: dict = dataclass_field(default_factory=dict)  # var.key_release
+    gke_enabled: bool = False  # var.gke_enabled (accelerators.tf)
+    vertex_enabled: bool = False  # var.vertex_enabled
+    batch_enabled: bool = False  # var.batch_enabled
+
+    def flag(self, name: str) -> bool:
+        assert name in ("confidential_workers", "gke_enabled", "vertex_enabled", "batch_enabled"), f"unknown switch var.{name}"
+        return getattr(self, name)
 
 
 BASE = Deployment()
+EVERYTHING = Deployment(confidential_workers=True, key_release=KEY_RELEASE, gke_enabled=True, vertex_enabled=True, batch_enabled=True)
 DEPLOYMENTS = {
     "base": BASE,
     "confidential": Deployment(confidential_workers=True),
     "key-release": Deployment(key_release=KEY_RELEASE),
     "both": Deployment(confidential_workers=True, key_release=KEY_RELEASE),
+    "gke": Deployment(gke_enabled=True),
+    "vertex": Deployment(vertex_enabled=True),
+    "batch": Deployment(batch_enabled=True),
+    "vertex-batch": Deployment(vertex_enabled=True, batch_enabled=True),
+    "everything": EVERYTHING,
 }
 each_deployment = pytest.mark.parametrize("deployment", list(DEPLOYMENTS.values()), ids=list(DEPLOYMENTS))
 
@@ -82,6 +96,36 @@ def _confidential_additions() -> set[tuple[str, str, str]]:
     return {("hub", t, r) for t, r in HUB_CONFIDENTIAL} | {
         (f"worker:{n}", "project", role) for n in NODES for role in CONFIDENTIAL_WORKER_ROLES
     }
+
+
+# What the accelerator backends add (accelerators.tf, and confidential.tf's shared grants), by value.
+HUB_ACTS_AS_WORKERS = {("hub", f"service-account:worker:{n}", "roles/iam.serviceAccountUser") for n in NODES}
+BATCH_WORKER_ROLES = ("roles/logging.logWriter", "roles/batch.agentReporter")
+ACCELERATOR_ADDITIONS = {
+    "gke_enabled": {
+        ("gke-nodes", "project", "roles/container.defaultNodeServiceAccount"),
+        ("gke-nodes", "repository:images", "roles/artifactregistry.reader"),
+        # Workload Identity: the node's Kubernetes service account acts as the node's worker identity, and only that one.
+        *{(f"ksa:{n}", f"service-account:worker:{n}", "roles/iam.workloadIdentityUser") for n in NODES},
+        ("hub", "project", "roles/container.developer"),
+    },
+    "vertex_enabled": {("hub", "project", "roles/aiplatform.user"), *HUB_ACTS_AS_WORKERS},
+    "batch_enabled": {
+        ("hub", "project", "roles/batch.jobsEditor"),
+        *HUB_ACTS_AS_WORKERS,
+        *{("hub", f"subnet:workers:{n}", "roles/compute.networkUser") for n in NODES},
+        *{(f"worker:{n}", "project", role) for n in NODES for role in BATCH_WORKER_ROLES},
+    },
+}
+
+
+def _switch_additions(deployment: Deployment) -> set[tuple[str, str, str]]:
+    """(principal, target, role) of every grant the deployment's confidential and accelerator switches add."""
+    added = _confidential_additions() if deployment.confidential_workers else set()
+    for switch, grants_ in ACCELERATOR_ADDITIONS.items():
+        if deployment.flag(switch):
+            added |= grants_
+    return added
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +175,38 @@ def _instances(for_each: str | None, tf: dict, deployment: Deployment = BASE) ->
     if for_each == "${local.confidential_nodes}":
         assert locals_["confidential_nodes"] == "${var.confidential_workers ? var.nodes : {}}"
         return [(n, n) for n in NODES] if deployment.confidential_workers else []
-    if m := re.fullmatch(r'\$\{var\.confidential_workers \? toset\(\[("[\w-]+"(?:, "[\w-]+")*)\]\) : toset\(\[\]\)\}', for_each):
-        keys = re.findall(r'"([\w-]+)"', m.group(1))
-        return [(k, k) for k in keys] if deployment.confidential_workers else []
+    # `<switches> ? toset([...]) : toset([])` and `<switches> ? var.nodes : {}`, switches `var.a || var.b ...`
+    if m := re.fullmatch(r'\$\{(var\.\w+(?: \|\| var\.\w+)*) \? toset\(\[("[\w./-]+"(?:, "[\w./-]+")*)\]\) : toset\(\[\]\)\}', for_each):
+        keys = re.findall(r'"([\w./-]+)"', m.group(2))
+        return [(k, k) for k in keys] if _switches_on(m.group(1), deployment) else []
+    if m := re.fullmatch(r"\$\{(var\.\w+(?: \|\| var\.\w+)*) \? var\.nodes : \{\}\}", for_each):
+        return [(n, n) for n in NODES] if _switches_on(m.group(1), deployment) else []
+    if for_each == "${local.gke_nodes}":
+        assert locals_["gke_nodes"] == "${var.gke_enabled ? var.nodes : {}}"
+        return [(n, n) for n in NODES] if deployment.gke_enabled else []
     if for_each == "${local.confidential_worker_grants}":
+        # The workers' project roles on VMs: confidential ones' (attestation, logs, Batch agent), or plain Batch's.
         assert locals_["confidential_worker_grants"] == (
-            '${merge([for node, _ in local.confidential_nodes : {for role in local.confidential_worker_roles : '
+            '${merge([for node, _ in local.vm_worker_nodes : {for role in local.vm_worker_roles : '
             '"${node} ${role}" => {node = node, role = role}}] ...)}'
         )
-        nodes = [n for n, _ in _instances("${local.confidential_nodes}", tf, deployment)]
-        return [(f"{n} {role}", {"node": n, "role": role}) for n in nodes for role in locals_["confidential_worker_roles"]]
+        assert locals_["vm_worker_nodes"] == "${var.confidential_workers || var.batch_enabled ? var.nodes : {}}"
+        assert locals_["vm_worker_roles"] == "${var.confidential_workers ? local.confidential_worker_roles : local.batch_worker_roles}"
+        assert tuple(locals_["batch_worker_roles"]) == BATCH_WORKER_ROLES
+        nodes = [n for n, _ in _instances("${var.confidential_workers || var.batch_enabled ? var.nodes : {}}", tf, deployment)]
+        roles = locals_["confidential_worker_roles"] if deployment.confidential_workers else locals_["batch_worker_roles"]
+        return [(f"{n} {role}", {"node": n, "role": role}) for n in nodes for role in roles]
     # attestation.tf: one pool per node of var.key_release
     if for_each == "${var.key_release}":
         return list(deployment.key_release.items())
     if for_each.startswith("${merge(google_cloud_run_v2_job.worker,"):
         return [(n, {"name": n}) for n in NODES]
     raise AssertionError(f"unknown for_each {for_each!r}: teach _instances what it expands to")
+
+
+def _switches_on(expr: str, deployment: Deployment) -> bool:
+    """`var.a || var.b ...` for this deployment."""
+    return any(deployment.flag(name) for name in re.findall(r"var\.(\w+)", expr))
 
 
 def _substitute(expr: str, key: str, value) -> str:
@@ -166,9 +226,14 @@ def _principal(member: str) -> str:
         "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}": "gcs-agent",
         "serviceAccount:${google_project_service_identity.eventarc.email}": "eventarc-agent",
         "serviceAccount:${google_service_account.build.email}": "build",
+        "serviceAccount:${google_service_account.gke_nodes[0].email}": "gke-nodes",
     }
     if member in fixed:
         return fixed[member]
+    # A node's Kubernetes service account (accelerators.tf, Workload Identity).
+    ksa = re.fullmatch(r'\$\{local\.gke_ksa_member\["([\w-]+)"\]\}', member)
+    if ksa:
+        return f"ksa:{ksa.group(1)}"
     # Every identity a node's attested pool admits (attestation.tf): the pool's whole principal set.
     pool = re.fullmatch(r'principalSet://iam\.googleapis\.com/\$\{google_iam_workload_identity_pool\.attested\["([\w-]+)"\]\.name\}/\*', member)
     if pool:
@@ -233,9 +298,12 @@ def _target(rtype: str, body: dict, tf: dict) -> str:
         assert body["region"] == f'${{google_compute_subnetwork.workers["{m.group(1)}"].region}}', body
         return f"subnet:workers:{m.group(1)}"
     if rtype == "google_artifact_registry_repository_iam_member":
+        if body["repository"] == "${google_artifact_registry_repository.images.name}":
+            return "repository:images"
+        assert body["repository"] == '"region"', body  # for_each over the functions' repositories (_instances)
         return "repository:functions"
     if rtype == "google_cloud_run_v2_job_iam_member":
-        return "job:worker"
+        return f"job:worker:{body['name'].strip(chr(34))}"
     raise AssertionError(f"unknown IAM resource type {rtype}")
 
 
@@ -345,11 +413,12 @@ def test_hub_identity_has_no_node_bucket(tf, deployment):
     assert {(g.target, g.role) for g in hub} == {
         (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectUser"),
         ("project", "roles/datastore.user"),
-        ("job:worker", "roles/run.jobsExecutorWithOverrides"),
+        *{(f"job:worker:{n}", "roles/run.jobsExecutorWithOverrides") for n in NODES},
         # Opens node updates; seals and opens global models and server state under its own KEK.
         *{(f"key:kek:{n}", "roles/cloudkms.cryptoKeyDecrypter") for n in NODES},
         ("key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter"),
-        *(HUB_CONFIDENTIAL if deployment.confidential_workers else ()),
+        # Launching elsewhere: confidential VMs and Batch, GKE, Vertex AI (the switches', by value above).
+        *{(t, r) for p, t, r in _switch_additions(deployment) if p == "hub"},
     }
 
 
@@ -364,8 +433,9 @@ def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf, 
             (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectCreator", f"updates/{node}/"),
             ("service:node-api", "roles/run.invoker", None),
             (f"key:signing:{node}", "roles/cloudkms.signer", None),
-            # On a confidential VM: attestation tokens, logs, the Batch agent (project-level only).
+            # On a confidential VM: attestation tokens, logs, the Batch agent (project-level only); on plain Batch VMs the last two.
             *{("project", role, None) for role in CONFIDENTIAL_WORKER_ROLES if deployment.confidential_workers},
+            *{("project", role, None) for role in BATCH_WORKER_ROLES if deployment.batch_enabled},
         }
         # The prefix admits its own updates and no other node's, a node sharing its first letters included.
         prefix = f"updates/{node}/"
@@ -394,12 +464,13 @@ def test_no_project_level_pubsub_token_creator_or_builder_grant(tf, deployment):
         ("eventarc-agent", "roles/eventarc.serviceAgent"),
         # Eventarc's Cloud Storage triggers require it (the topic is Eventarc's, created with the trigger).
         ("gcs-agent", "roles/pubsub.publisher"),
-        # confidential.tf: roles that exist at project level only (README, "Confidential workers").
-        *{("hub", role) for role in ("roles/compute.instanceAdmin.v1", "roles/batch.jobsEditor") if confidential},
-        *{(f"worker:{n}", role) for n in NODES for role in CONFIDENTIAL_WORKER_ROLES if confidential},
+        # confidential.tf and accelerators.tf: roles that exist at project level only (README, "Confidential workers",
+        # "Accelerator backends").
+        *{(p, r) for p, t, r in _switch_additions(deployment) if t == "project"},
     }
     workers_on_project = {(g.principal, g.role) for g in grants(tf, deployment) if g.principal.startswith("worker:") and g.target == "project"}
-    assert workers_on_project == ({(f"worker:{n}", r) for n in NODES for r in CONFIDENTIAL_WORKER_ROLES} if confidential else set())
+    expected_worker_roles = (CONFIDENTIAL_WORKER_ROLES if confidential else ()) + (BATCH_WORKER_ROLES if deployment.batch_enabled else ())
+    assert workers_on_project == {(f"worker:{n}", r) for n in NODES for r in expected_worker_roles}
     assert not [name for (rtype, name) in tf["resources"] if rtype == "google_project_iam_custom_role"]
 
 
@@ -433,6 +504,7 @@ def test_pubsub_grants_are_per_topic_or_subscription_except_the_storage_agents(t
 
 
 def test_confidential_grants_exist_only_with_the_flag_and_are_exactly_these(tf):
+    # (With the accelerator switches off: some of these grants are theirs too, below.)
     for key_release in ({}, KEY_RELEASE):
         off = grants(tf, Deployment(confidential_workers=False, key_release=key_release))
         on = grants(tf, Deployment(confidential_workers=True, key_release=key_release))
@@ -446,7 +518,7 @@ def test_confidential_grants_exist_only_with_the_flag_and_are_exactly_these(tf):
 
 
 def test_hub_acts_only_as_the_worker_identities(tf):
-    on = grants(tf, Deployment(confidential_workers=True, key_release=KEY_RELEASE))
+    on = grants(tf, EVERYTHING)
     act_as = {(g.principal, g.target) for g in on if g.role == "roles/iam.serviceAccountUser"}
     assert act_as == {("hub", f"service-account:worker:{n}") for n in NODES}, "never on the project, the hub's own or another identity"
     assert all(g.condition is None and g.prefix is None for g in on if g.role == "roles/iam.serviceAccountUser")
@@ -556,3 +628,65 @@ def test_each_pool_trusts_only_its_nodes_provider(tf):
     # Pool ids differ per node (a pool id is at most 32 characters: the variable's validation keeps node names short).
     ids = {pool["workload_identity_pool_id"].replace("${var.name_prefix}", "fedpipe").replace("${each.key}", n) for n in KEY_RELEASE}
     assert len(ids) == len(KEY_RELEASE) and all(len(i) <= 32 for i in ids)
+
+
+# ---------------------------------------------------------------- accelerator backends (accelerators.tf)
+
+
+@pytest.mark.parametrize("switch", list(ACCELERATOR_ADDITIONS))
+def test_each_accelerator_switch_adds_exactly_its_grants(tf, switch):
+    for others in (BASE, Deployment(confidential_workers=True, key_release=KEY_RELEASE)):
+        off = grants(tf, others)
+        on = grants(tf, Deployment(**{**others.__dict__, switch: True}))
+        assert set(off) <= set(on), "a switch only adds grants"
+        added = {(g.principal, g.target, g.role) for g in set(on) - set(off)}
+        # What confidential_workers already holds is not granted a second time.
+        assert added == ACCELERATOR_ADDITIONS[switch] - {(g.principal, g.target, g.role) for g in off}
+    # With everything off, none of it.
+    assert not {(g.principal, g.target, g.role) for g in grants(tf, BASE)} & ACCELERATOR_ADDITIONS[switch]
+
+
+@each_deployment
+def test_one_binding_one_resource(tf, deployment):
+    """No two resources grant the same binding: destroying one would take it from the other (iam_member is not authoritative)."""
+    found = grants(tf, deployment)
+    seen: dict[Grant, int] = {}
+    for g in found:
+        seen[g] = seen.get(g, 0) + 1
+    assert [g for g, n in seen.items() if n > 1] == []
+
+
+def test_workload_identity_binds_each_nodes_ksa_to_its_own_worker_only(tf):
+    locals_ = tf["locals"]
+    assert locals_["gke_ksa"] == '${{for node, _ in var.nodes : node => "worker-${node}"}}'
+    assert locals_["workload_pool"] == "${var.project}.svc.id.goog"
+    assert locals_["gke_ksa_member"] == (
+        '${{for node, ksa in local.gke_ksa : node => "serviceAccount:${local.workload_pool}[${var.gke_namespace}/${ksa}]"}}'
+    )
+    binding = tf["resources"][("google_service_account_iam_member", "worker_ksa")]
+    assert (binding["service_account_id"], binding["member"]) == ("${google_service_account.worker[each.key].name}", "${local.gke_ksa_member[each.key]}")
+    # By value, for this deployment: the member GKE's metadata server presents for worker-us's pods.
+    member = {n: f"serviceAccount:acme-fl.svc.id.goog[fedpipe/worker-{n}]" for n in NODES}
+    assert len(set(member.values())) == len(NODES)
+    on = grants(tf, EVERYTHING)
+    wi = {(g.principal, g.target) for g in on if g.role == "roles/iam.workloadIdentityUser"}
+    assert wi == {(f"ksa:{n}", f"service-account:worker:{n}") for n in NODES}, "each node's KSA acts as its own worker, nothing else"
+    # The cluster's pool is the project's, and every pool's machines use GKE's metadata server (no node identity for pods).
+    cluster = tf["resources"][("google_container_cluster", "workers")]
+    assert cluster["workload_identity_config"] == [{"workload_pool": "${local.workload_pool}", "__is_block__": True}] or cluster[
+        "workload_identity_config"
+    ] == [{"workload_pool": "${local.workload_pool}"}]
+    for pool in ("system", "tpu", "gpu"):
+        (node_config,) = tf["resources"][("google_container_node_pool", pool)]["node_config"]
+        assert node_config["workload_metadata_config"][0]["mode"] == "GKE_METADATA", pool
+        assert node_config["service_account"] == "${google_service_account.gke_nodes[0].email}", pool
+
+
+def test_gke_nodes_identity_holds_only_logs_metrics_and_image_pulls(tf):
+    on = grants(tf, EVERYTHING)
+    assert {(g.target, g.role) for g in on if g.principal == "gke-nodes"} == {
+        ("project", "roles/container.defaultNodeServiceAccount"),
+        ("repository:images", "roles/artifactregistry.reader"),
+    }
+    # No workload runs as it: it acts as nobody, and nobody acts as it.
+    assert not [g for g in on if g.target == "service-account:gke_nodes"]

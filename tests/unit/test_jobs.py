@@ -307,7 +307,7 @@ def test_valid_spec_boundaries_are_accepted():
 
 
 def test_one_bad_job_document_is_skipped_and_logged_by_id_only(caplog):
-    from shared.jobstore import expired_jobs
+    from shared.jobstore import parse_jobs
 
     silent = job_in(S.RUNNING, heartbeat_at=T0)
     alive = job_in(S.RUNNING, heartbeat_at=T0 + timedelta(seconds=100))
@@ -322,9 +322,10 @@ def test_one_bad_job_document_is_skipped_and_logged_by_id_only(caplog):
         ("silent-2", silent.to_doc()),
     ]
     with caplog.at_level("ERROR", logger="fedpipe.jobstore"):
-        expired = expired_jobs(docs, T0 + timedelta(seconds=120))
-    assert [j.id for j in expired] == ["silent-1", "silent-2"]
-    assert expired[0].model_copy(update={"id": "job-1"}) == silent
+        jobs = parse_jobs(docs)
+    assert [j.id for j in jobs] == ["silent-1", "alive", "silent-2"]
+    assert [j.id for j in jobs if is_lease_expired(j, T0 + timedelta(seconds=120))] == ["silent-1", "silent-2"]
+    assert jobs[0].model_copy(update={"id": "job-1"}) == silent
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 4
     for job_id, line in zip(["bad-missing-fields", "bad-wrong-types", "bad-empty", "bad-naive-time"], logged):
@@ -332,7 +333,7 @@ def test_one_bad_job_document_is_skipped_and_logged_by_id_only(caplog):
     assert not any("SECRET" in line or "running" in line for line in logged)
 
 
-def test_reap_goes_on_past_a_bad_job_document(monkeypatch):
+def test_the_clocks_listing_goes_on_past_a_bad_job_document():
     from types import SimpleNamespace
 
     from shared.jobstore import JobStore
@@ -342,10 +343,20 @@ def test_reap_goes_on_past_a_bad_job_document(monkeypatch):
     snaps = [SimpleNamespace(id=i, to_dict=lambda d=d: d) for i, d in docs.items()]
     store = JobStore.__new__(JobStore)
     store.collection = SimpleNamespace(where=lambda **_: SimpleNamespace(stream=lambda: iter(snaps)))
+    assert [j.id for j in store.active()] == ["b-silent"]
 
-    def update(job_id, change):  # what the transaction does, on the listed document
-        return change(Job.from_doc(job_id, docs[job_id]))
 
-    monkeypatch.setattr(store, "update", update)
-    reaped = store.reap(T0 + timedelta(seconds=120))
-    assert [(j.id, j.status, j.attempt, lost) for j, lost in reaped] == [("b-silent", S.PENDING, 2, 1)]
+# -- waiting in an engine's queue ----------------------------------------------------------
+
+
+def test_a_scheduled_attempt_may_wait_queued_up_to_max_queued_since_its_claim():
+    from shared.jobs import MAX_QUEUED, may_wait_queued, scheduled_at
+
+    claimed = transition(transition(Job.new("job-1", SPEC, T0), S.SCHEDULED, T0), S.PENDING, T0)  # attempt 1 lost at once
+    claimed = transition(claimed, S.SCHEDULED, T0 + timedelta(minutes=5))  # attempt 2's claim
+    assert scheduled_at(claimed) == T0 + timedelta(minutes=5)
+    assert may_wait_queued(claimed, T0 + timedelta(minutes=5) + MAX_QUEUED)
+    assert not may_wait_queued(claimed, T0 + timedelta(minutes=5) + MAX_QUEUED + timedelta(seconds=1))
+    running = transition(claimed, S.RUNNING, T0 + timedelta(minutes=6))
+    assert not may_wait_queued(running, T0 + timedelta(minutes=7))  # a worker that started heartbeats
+    assert scheduled_at(Job.new("job-2", SPEC, T0)) is None
