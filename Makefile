@@ -15,10 +15,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedpipe demo
 
-test: $(STAMP)
+# checkov (infra/ against its policies; tests/unit/test_infra_schema.py) pins libraries of its own: its own venv.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet checkov==3.3.30
+	@touch $@
+
+test: $(STAMP) $(CHECKOV_VENV)/.installed
 	$(BIN)/pytest
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(CHECKOV_VENV)/.installed
 	$(BIN)/pytest tests/unit -q
 
 up: $(STAMP)
@@ -56,4 +63,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .fedpipe .pytest_cache results
+	rm -rf $(VENV) $(BENCH_VENV) $(CHECKOV_VENV) .fedpipe .pytest_cache results

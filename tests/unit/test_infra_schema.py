@@ -12,7 +12,6 @@ a missing required argument or block, two of a block that allows one.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -113,23 +112,6 @@ def test_versions_pin_each_provider_at_the_schema_checked(schema):
         assert spec["version"] == f"~> {major}.{minor}", (provider, spec["version"])
 
 
-def test_the_installed_package_if_any_gives_the_same_extract(schema):
-    """Where the bindings are installed, the committed extract is what they say (and came from the same assembly)."""
-    extract = _extract_module()
-    checked = 0
-    for provider, found in schema["providers"].items():
-        path = extract.installed_assembly_path(found["package"])
-        if path is None:
-            continue
-        assembly = extract.read_installed(found["package"])
-        assert assembly.package_version == found["package_version"], f"installed {found['package']} is not the extract's version"
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == found["assembly_sha256"]
-        again = extract.extract(assembly, found["resources"], found["data_sources"])
-        for key in ("version", "provider", "resources", "data_sources"):
-            assert again[key] == found[key], (provider, key)
-        checked += 1
-    if not checked:
-        pytest.skip("no cdktf-cdktf-provider-* package installed: the committed extract is the reference")
 
 
 # ---------------------------------------------------------------- it can fail
@@ -240,10 +222,11 @@ def test_the_readme_justifies_each_failing_check_once():
     assert all(resources for resources in justified.values())
 
 
-@pytest.mark.skipif(_checkov() is None, reason="checkov not installed (README: .venv-checkov)")
 def test_checkov_fails_only_what_the_readme_justifies():
+    checkov = _checkov()
+    assert checkov is not None, "checkov is not installed: `make test` installs it in .venv-checkov"
     done = subprocess.run(
-        [_checkov(), "-d", str(INFRA), "--framework", "terraform", "--output", "json", "--quiet", "--compact", "--skip-download"],
+        [checkov, "-d", str(INFRA), "--framework", "terraform", "--output", "json", "--quiet", "--compact", "--skip-download"],
         capture_output=True, text=True, timeout=300,
     )
     report = json.loads(done.stdout)
