@@ -141,6 +141,8 @@ def demo(
                                                    "differential privacy at this noise multiplier z, and compare")] = None,
     dp_clip: Annotated[float, typer.Option(min=0, max=MAX_CLIP_NORM, help="with --dp-noise: the L2 norm C each node's change "
                                            "is clipped to per round")] = 1.0,
+    attested_aggregation: Annotated[bool, typer.Option(help="seal every training update to the attested aggregator: the hub sees "
+                                                       "only aggregates (its attestation is simulated locally)")] = False,
 ) -> None:
     """Start the local cloud and run the whole thing on a real data set.
 
@@ -152,8 +154,8 @@ def demo(
     from emulators.processes import StartupError
     from emulators.stack import LocalCloud
 
-    if dp_noise is not None and single:
-        raise _fail("--dp-noise applies to the federated demo, not to --single")
+    if (dp_noise is not None or attested_aggregation) and single:
+        raise _fail("--dp-noise and --attested-aggregation apply to the federated demo, not to --single")
     try:
         privacy = None if dp_noise is None else PrivacyConfig(clip_norm=dp_clip, noise_multiplier=dp_noise)
     except ValidationError as exc:
@@ -169,7 +171,8 @@ def demo(
             if single:
                 code, summary = _single_demo(dataset, model, epochs, timeout)
             else:
-                code, summary = _federated_demo(dataset, model, rounds, local_epochs, strategy, alpha, results, timeout, privacy)
+                code, summary = _federated_demo(dataset, model, rounds, local_epochs, strategy, alpha, results, timeout, privacy,
+                                                attested_aggregation)
     except (StartupError, ValidationError) as exc:
         raise _fail(str(exc)) from None
     if json_out:
@@ -200,14 +203,14 @@ def _single_demo(dataset: str, model: str, epochs: int, timeout: float) -> tuple
 
 
 def _federated_demo(dataset: str, model: str, rounds: int, local_epochs: int, strategy: str, alpha: float, results: Path, timeout: float,
-                    privacy: PrivacyConfig | None) -> tuple[int, dict]:
+                    privacy: PrivacyConfig | None, attested_aggregation: bool = False) -> tuple[int, dict]:
     from fedpipe.fed_demo import run_federated_demo
     from fedpipe.fed_views import epsilon_text
 
     settings = context.settings()
     report = run_federated_demo(context.db(), context.gcs(), settings, console, source=dataset, nodes=list(settings.nodes), rounds=rounds,
                                 local_epochs=local_epochs, strategy=strategy, alpha=alpha, results_dir=results, timeout_s=timeout, model=model,
-                                privacy=privacy)
+                                privacy=privacy, attested_aggregation=attested_aggregation)
     summary = report.to_json()
     if report.status != "completed":
         err.print(f"[red]federation {report.status}[/]: {report.error or ''}")

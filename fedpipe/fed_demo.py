@@ -210,8 +210,9 @@ class FedDemoReport:
 
 def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Settings, console: Console, *, source: str, nodes: list[str],
                        rounds: int, local_epochs: int, strategy: str, alpha: float, results_dir: Path, timeout_s: float,
-                       model: str = "mlp", privacy: PrivacyConfig | None = None) -> FedDemoReport:
-    """The federation on non-IID shares, the centralized baseline, and with `privacy` the same federation with DP."""
+                       model: str = "mlp", privacy: PrivacyConfig | None = None, attested_aggregation: bool = False) -> FedDemoReport:
+    """The federation on non-IID shares, the centralized baseline, and with `privacy` the same federation with DP.
+    With `attested_aggregation`, the updates are sealed to the attested aggregator, which the hub cannot open."""
     fid = f"{source.replace('_', '-')}-{model}-{strategy}"
     started = utcnow()  # every printed time is on this clock, Firestore's recorded times included
 
@@ -226,6 +227,7 @@ def run_federated_demo(db: firestore.Client, gcs: storage.Client, settings: Sett
     config = FederationConfig(
         id=fid, nodes=[{"name": n, "dataset": source} for n in nodes], model=model, rounds=rounds, local_epochs=local_epochs,
         strategy=strategy, prox_mu=0.01 if strategy == "fedprox" else 0.0, round_deadline_s=120, lease_seconds=60,
+        confidential_aggregation=attested_aggregation,
     )
     # Validated now (a robust strategy refuses privacy), not after the first federation's minutes.
     private_config = None if privacy is None else FederationConfig.model_validate(
