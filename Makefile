@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit up down bench bench-events bench-worker bench-aggregate bench-federation bench-confidential lint clean
+.PHONY: demo test test-unit up down bench bench-events bench-worker bench-aggregate bench-federation bench-confidential bench-device lint clean
 
-$(STAMP): pyproject.toml
+# The worker image's lock constrains the dev venv: tests run with the JAX the images ship.
+$(STAMP): pyproject.toml workers/trainer/requirements-cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c workers/trainer/requirements-cpu.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -49,12 +50,16 @@ bench-events: $(STAMP)
 bench-worker: $(STAMP)
 	$(BIN)/python bench/worker.py
 	$(BIN)/python bench/worker.py --model mlp
+	$(BIN)/python bench/worker.py --model wide
 
 bench-aggregate: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python bench/aggregate.py
 
 bench-federation: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python bench/federation.py
+
+bench-device: $(STAMP)
+	bash bench/device.sh
 
 bench-confidential: $(STAMP)
 	$(BIN)/python bench/confidential.py

@@ -1,9 +1,12 @@
 """Aggregation throughput and memory: fedpipe's StreamingMean vs NumPy tensordot vs Flower's
-aggregate, and the robust strategies (coordinate-wise median, trimmed mean) vs np.median and
-scipy.stats.trim_mean.
+aggregate, against the machine's memory bandwidth; the robust strategies (coordinate-wise
+median, trimmed mean) vs np.median and scipy.stats.trim_mean; on an accelerator, the same
+weighted mean done on the device.
 
     .venv/bin/python bench/aggregate.py            # re-executes under .venv-bench if flwr is there
     .venv-bench/bin/python bench/aggregate.py      # same thing, directly
+    .venv/bin/python bench/aggregate.py --cases large --no-robust   # what bench/device.sh runs
+    .venv/bin/python bench/aggregate.py --quick    # small case only, no robust strategies: seconds
 
 Flower (PyPI ``flwr``) pins protobuf/grpcio versions that can clash with the
 google-cloud libraries in .venv, so it lives in its own venv (one-time setup)::
@@ -52,6 +55,28 @@ and the result. Both are measured with tracemalloc: *_peak_extra_bytes relative 
 already in memory, *_streamed_peak_bytes with each update copied when asked for (as the hub
 reads them from the bucket), which is what the hub needs; both are printed in models too.
 
+Memory bandwidth, measured in the same run (before the cases and again after them; the
+best of all is kept): jit-compiled JAX kernels over a large float32 buffer on a device, bytes
+moved / time, best of several trials of back-to-back calls: a full reduction (``jnp.sum``:
+reads the buffer once) and a copy (``x * 2``: reads and writes it), plus, on the host, an
+OpenBLAS GEMV of ones over the buffer (NumPy, every core; the same kind of read as the
+tensordot baseline). host_bw_gbps is the best rate any of them moved the host's memory at
+(1 GiB buffer; the copy's bytes read plus written), and ours_vs_host_bw = ours_gbps /
+host_bw_gbps is the hub aggregation's share of it (target >= 0.80): the hub aggregates in the
+host's memory, so that is its ceiling, whatever accelerator the machine has. Since ours_gbps
+counts the bytes of updates read, host_read_bw_gbps (the best read-only kernel) and
+ours_vs_host_read_bw are reported too: where a read-only kernel cannot saturate the memory
+(one core's reduction on XLA:CPU), it is the kinder, and weaker, ceiling. device_bw_gbps is the same measurement
+on jax's default device (2 GiB on an accelerator; on a CPU-only machine it is the host).
+
+On an accelerator (jax's default backend is not the CPU), each case also times the weighted
+mean on the device: the stacked [N, P] array put on the device once (its transfer timed
+apart, device_transfer_s), then a jitted ``jnp.tensordot(w, stacked, axes=1)`` (HIGHEST
+precision) and a fused ``jnp.sum(w[:, None] * stacked, axis=0)``; device_agg_gbps is the
+faster (bytes of updates / median time), device_agg_vs_device_bw its share of device_bw_gbps,
+device_agg_incl_transfer_gbps with the host->device copy counted. Without JAX (or on the
+CPU backend) the device fields are null.
+
 Other processes on the same CPUs skew everything (and can trip the "auto" watchdog): the
 load average at start and end is printed and recorded in the JSON.
 
@@ -60,6 +85,7 @@ The LAST line printed is one JSON object (fields for the largest case, plus all 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import json
@@ -101,8 +127,16 @@ try:
     from scipy.stats import trim_mean as scipy_trim_mean
 except ImportError:  # pragma: no cover - depends on the venv
     scipy_trim_mean = None
+try:  # bandwidth kernels and the device-side mean; without JAX, NumPy's GEMV alone measures the host
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # pragma: no cover - depends on the venv
+    jax = jnp = None
 
 GB = 1e9
+HOST_BW_BYTES = 1 << 30  # buffer for the host's bandwidth: far beyond any CPU cache
+DEVICE_BW_BYTES = 2 << 30  # and an accelerator's (an H200's L2 is 60 MB)
+TARGET_VS_BW = 0.80
 TRIM_FRACTION = 0.1  # aggregator()'s default
 BASELINE_BLOCK = 1 << 16  # columns of the stacked array per np.median / trim_mean call (26 MB at N=100)
 
@@ -246,7 +280,90 @@ def robust_memory(updates, weights: list[float], streamed, model_bytes: int) -> 
     return row
 
 
-def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int, robust_repeats: int) -> dict:
+def on_accelerator() -> bool:
+    return jax is not None and jax.default_backend() != "cpu"
+
+
+def _best_gbps(run, nbytes: int, calls: int, trials: int) -> float:
+    """Best GB/s over `trials` trials of run(calls): `calls` back-to-back calls of a kernel that
+    moves nbytes each, returning what to wait on; a trial ends when that is ready. Warmed up first."""
+    sync = jax.block_until_ready if jax is not None else (lambda x: x)
+    sync(run(1))
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        sync(run(calls))
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return nbytes / best / GB
+
+
+def measure_bandwidth(device, nbytes: int, with_numpy: bool, trials: int = 5) -> dict[str, float]:
+    """GB/s of each bandwidth kernel over an nbytes float32 buffer (see the module docstring).
+
+    The copy is chained (y = y + 1, its input donated), so it runs in place in order and a
+    trial needs one buffer, not one per call."""
+    rates: dict[str, float] = {}
+    if jax is not None and device is not None:
+        calls = 3 if device.platform == "cpu" else 20  # ~0.1 s of a CPU, ~10 ms of an HBM device
+        with jax.default_device(device):
+            x = jnp.ones(nbytes // 4, jnp.float32)
+            y = [jnp.zeros(nbytes // 4, jnp.float32)]
+        total, bump = jax.jit(jnp.sum), jax.jit(lambda a: a + 1.0, donate_argnums=0)
+
+        def chained(k: int):
+            for _ in range(k):
+                y[0] = bump(y[0])
+            return y[0]  # each call consumed the one before: the last ready means all done
+
+        rates["jax_sum_read"] = _best_gbps(lambda k: [total(x) for _ in range(k)], nbytes, calls, trials)
+        rates["jax_copy_read_write"] = _best_gbps(chained, 2 * nbytes, calls, trials)
+        del x, y
+    if with_numpy:
+        buf = np.ones((1024, nbytes // 4 // 1024), np.float32)
+        ones = np.ones(1024, np.float32)
+        rates["numpy_gemv_read"] = _best_gbps(lambda k: [ones @ buf for _ in range(k)], nbytes, 1, trials)
+        del buf
+    gc.collect()
+    return rates
+
+
+def bandwidths(trials: int = 5) -> dict[str, dict[str, float]]:
+    """Each kernel's GB/s on the host ("host": jax's CPU device and NumPy) and, on an accelerator, on jax's default device."""
+    host_device = jax.devices("cpu")[0] if jax is not None else None
+    out = {"host": measure_bandwidth(host_device, HOST_BW_BYTES, with_numpy=True, trials=trials)}
+    if on_accelerator():
+        out["device"] = measure_bandwidth(jax.devices()[0], DEVICE_BW_BYTES, with_numpy=False, trials=trials)
+    return out
+
+
+def device_mean(stacked: np.ndarray, w32: np.ndarray, trials: int, ref: np.ndarray) -> dict:
+    """The weighted mean on jax's default device: stacked [N, P] put there once, then the jitted mean."""
+    nbytes = stacked.nbytes
+    dev = jax.devices()[0]
+    t0 = time.perf_counter()
+    s_d, w_d = jax.block_until_ready((jax.device_put(stacked, dev), jax.device_put(w32, dev)))
+    row: dict = {"device_transfer_s": time.perf_counter() - t0}
+    methods = {
+        "tensordot": jax.jit(lambda w, s: jnp.tensordot(w, s, axes=1, precision=jax.lax.Precision.HIGHEST)),
+        "fused_sum": jax.jit(lambda w, s: jnp.sum(w[:, None] * s, axis=0)),
+    }
+    calls = max(1, min(20, int(2e9 // nbytes)))  # back-to-back calls per trial: past the dispatch overhead
+    for name, fn in methods.items():
+        row[f"device_{name}_gbps"] = _best_gbps(lambda k, fn=fn: [fn(w_d, s_d) for _ in range(k)], nbytes, calls, trials)
+        row[f"device_{name}_rel_diff_vs_ours"] = rel_diff(np.asarray(fn(w_d, s_d)), ref)
+    best = max(methods, key=lambda m: row[f"device_{m}_gbps"])
+    row["device_agg_method"], row["device_agg_gbps"] = best, row[f"device_{best}_gbps"]
+    row["device_agg_incl_transfer_gbps"] = nbytes / (nbytes / row["device_agg_gbps"] / GB + row["device_transfer_s"]) / GB
+    print(f"   on {dev.device_kind}: " + ", ".join(f"{m} {row[f'device_{m}_gbps']:,.1f} GB/s" for m in methods)
+          + f" (best of {trials}; +{row['device_transfer_s'] * 1e3:.0f} ms to put the stack there: "
+          f"{row['device_agg_incl_transfer_gbps']:,.1f} GB/s with it)", flush=True)
+    return row
+
+
+DEVICE_FIELDS = ("device_transfer_s", "device_agg_method", "device_agg_gbps", "device_agg_incl_transfer_gbps")
+
+
+def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int, robust_repeats: int, robust: bool = True) -> dict:
     p = sum(int(np.prod(s)) for s in shapes.values())
     nbytes = n * p * 4
     print(f"\n== {name}: N={n} updates x P={p:,} float32 params in {len(shapes)} tensors "
@@ -324,8 +441,14 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
     row["ours_numpy_backend_rel_diff"] = rel_diff(flat(outs["ours_numpy"][k] for k in shapes), ref)
     if "flower" in outs:
         row["flower_rel_diff_vs_ours"] = rel_diff(flat(outs["flower"]), ref)
-    del outs, ref
-    row |= time_robust(updates, weights.tolist(), stacked, shapes, robust_repeats)
+    del outs
+    if on_accelerator():
+        row |= device_mean(stacked, w32, repeats, ref)
+    else:
+        row |= dict.fromkeys(DEVICE_FIELDS)
+    del ref
+    if robust:
+        row |= time_robust(updates, weights.tolist(), stacked, shapes, robust_repeats)
     stacked = None  # free 4.4 GB before the next case (the closures above are done with it)
     gc.collect()
 
@@ -342,7 +465,8 @@ def run_case(name: str, n: int, shapes: dict[str, tuple[int, ...]], repeats: int
         print("   flower      (flwr not installed: see the module docstring)", flush=True)
     fl_in = None  # free Flower's input copies
     gc.collect()
-    row |= robust_memory(updates, weights.tolist(), streamed, p * 4)
+    if robust:
+        row |= robust_memory(updates, weights.tolist(), streamed, p * 4)
 
     row["ours_vs_numpy"] = row["ours_gbps"] / row["numpy_gbps"]
     row["ours_vs_flower"] = row["ours_gbps"] / row["flower_gbps"] if row["flower_gbps"] else None
@@ -389,52 +513,111 @@ def machine() -> dict:
         "blas_axpy": blas_axpy_available(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "jax": jax.__version__ if jax is not None else None,
+        "jax_device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})" if jax is not None else None,
         "executable": sys.executable,
         "loadavg_at_start": os.getloadavg(),
     }
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="small,large", help="comma-separated: small (N=10 x 1.7M), large (N=100 x 11.1M)")
+    ap.add_argument("--no-robust", action="store_true", help="skip median and trimmed mean (their baselines take minutes)")
+    ap.add_argument("--quick", action="store_true", help="small case only, fewer rounds, no robust strategies: a smoke run")
+    a = ap.parse_args()
+    names = ["small"] if a.quick else [c.strip() for c in a.cases.split(",") if c.strip()]
+    assert names and set(names) <= {"small", "large"}, f"--cases takes small and/or large, got {a.cases!r}"
+    robust = not (a.no_robust or a.quick)
+
     mach = machine()
     print(f"machine: {mach['cpu_model']}, {mach['usable_cpus']} usable CPUs, {mach['platform']}, "
-          f"numpy {mach['numpy']}, flwr {mach['flwr']}")
+          f"numpy {mach['numpy']}, flwr {mach['flwr']}, jax {mach['jax']} on {mach['jax_device']}")
     print(f"load average (other processes share these CPUs): {mach['loadavg_at_start']}")
     if mach["openblas_coretype"]:
         print(f"note: OPENBLAS_CORETYPE={mach['openblas_coretype']} is set: OpenBLAS (tensordot, and our "
               "saxpy) uses that kernel set instead of auto-detecting one; left as is.")
-    cases = [
-        run_case("small", 10, shapes_small(), repeats=9, robust_repeats=5),
-        run_case("large", 100, shapes_large(), repeats=5, robust_repeats=3),
-    ]
+    trials = 3 if a.quick else 5
+    bw_runs = [bandwidths(trials)]
+    print_bandwidth("before the cases", bw_runs[0])
+    specs = {"small": (10, shapes_small(), 9, 5), "large": (100, shapes_large(), 5, 3)}
+    cases = []
+    for name in names:
+        n, shapes, repeats, robust_repeats = specs[name]
+        cases.append(run_case(name, n, shapes, 3 if a.quick else repeats, robust_repeats, robust=robust))
+    bw_runs.append(bandwidths(trials))
+    print_bandwidth("after the cases", bw_runs[1])
+    # The best each kernel managed in either run: a rate the memory demonstrably sustains.
+    bw = {where: {k: max(run[where][k] for run in bw_runs) for k in bw_runs[0][where]} for where in bw_runs[0]}
+    host_bw = max(bw["host"].values())
+    host_read_bw = max(v for k, v in bw["host"].items() if k.endswith("_read"))
+    device_bw = max(bw["device"].values()) if "device" in bw else host_bw
+    for row in cases:
+        row["host_bw_gbps"], row["ours_vs_host_bw"] = host_bw, row["ours_gbps"] / host_bw
+        row["host_read_bw_gbps"], row["ours_vs_host_read_bw"] = host_read_bw, row["ours_gbps"] / host_read_bw
+        row["numpy_vs_host_bw"] = row["numpy_gbps"] / host_bw
+        row["device_agg_vs_device_bw"] = row["device_agg_gbps"] / device_bw if row["device_agg_gbps"] else None
+        print(f"== {row['case']}: ours {row['ours_gbps']:.2f} GB/s = {row['ours_vs_host_bw']:.2f} of the host's "
+              f"{host_bw:.1f} GB/s (target >= {TARGET_VS_BW:.2f}: {'met' if row['ours_vs_host_bw'] >= TARGET_VS_BW else 'MISSED'}), "
+              f"numpy {row['numpy_vs_host_bw']:.2f}; of the best read-only rate ({host_read_bw:.1f} GB/s): "
+              f"ours {row['ours_vs_host_read_bw']:.2f}"
+              + (f"; on the device {row['device_agg_gbps']:,.1f} GB/s = {row['device_agg_vs_device_bw']:.2f} of its "
+                 f"{device_bw:,.1f} GB/s" if row["device_agg_gbps"] else ""), flush=True)
     big = cases[-1]
     mach["loadavg_at_end"] = os.getloadavg()
+
+    def r(key: str, digits: int = 3):
+        value = big.get(key)
+        return round(value, digits) if value is not None else None
+
     summary = {
-        "ours_gbps": round(big["ours_gbps"], 3),
-        "numpy_gbps": round(big["numpy_gbps"], 3),
-        "flower_gbps": round(big["flower_gbps"], 3) if big["flower_gbps"] else None,
-        "ours_vs_numpy": round(big["ours_vs_numpy"], 3),
-        "ours_vs_flower": round(big["ours_vs_flower"], 2) if big["ours_vs_flower"] else None,
+        "ours_gbps": r("ours_gbps"),
+        "numpy_gbps": r("numpy_gbps"),
+        "flower_gbps": r("flower_gbps") or None,
+        "ours_vs_numpy": r("ours_vs_numpy"),
+        "ours_vs_flower": r("ours_vs_flower", 2) or None,
+        "host_bw_gbps": round(host_bw, 2),
+        "ours_vs_host_bw": r("ours_vs_host_bw"),
+        "target_vs_bw": TARGET_VS_BW,
+        "host_read_bw_gbps": round(host_read_bw, 2),
+        "ours_vs_host_read_bw": r("ours_vs_host_read_bw"),
+        "numpy_vs_host_bw": r("numpy_vs_host_bw"),
+        "device_bw_gbps": round(device_bw, 2) if "device" in bw else None,
+        "device_agg_gbps": r("device_agg_gbps", 2),
+        "device_agg_vs_device_bw": r("device_agg_vs_device_bw"),
+        "device_agg_incl_transfer_gbps": r("device_agg_incl_transfer_gbps", 2),
+        "device_agg_method": big.get("device_agg_method"),
+        "bandwidth_gbps": {where: {k: round(v, 2) for k, v in kernels.items()} for where, kernels in bw.items()},
+        "bandwidth_runs_gbps": [{where: {k: round(v, 2) for k, v in kernels.items()} for where, kernels in run.items()}
+                                for run in bw_runs],
+        "case": big["case"],
         "n": big["n"],
         "p": big["p"],
         "ours_backend": big["ours_backend"],
-        "ours_numpy_backend_gbps": round(big["ours_numpy_gbps"], 3),
-        "ours_blas_backend_gbps": round(big["ours_blas_gbps"], 3) if "ours_blas_gbps" in big else None,
-        "numpy_incl_stack_gbps": round(big["numpy_incl_stack_gbps"], 3),
+        "ours_numpy_backend_gbps": r("ours_numpy_gbps"),
+        "ours_blas_backend_gbps": r("ours_blas_gbps"),
+        "numpy_incl_stack_gbps": r("numpy_incl_stack_gbps"),
         "ours_group": big["ours_group"],
-        "ours_add_gbps": round(big["ours_add_gbps"], 3),
+        "ours_add_gbps": r("ours_add_gbps"),
         "ours_peak_extra_bytes": big["ours_peak_extra_bytes"],
         "ours_streamed_peak_bytes": big["ours_streamed_peak_bytes"],
         "numpy_peak_extra_bytes": big["numpy_peak_extra_bytes"],
-        "ours_median_gbps": round(big["ours_median_gbps"], 3),
-        "ours_trimmed_gbps": round(big["ours_trimmed_gbps"], 3),
-        "ours_median_vs_numpy": round(big["ours_median_vs_numpy"], 2),
-        "ours_trimmed_vs_scipy": round(big["ours_trimmed_vs_scipy"], 2) if big["ours_trimmed_vs_scipy"] else None,
-        "ours_median_streamed_peak_bytes": big["ours_median_streamed_peak_bytes"],
-        "ours_trimmed_streamed_peak_bytes": big["ours_trimmed_streamed_peak_bytes"],
+        "robust": robust,
+        "ours_median_gbps": r("ours_median_gbps"),
+        "ours_trimmed_gbps": r("ours_trimmed_gbps"),
+        "ours_median_vs_numpy": r("ours_median_vs_numpy", 2),
+        "ours_trimmed_vs_scipy": r("ours_trimmed_vs_scipy", 2),
+        "ours_median_streamed_peak_bytes": big.get("ours_median_streamed_peak_bytes"),
+        "ours_trimmed_streamed_peak_bytes": big.get("ours_trimmed_streamed_peak_bytes"),
         "machine": mach,
         "cases": cases,
     }
     print(json.dumps(summary))
+
+
+def print_bandwidth(when: str, run: dict[str, dict[str, float]]) -> None:
+    for where, kernels in run.items():
+        print(f"memory bandwidth, {where} ({when}): " + ", ".join(f"{k} {v:,.1f} GB/s" for k, v in kernels.items()), flush=True)
 
 
 if __name__ == "__main__":
