@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 from google.cloud import batch_v1
-from google.protobuf import duration_pb2
 
 from shared.jobs import Job
 from shared.launchers import LaunchError, LaunchRefused, RunState
-from shared.launchers.batch_runs import batch_state, create_batch_job, stop_batch_job
+from shared.launchers.batch_runs import batch_state, create_batch_job, create_job_request, stop_batch_job, task_spec
 from shared.launchers.confidential_space import DEFAULT_MAX_RUN, ConfidentialConfig, NodeTarget
-from shared.launchers.naming import job_env, job_labels, request_id, require_digest, resource_name
+from shared.launchers.naming import job_env, require_digest, resource_name
 
 DEFAULT_NAME_PREFIX = "fedpipe-cb"
 
@@ -63,14 +62,7 @@ def build_batch_job_request(
         raise ValueError(f"max_run_duration must be positive, got {max_run_duration}")
     job_id = resource_name(name_prefix, job.id, job.attempt)
     parent = f"projects/{project}/locations/{target.region}"
-    task = batch_v1.TaskSpec(
-        runnables=[batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri=image))],
-        environment=batch_v1.Environment(variables=job_env(job, worker_env or {})),
-        # The job queue owns retries (a new attempt number each); a silent Batch
-        # retry would run one attempt twice.
-        max_retry_count=0,
-        max_run_duration=duration_pb2.Duration(seconds=int(max_run_duration.total_seconds())),
-    )
+    task = task_spec(batch_v1.Runnable.Container(image_uri=image), job_env(job, worker_env or {}), max_run_duration)
     allocation = batch_v1.AllocationPolicy(
         instances=[batch_v1.AllocationPolicy.InstancePolicyOrTemplate(
             instance_template=f"projects/{project}/global/instanceTemplates/{instance_template}",
@@ -80,17 +72,7 @@ def build_batch_job_request(
         service_account=batch_v1.ServiceAccount(email=target.service_account),
         location=batch_v1.AllocationPolicy.LocationPolicy(allowed_locations=[f"regions/{target.region}"]),
     )
-    return batch_v1.CreateJobRequest(
-        parent=parent,
-        job_id=job_id,
-        request_id=request_id("batch-job", parent, job_id),
-        job=batch_v1.Job(
-            task_groups=[batch_v1.TaskGroup(task_spec=task, task_count=1, parallelism=1)],
-            allocation_policy=allocation,
-            labels=job_labels(job, job_id),
-            logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
-        ),
-    )
+    return create_job_request(parent, job_id, job, batch_v1.TaskGroup(task_spec=task, task_count=1, parallelism=1), allocation)
 
 
 class ConfidentialBatchLauncher:

@@ -23,15 +23,14 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 from google.cloud import batch_v1
-from google.protobuf import duration_pb2
 
 from shared.accelerators import gpu_machine_type, gpu_shapes
 from shared.jobs import Job
 from shared.launchers import LaunchRefused, RunState
-from shared.launchers.batch_runs import batch_state, create_batch_job, stop_batch_job
+from shared.launchers.batch_runs import batch_state, create_batch_job, create_job_request, stop_batch_job, task_spec
 from shared.launchers.fleet import Fleet
 from shared.launchers.host_env import COMMAND
-from shared.launchers.naming import job_labels, request_id, resource_name
+from shared.launchers.naming import resource_name
 
 CPU_MACHINE = "n2-standard-8"  # a multi-host CPU run
 
@@ -73,12 +72,7 @@ def build_batch_job_request(
         container = batch_v1.Runnable.Container(image_uri=image, entrypoint=entrypoint, commands=commands)
     job_id = resource_name(name_prefix, job.id, job.attempt)
     parent = f"projects/{project}/locations/{region}"
-    task = batch_v1.TaskSpec(
-        runnables=[batch_v1.Runnable(container=container)],
-        environment=batch_v1.Environment(variables=dict(env)),
-        max_retry_count=0,
-        max_run_duration=duration_pb2.Duration(seconds=int(max_run.total_seconds())),
-    )
+    task = task_spec(container, env, max_run)
     group = batch_v1.TaskGroup(task_spec=task, task_count=hosts, parallelism=hosts, task_count_per_node=1, require_hosts_file=hosts > 1)
     allocation = batch_v1.AllocationPolicy(
         instances=[batch_v1.AllocationPolicy.InstancePolicyOrTemplate(policy=policy, install_gpu_drivers=job.spec.accelerator.kind == "gpu")],
@@ -88,17 +82,7 @@ def build_batch_job_request(
             batch_v1.AllocationPolicy.NetworkInterface(subnetwork=subnetwork, no_external_ip_address=True),
         ]),
     )
-    return batch_v1.CreateJobRequest(
-        parent=parent,
-        job_id=job_id,
-        request_id=request_id("batch-job", parent, job_id),
-        job=batch_v1.Job(
-            task_groups=[group],
-            allocation_policy=allocation,
-            labels=job_labels(job, job_id),
-            logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
-        ),
-    )
+    return create_job_request(parent, job_id, job, group, allocation)
 
 
 class BatchLauncher:

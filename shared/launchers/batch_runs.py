@@ -7,9 +7,15 @@ Shared by the confidential Batch launcher (batch.py) and the accelerator one
 
 from __future__ import annotations
 
-from google.cloud import batch_v1
+from collections.abc import Mapping
+from datetime import timedelta
 
+from google.cloud import batch_v1
+from google.protobuf import duration_pb2
+
+from shared.jobs import Job
 from shared.launchers import RunState, gcp
+from shared.launchers.naming import job_labels, request_id
 
 State = batch_v1.JobStatus.State
 _STATES = {
@@ -23,6 +29,34 @@ _STATES = {
     State.CANCELLED: RunState.CANCELLED,
     State.DELETION_IN_PROGRESS: RunState.CANCELLED,
 }
+
+
+def task_spec(container: batch_v1.Runnable.Container, env: Mapping[str, str], max_run: timedelta) -> batch_v1.TaskSpec:
+    """One task: the worker's container, its environment, a bounded run, and no retry of Batch's own
+    (the job queue owns retries, with a new attempt number each; a silent retry would run one attempt twice)."""
+    return batch_v1.TaskSpec(
+        runnables=[batch_v1.Runnable(container=container)],
+        environment=batch_v1.Environment(variables=dict(env)),
+        max_retry_count=0,
+        max_run_duration=duration_pb2.Duration(seconds=int(max_run.total_seconds())),
+    )
+
+
+def create_job_request(
+    parent: str, job_id: str, job: Job, group: batch_v1.TaskGroup, allocation: batch_v1.AllocationPolicy
+) -> batch_v1.CreateJobRequest:
+    """The CreateJob request for one attempt's Batch job, labelled and logged like every fedpipe run."""
+    return batch_v1.CreateJobRequest(
+        parent=parent,
+        job_id=job_id,
+        request_id=request_id("batch-job", parent, job_id),
+        job=batch_v1.Job(
+            task_groups=[group],
+            allocation_policy=allocation,
+            labels=job_labels(job, job_id),
+            logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
+        ),
+    )
 
 
 def batch_job_handle(request: batch_v1.CreateJobRequest) -> str:
