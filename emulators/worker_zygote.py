@@ -34,7 +34,8 @@ SOURCES = [Path(worker.__file__).parents[2] / folder for folder in ("shared", "w
 
 
 def _run_worker(request: dict) -> None:
-    """In the child: become the worker process of one job attempt. Never returns."""
+    """In the child: become the worker process of one job attempt, and record its exit status where the
+    launcher asked (the zygote reaps its children unseen, so nobody else could). Never returns."""
     code = 1
     try:
         os.setsid()  # its own group, as the plain launcher gives it: `fedpipe down` and the tests stop it by group
@@ -54,6 +55,8 @@ def _run_worker(request: dict) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            if request.get("exit"):
+                Path(request["exit"]).write_text(str(code))
         finally:
             os._exit(code)
 

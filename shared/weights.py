@@ -48,7 +48,7 @@ def to_bytes(params: Mapping[str, Any], metadata: Mapping[str, str] | None = Non
     return _st_save(arrays, metadata=meta)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def read_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__ (the numpy loader does not expose it)."""
     if len(data) < 8:
         raise WeightsMismatch(f"not safetensors: only {len(data)} bytes")
@@ -90,7 +90,7 @@ def from_bytes(data: bytes, expected: Spec | None = None) -> tuple[dict[str, np.
 
     With `expected`, the tensors must match it exactly (names, shapes, dtypes).
     """
-    meta = _read_metadata(bytes(data))
+    meta = read_metadata(bytes(data))
     if meta.get("format") != FORMAT:
         raise WeightsMismatch(f"weights format is {meta.get('format')!r}, expected {FORMAT!r}")
     try:

@@ -23,6 +23,7 @@ from shared.envelope import Purpose
 from shared.federation import update_object
 from workers.trainer.keys import node_keys
 from workers.trainer.node_client import NodeClient
+from workers.trainer.signing_key import node_signer
 from workers.trainer.training import TrainConfig, Trainer
 
 log = logging.getLogger("fedpipe.hostile")
@@ -54,7 +55,7 @@ def main() -> int:
         return 1
     fid = job.spec.federation.id
     hub = storage.Client(project=Settings.from_env().project).bucket(Settings.from_env().hub_bucket)
-    signer = signing.signer_from_env(os.environ)
+    signer = node_signer(Settings.from_env().project, job.spec.dataset.node)  # released to its attested workload, like any node's
     keys = node_keys(Settings.from_env(), job.spec.dataset.node, on_failure=lambda _: None)
     dataset = api.dataset(job.id)
     rows = dataset.stats.count

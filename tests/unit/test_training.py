@@ -250,8 +250,7 @@ _MULTI_DEVICE = textwrap.dedent(
     assert abs(ea["loss"] - eb["loss"]) < 1e-5 and ea["accuracy"] == eb["accuracy"], (ea, eb)
     p = four._put_params(start)
     batches = four._put(four._epoch_batches(len(y), 0))
-    hlo = four._train_epoch.lower(p, four.optimizer.init(p), p, four._put(x), four._put(y),
-                                  *batches).compile().as_text()
+    hlo = four._train_epoch.lower(p, four.optimizer.init(p), p, four._put((x, y)), batches).compile().as_text()
     assert "all-reduce" in hlo or "reduce-scatter" in hlo  # gradients really are combined across devices
     loop = Trainer(cfg, 64, 4, step_loop=True)  # the step-loop epoch (cnn on CPU) shards the same way
     c, hc = loop.fit(start, x, y)
@@ -260,7 +259,7 @@ _MULTI_DEVICE = textwrap.dedent(
     assert np.allclose([h["loss"] for h in hc], [h["loss"] for h in hb], atol=1e-5)
     assert c["dense_0.kernel"].sharding.is_fully_replicated and len(c["dense_0.kernel"].sharding.device_set) == 4
     assert loop.traces["train_step"] == 1 and loop._train_step._cache_size() == 1  # no recompiles across steps
-    hlo = loop._train_step.lower(p, loop.optimizer.init(p), p, loop._put(x), loop._put(y), *batches, 0,
+    hlo = loop._train_step.lower(p, loop.optimizer.init(p), p, loop._put((x, y)), batches, 0,
                                  *loop._put((np.float32(0), np.int32(0)))).compile().as_text()
     assert "all-reduce" in hlo or "reduce-scatter" in hlo
     print("OK", diff)

@@ -15,6 +15,17 @@ loop over one jitted step. Both use the same step and masked objective. With
 several devices each batch is sharded over a 1-D 'data' mesh and params are
 replicated; XLA inserts the gradient all-reduce, so the same code runs on one
 CPU, a GPU, or a TPU slice.
+
+Across processes (a multi-host run, workers/trainer/distributed.py) the mesh spans
+every process's devices. A process cannot put data on another's devices, so there
+each process gathers on the host only its own devices' rows of every batch of the
+epoch and hands them to JAX as its part of one global array (`_feed`); the step,
+the masks and the all-reduce are the same, so N processes reach the parameters one
+process does, up to the order of float sums.
+
+`train` runs from a `TrainState` (params, optimizer state, epochs done) and hands
+one back after every epoch, so a checkpoint of it resumes bit for bit: the next
+epoch's order depends only on (seed, epoch).
 """
 
 from __future__ import annotations
@@ -125,6 +136,17 @@ def _masked_batches(order: Any, batch: int, n_devices: int) -> tuple[np.ndarray,
     return idx, mask
 
 
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands after `epoch` epochs: all a checkpoint must hold to go on bit for bit."""
+
+    params: Params
+    opt_state: Any
+    epoch: int = 0  # epochs done: the next one to run has this index
+    step: int = 0  # optimizer steps done
+    history: tuple[Metrics, ...] = ()  # each finished epoch's train metrics
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The example order of one epoch: a host-side permutation, fixed by (seed, epoch)."""
     return np.random.default_rng([seed % 2**64, epoch]).permutation(n).astype(np.int32)
@@ -151,6 +173,8 @@ class Trainer:
             models.image_side(self.n_features)  # fail now, not at the first trace
         self.devices = list(devices) if devices is not None else jax.devices()
         self.mesh = Mesh(np.array(self.devices), ("data",)) if len(self.devices) > 1 else None
+        # Some devices belong to other processes: data is fed per process (`_feed`), not put whole.
+        self.multi_process = any(d.process_index != jax.process_index() for d in self.devices)
         self.optimizer = optax.adam(config.learning_rate)
         self.traces: Counter[str] = Counter()  # how often each function was traced (= compiled)
         if step_loop is None:
@@ -181,22 +205,44 @@ class Trainer:
     def _put_params(self, params: Mapping[str, Any]) -> Params:
         return self._put({k: jnp.asarray(v, dtype=jnp.float32) for k, v in params.items()})
 
-    def _put_data(self, x: Any, y: Any) -> tuple[jax.Array, jax.Array, int]:
+    def _put_data(self, x: Any, y: Any) -> tuple[tuple[Any, Any], int]:
+        """The data set where batches are taken from: on the devices, or kept on the host when fed per process."""
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y).astype(np.int32)
         if x.ndim != 2 or x.shape[1] != self.n_features or y.shape != (x.shape[0],) or x.shape[0] == 0:
             raise ValueError(f"need x [n>0, {self.n_features}] and y [n]; got x {x.shape}, y {y.shape}")
         if y.min() < 0 or y.max() >= self.n_classes:
             raise ValueError(f"labels must be in [0, {self.n_classes}); got range [{y.min()}, {y.max()}]")
-        return self._put(x), self._put(y), x.shape[0]
+        return ((x, y) if self.multi_process else self._put((x, y))), x.shape[0]
+
+    def _inputs(self, data: tuple[Any, Any], idx: np.ndarray, mask: np.ndarray) -> tuple[Any, tuple[jax.Array, ...]]:
+        """What a pass over batches runs on: (on-device data set, batch indices and masks), or, across
+        processes, (None, the batches themselves) as `_feed` builds them."""
+        if self.multi_process:
+            return None, self._feed(*data, idx, mask)
+        return data, self._put((idx, mask))
+
+    def _feed(self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Global batches [n_batches, padded_batch, ...], split over the mesh by example: each process gathers
+        (on the host) and transfers only the rows of its own devices, as JAX asks it for them."""
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        return (
+            jax.make_array_from_callback((*idx.shape, x.shape[1]), sharding, lambda i: x[idx[i[:2]]]),
+            jax.make_array_from_callback(idx.shape, sharding, lambda i: y[idx[i]]),
+            jax.make_array_from_callback(idx.shape, sharding, lambda i: mask[i]),
+        )
 
     def _epoch_batches(self, n: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Host-side (idx, mask) [n_batches, padded_batch] for one training epoch."""
         return _masked_batches(epoch_order(self.config.seed, epoch, n), min(self.config.batch_size, n), self.n_devices)
 
     # ---- traced functions ------------------------------------------------
-    def _gather(self, x: jax.Array, y: jax.Array, idx: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One batch (rows `idx` of the on-device data), its examples split over the mesh."""
+    def _batch(self, data: tuple[jax.Array, jax.Array] | None, item: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One batch from one item of `_inputs`: rows `idx` of the on-device data, its examples split over the
+        mesh; or, fed per process, the item itself (already split)."""
+        if data is None:
+            return item
+        (x, y), (idx, mask) = data, item
         xb, yb = jnp.take(x, idx, axis=0, mode="clip"), jnp.take(y, idx, axis=0, mode="clip")  # idx is in range
         if self.mesh is None:
             return xb, yb, mask
@@ -219,50 +265,94 @@ class Trainer:
             loss = loss + 0.5 * mu * sq
         return loss, (loss_sum, correct)
 
-    def _step(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask):
-        """One optimizer step on the batch `idx`/`mask` [padded_batch]: the body of both epoch modes."""
+    def _step(self, params: Params, opt_state: Any, global_params: Params, data, item):
+        """One optimizer step on one batch [padded_batch] (see `_batch`): the body of both epoch modes."""
         grad_fn = jax.value_and_grad(self._objective, has_aux=True)
-        (_, (loss_sum, correct)), grads = grad_fn(params, global_params, *self._gather(x, y, idx, mask))
+        (_, (loss_sum, correct)), grads = grad_fn(params, global_params, *self._batch(data, item))
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss_sum, correct
 
-    def _train_epoch_impl(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask):
-        """Scan mode: a whole epoch over idx/mask [n_batches, padded_batch] in one call."""
+    def _train_epoch_impl(self, params: Params, opt_state: Any, global_params: Params, data, items):
+        """Scan mode: a whole epoch over `items` [n_batches, padded_batch, ...] in one call."""
         self.traces["train_epoch"] += 1
 
-        def body(carry, batch):
-            params, opt_state, loss_sum, correct = self._step(*carry, global_params, x, y, *batch)
+        def body(carry, item):
+            params, opt_state, loss_sum, correct = self._step(*carry, global_params, data, item)
             return (params, opt_state), (loss_sum, correct)
 
-        (params, opt_state), (loss_sums, corrects) = jax.lax.scan(body, (params, opt_state), (idx, mask))
+        (params, opt_state), (loss_sums, corrects) = jax.lax.scan(body, (params, opt_state), items)
         return params, opt_state, jnp.sum(loss_sums), jnp.sum(corrects)
 
-    def _train_step_impl(self, params: Params, opt_state: Any, global_params: Params, x, y, idx, mask, i, loss_sum, correct):
-        """Step-loop mode: batch `i` of the epoch's idx/mask; adds its stats to the running sums."""
+    def _train_step_impl(self, params: Params, opt_state: Any, global_params: Params, data, items, i, loss_sum, correct):
+        """Step-loop mode: batch `i` of the epoch's items; adds its stats to the running sums."""
         self.traces["train_step"] += 1
-        params, opt_state, batch_loss, batch_correct = self._step(params, opt_state, global_params, x, y, idx[i], mask[i])
+        item = tuple(a[i] for a in items)
+        params, opt_state, batch_loss, batch_correct = self._step(params, opt_state, global_params, data, item)
         return params, opt_state, loss_sum + batch_loss, correct + batch_correct
 
-    def _eval_impl(self, params: Params, x, y, idx, mask):
+    def _eval_impl(self, params: Params, data, items):
         self.traces["eval"] += 1
 
-        def body(carry, batch):
-            loss_sum, correct = self._batch_stats(params, *self._gather(x, y, *batch))
+        def body(carry, item):
+            loss_sum, correct = self._batch_stats(params, *self._batch(data, item))
             return (carry[0] + loss_sum, carry[1] + correct), None
 
-        (loss_sum, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (idx, mask))
+        (loss_sum, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), items)
         return loss_sum, correct
 
-    def _run_epoch(self, params: Params, opt_state: Any, anchor: Params, x, y, idx: np.ndarray, mask: np.ndarray):
-        idx_d, mask_d = self._put((idx, mask))
+    def _run_epoch(self, params: Params, opt_state: Any, anchor: Params, data, idx: np.ndarray, mask: np.ndarray):
+        data, items = self._inputs(data, idx, mask)
         if not self.step_loop:
-            return self._train_epoch(params, opt_state, anchor, x, y, idx_d, mask_d)
+            return self._train_epoch(params, opt_state, anchor, data, items)
         loss_sum, correct = self._put((np.float32(0), np.int32(0)))  # committed like the sums they become
         for i in range(idx.shape[0]):
-            params, opt_state, loss_sum, correct = self._train_step(params, opt_state, anchor, x, y, idx_d, mask_d, i, loss_sum, correct)
+            params, opt_state, loss_sum, correct = self._train_step(params, opt_state, anchor, data, items, i, loss_sum, correct)
         return params, opt_state, loss_sum, correct
 
     # ---- public API ------------------------------------------------------
+    def start(self, params: Mapping[str, Any]) -> TrainState:
+        """Epoch 0 from `params`, with a fresh optimizer state."""
+        params = self._put_params(params)
+        return TrainState(params, self._put(self._opt_init(params)))  # committed like later epochs: one cache entry
+
+    def train(
+        self,
+        state: TrainState,
+        x: Any,
+        y: Any,
+        epochs: int | None = None,
+        on_epoch: Callable[[int, Metrics], None] | None = None,
+        global_params: Mapping[str, Any] | None = None,
+        on_state: Callable[[TrainState], None] | None = None,
+    ) -> TrainState:
+        """Run epochs `state.epoch` .. `epochs - 1` (default: the config's) and return where training ends.
+
+        `on_epoch` gets each epoch's train metrics, `on_state` the state after it (its
+        arrays still on the devices: a checkpointer fetches them only when it writes).
+        `global_params` anchors the FedProx term and defaults to the state's params.
+        """
+        epochs = self.config.epochs if epochs is None else int(epochs)
+        data, n = self._put_data(x, y)
+        params, opt_state = self._put_params(state.params), self._put(state.opt_state)
+        anchor = params if global_params is None else self._put_params(global_params)
+        watched = on_epoch is not None or on_state is not None
+        pending: list[tuple[jax.Array, jax.Array]] = []
+        history, step = list(state.history), state.step
+        for epoch in range(state.epoch, epochs):
+            idx, mask = self._epoch_batches(n, epoch)
+            params, opt_state, loss_sum, correct = self._run_epoch(params, opt_state, anchor, data, idx, mask)
+            step += idx.shape[0]
+            if not watched:  # no one is waiting: don't block the device every epoch
+                pending.append((loss_sum, correct))
+                continue
+            history.append(self._metrics(loss_sum, correct, n))
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
+            if on_state is not None:
+                on_state(TrainState(params, opt_state, epoch + 1, step, tuple(history)))
+        history.extend(self._metrics(loss, hits, n) for loss, hits in pending)
+        return TrainState(params, opt_state, max(epochs, state.epoch), step, tuple(history))
+
     def fit(
         self,
         params: Mapping[str, Any],
@@ -275,25 +365,10 @@ class Trainer:
         """Train from `params`; returns the new params and per-epoch train metrics.
 
         Adam starts fresh each call (one call = one local round). Epoch metrics
-        are the mean CE / accuracy seen while training that epoch. `global_params`
-        anchors the FedProx term and defaults to the starting params.
+        are the mean CE / accuracy seen while training that epoch.
         """
-        epochs = self.config.epochs if epochs is None else int(epochs)
-        x, y, n = self._put_data(x, y)
-        params = self._put_params(params)
-        anchor = params if global_params is None else self._put_params(global_params)
-        opt_state = self._put(self._opt_init(params))  # committed like later epochs: one cache entry
-        pending: list[tuple[jax.Array, jax.Array]] = []
-        history: list[Metrics] = []
-        for epoch in range(epochs):
-            params, opt_state, loss_sum, correct = self._run_epoch(params, opt_state, anchor, x, y, *self._epoch_batches(n, epoch))
-            if on_epoch is None:  # no one is waiting: don't block the device every epoch
-                pending.append((loss_sum, correct))
-                continue
-            history.append(self._metrics(loss_sum, correct, n))
-            on_epoch(epoch, history[-1])
-        history.extend(self._metrics(loss, hits, n) for loss, hits in pending)
-        return params, history
+        end = self.train(self.start(params), x, y, epochs, on_epoch, global_params)
+        return end.params, list(end.history)
 
     @staticmethod
     def _metrics(loss_sum: jax.Array, correct: jax.Array, n: int) -> Metrics:
@@ -301,10 +376,10 @@ class Trainer:
 
     def evaluate(self, params: Mapping[str, Any], x: Any, y: Any) -> dict[str, float | int]:
         """Mean CE, accuracy and example count (the count lets a hub weight site metrics)."""
-        x, y, n = self._put_data(x, y)
+        data, n = self._put_data(x, y)
         params = self._put_params(params)
         idx, mask = _masked_batches(np.arange(n), min(_round_up(EVAL_CHUNK, self.n_devices), n), self.n_devices)
-        loss_sum, correct = self._eval(params, x, y, *self._put((idx, mask)))
+        loss_sum, correct = self._eval(params, *self._inputs(data, idx, mask))
         return {**self._metrics(loss_sum, correct, n), "examples": n}
 
 
@@ -313,4 +388,4 @@ def param_count(params: Mapping[str, Any]) -> int:
     return models.param_count(params)
 
 
-__all__ = ["TrainConfig", "Trainer", "feature_stats", "standardize", "param_count", "step_loop_for", "epoch_order"]
+__all__ = ["TrainConfig", "TrainState", "Trainer", "feature_stats", "standardize", "param_count", "step_loop_for", "epoch_order"]
