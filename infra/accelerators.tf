@@ -38,6 +38,77 @@ variable "batch_enabled" {
   default     = false
 }
 
+# Which engine runs what (shared/launchers/routing.py): CPU and Cloud Run's one L4 on one host run on Cloud
+# Run Jobs; TPU slices on FEDPIPE_TPU_BACKEND; other GPUs and every multi-host run on FEDPIPE_GPU_BACKEND.
+variable "tpu_backend" {
+  description = "Engine of TPU jobs: gke or vertex; null = gke if gke_enabled, else vertex if vertex_enabled (FEDPIPE_TPU_BACKEND). The engine named must be enabled."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.tpu_backend == null || contains(["gke", "vertex"], coalesce(var.tpu_backend, "-"))
+    error_message = "tpu_backend: gke or vertex (shared.launchers.routing.TPU_BACKENDS)."
+  }
+}
+
+variable "gpu_backend" {
+  description = "Engine of GPU jobs beyond Cloud Run's one L4 and of every multi-host run: gke, batch or vertex; null = the first enabled of gke, batch, vertex (FEDPIPE_GPU_BACKEND). The engine named must be enabled."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.gpu_backend == null || contains(["gke", "batch", "vertex"], coalesce(var.gpu_backend, "-"))
+    error_message = "gpu_backend: gke, batch or vertex (shared.launchers.routing.GPU_BACKENDS)."
+  }
+}
+
+# The worker image of each accelerator kind on GKE, Vertex AI and Batch (shared/launchers/fleet.py), pinned by
+# digest: the launchers refuse tags (a key-release policy allowlists digests, and a tag can move). A kind
+# without an image is refused by those engines (its jobs fail with the reason), never run from a tag.
+variable "accelerator_image_cpu" {
+  description = "FEDPIPE_WORKER_IMAGE_CPU: the trainer (workers/trainer/Dockerfile) by digest, REGISTRY/PATH@sha256:<64 hex>; null = none."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.accelerator_image_cpu == null || can(regex("^[a-z0-9][a-z0-9.-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)+@sha256:[0-9a-f]{64}$", var.accelerator_image_cpu))
+    error_message = "accelerator_image_cpu must be pinned by digest: REGISTRY/PATH@sha256:<64 lowercase hex>, no tag."
+  }
+}
+
+variable "accelerator_image_gpu" {
+  description = "FEDPIPE_WORKER_IMAGE_GPU: the CUDA trainer (workers/trainer/Dockerfile.gpu) by digest; null = none."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.accelerator_image_gpu == null || can(regex("^[a-z0-9][a-z0-9.-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)+@sha256:[0-9a-f]{64}$", var.accelerator_image_gpu))
+    error_message = "accelerator_image_gpu must be pinned by digest: REGISTRY/PATH@sha256:<64 lowercase hex>, no tag."
+  }
+}
+
+variable "accelerator_image_tpu" {
+  description = "FEDPIPE_WORKER_IMAGE_TPU: the TPU trainer (workers/trainer/Dockerfile.tpu) by digest; null = none."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.accelerator_image_tpu == null || can(regex("^[a-z0-9][a-z0-9.-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)+@sha256:[0-9a-f]{64}$", var.accelerator_image_tpu))
+    error_message = "accelerator_image_tpu must be pinned by digest: REGISTRY/PATH@sha256:<64 lowercase hex>, no tag."
+  }
+}
+
+variable "accelerator_max_run_seconds" {
+  description = "FEDPIPE_MAX_RUN_SECONDS: the wall-clock bound of one run on GKE, Vertex AI or Batch, queueing not counted; null = the launchers' default (6 h). At most 7 days (DWS flex-start's bound)."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.accelerator_max_run_seconds == null || try(var.accelerator_max_run_seconds >= 1 && var.accelerator_max_run_seconds <= 604800 && floor(var.accelerator_max_run_seconds) == var.accelerator_max_run_seconds, false)
+    error_message = "accelerator_max_run_seconds: a whole number of seconds from 1 to 604800 (7 days)."
+  }
+}
+
 variable "gke_namespace" {
   description = "Kubernetes namespace of the workers in each node's cluster."
   type        = string
@@ -120,7 +191,8 @@ variable "gke_gpu" {
 }
 
 locals {
-  gke_nodes = var.gke_enabled ? var.nodes : {}
+  gke_nodes            = var.gke_enabled ? var.nodes : {}
+  accelerators_enabled = var.gke_enabled || var.vertex_enabled || var.batch_enabled
 
   # The Kubernetes service account each node's workers run as, in its own cluster. Workload
   # Identity names it project-wide (<project>.svc.id.goog[<namespace>/<ksa>]), so the name
@@ -476,21 +548,45 @@ resource "google_project_iam_member" "hub_launches_on_vertex" {
 # ---------------------------------------------------------------------------
 # What the launchers are told
 # ---------------------------------------------------------------------------
+# With any backend on, the launching functions (on_job_written launches, on_tick polls and
+# stops: both run as the hub) get FEDPIPE_LAUNCHER=cloud (main.tf, local.launcher_env): the
+# routing launcher hands each job to Cloud Run, GKE, Vertex AI or Batch by its accelerator,
+# and each engine's launcher reads what is here (shared/launchers/routing.py, fleet.py,
+# gke.py, vertex.py, batch_gpu.py; tests/unit/test_infra_launchers.py checks the names).
 
-output "accelerator_launcher_env" {
-  description = "Environment for the GKE, Vertex AI and Batch launchers (merge into the launching functions' environment); null when none is enabled."
-  value = var.gke_enabled || var.vertex_enabled || var.batch_enabled ? merge(
+locals {
+  # routing.RoutingPolicy: an engine that is not enabled gets no jobs unless named (then the
+  # functions' precondition refuses the plan); with neither TPU engine on, TPU jobs are refused.
+  accelerator_tpu_backend = coalesce(var.tpu_backend, var.gke_enabled ? "gke" : var.vertex_enabled ? "vertex" : "gke")
+  accelerator_gpu_backend = coalesce(var.gpu_backend, var.gke_enabled ? "gke" : var.batch_enabled ? "batch" : var.vertex_enabled ? "vertex" : "gke")
+
+  accelerator_launcher_env = local.accelerators_enabled ? merge(
     {
-      FEDPIPE_NODE_REGIONS            = join(",", [for node, region in local.node_region : "${node}=${region}"])
+      FEDPIPE_TPU_BACKEND             = local.accelerator_tpu_backend
+      FEDPIPE_GPU_BACKEND             = local.accelerator_gpu_backend
       FEDPIPE_WORKER_SERVICE_ACCOUNTS = join(",", [for node, sa in google_service_account.worker : "${node}=${sa.email}"])
       FEDPIPE_WORKER_ENV              = jsonencode(local.worker_env)
+      FEDPIPE_NAME_PREFIX             = var.name_prefix # Batch subnets and run names (fleet.Fleet.infra_prefix)
     },
+    # Only the kinds with an image: the engines refuse a kind without one.
+    { for name, image in {
+      FEDPIPE_WORKER_IMAGE_CPU = var.accelerator_image_cpu
+      FEDPIPE_WORKER_IMAGE_GPU = var.accelerator_image_gpu
+      FEDPIPE_WORKER_IMAGE_TPU = var.accelerator_image_tpu
+    } : name => image if image != null },
+    var.accelerator_max_run_seconds == null ? {} : { FEDPIPE_MAX_RUN_SECONDS = tostring(var.accelerator_max_run_seconds) },
     var.gke_enabled ? {
-      FEDPIPE_GKE_CLUSTERS        = join(",", [for node, c in google_container_cluster.workers : "${node}=${c.id}"])
+      # Each node's cluster at its DNS endpoint (gke.connect: https://<endpoint>, IAM decides).
+      FEDPIPE_GKE_CLUSTERS        = join(",", [for node, c in google_container_cluster.workers : "${node}=${c.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint}"])
       FEDPIPE_GKE_NAMESPACE       = var.gke_namespace
       FEDPIPE_GKE_SERVICE_ACCOUNT = join(",", [for node, ksa in local.gke_ksa : "${node}=${ksa}" if contains(keys(local.gke_nodes), node)])
     } : {},
-  ) : null
+  ) : {}
+}
+
+output "accelerator_launcher_env" {
+  description = "What the routing launcher (FEDPIPE_LAUNCHER=cloud) reads, as the launching functions get it (main.tf local.launcher_env: the Cloud Run engine's settings too); null when no backend is enabled."
+  value       = local.accelerators_enabled ? local.launcher_env : null
 }
 
 output "gke_clusters" {

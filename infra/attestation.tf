@@ -3,7 +3,8 @@
 # Per node: a workload identity pool whose one provider trusts Confidential Space
 # attestation tokens, admits only those whose claims satisfy the node's key-release
 # policy, and whose principal set may use the node's key-encryption key (KEK: open the
-# node's shards, seal its weight updates; main.tf). The policy is
+# node's shards, seal its weight updates; main.tf) and, with confidential workers, sign
+# with the node's update-signing key. The policy is
 # declared once, in shared/key_release.py (CEL clauses over `assertion`), and rendered
 # per node by Python: var.key_release carries the rendered string, which this file uses
 # untouched, byte for byte the expression the local key broker evaluates
@@ -65,5 +66,17 @@ resource "google_kms_crypto_key_iam_member" "attested_uses_kek" {
   for_each      = var.key_release
   crypto_key_id = local.key_release_data_key[each.key]
   role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+  member        = "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.attested[each.key].name}/*"
+}
+
+# With confidential workers, the node's update-signing key (main.tf) is released the same way:
+# the signer role belongs to the node's pool, and the worker signs with its pool's STS
+# credentials (workers/trainer/signing_key.py), never as its service account. A node without
+# a key-release policy then has no signer at all: its workers' updates go unsigned, and a
+# federation that requires signatures refuses them (nothing is released without attestation).
+resource "google_kms_crypto_key_iam_member" "attested_signs_updates" {
+  for_each      = var.confidential_workers ? var.key_release : {}
+  crypto_key_id = google_kms_crypto_key.signing[each.key].id
+  role          = "roles/cloudkms.signer"
   member        = "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.attested[each.key].name}/*"
 }

@@ -139,8 +139,12 @@ resource "google_kms_crypto_key" "signing" {
   }
 }
 
+# Without confidential workers, the node's worker service account signs. With them, the key
+# is released like the node's KEK, only to an attested workload: the signer role goes to
+# the node's pool instead (attestation.tf, attested_signs_updates), never to the service
+# account, which Cloud Run jobs, GKE pods and Vertex AI or Batch jobs also run as.
 resource "google_kms_crypto_key_iam_member" "worker_signs_updates" {
-  for_each      = var.nodes
+  for_each      = var.confidential_workers ? {} : var.nodes
   crypto_key_id = google_kms_crypto_key.signing[each.key].id
   role          = "roles/cloudkms.signer"
   member        = "serviceAccount:${google_service_account.worker[each.key].email}"
@@ -489,16 +493,25 @@ locals {
   node_api_name = "${var.name_prefix}-node-api"
   node_api_url  = "https://${local.node_api_name}-${data.google_project.this.number}.${var.region}.run.app"
 
-  # The launch function starts workers through shared.launchers.cloud_run.
+  # The functions that launch (on_job_written) and follow and stop runs (on_tick) pick their
+  # launcher with shared.launchers.select (FEDPIPE_LAUNCHER): the Cloud Run jobs below, or,
+  # with any accelerator backend on, the routing launcher over Cloud Run, GKE, Vertex AI and
+  # Batch (accelerators.tf). The project and hub region come from var.settings_env.
   worker_job_base = "${var.name_prefix}-worker"
-  # (shared.launchers.select reads FEDPIPE_LAUNCHER; the project and hub region
-  # come from var.settings_env.)
-  launcher_env = {
-    FEDPIPE_LAUNCHER     = "cloud-run"
-    FEDPIPE_WORKER_JOB   = local.worker_job_base
-    FEDPIPE_NODE_REGIONS = join(",", [for node, region in local.node_region : "${node}=${region}"])
-    GOOGLE_CLOUD_PROJECT = var.project # client libraries' default project
-  }
+  launcher_env = merge(
+    {
+      FEDPIPE_LAUNCHER     = local.accelerators_enabled ? "cloud" : "cloud-run"
+      FEDPIPE_WORKER_JOB   = local.worker_job_base
+      FEDPIPE_NODE_REGIONS = join(",", [for node, region in local.node_region : "${node}=${region}"])
+      GOOGLE_CLOUD_PROJECT = var.project # client libraries' default project
+    },
+    local.accelerator_launcher_env,
+  )
+
+  # Every hub function (not the nodes' raw-upload ones) gets the same environment, so
+  # on_tick stops runs with the launcher on_job_written started them with; with attested
+  # aggregation, where the aggregator is and who the hub is (aggregator.tf).
+  hub_function_env = merge(local.launcher_env, local.hub_aggregator_env)
 }
 
 resource "google_artifact_registry_repository" "functions" {
@@ -542,10 +555,14 @@ resource "google_cloudfunctions2_function" "fn" {
     service_account_email          = local.function_identity[each.key]
     environment_variables = merge(
       var.settings_env,
-      local.trigger_node[each.key] == null ? local.launcher_env : {},
+      local.trigger_node[each.key] == null ? local.hub_function_env : {},
       local.kek_env,
       { FEDPIPE_TRIGGER = each.key },
     )
+    # With attested aggregation, the hub's functions reach the aggregator's private address
+    # through the hub's connector (aggregator.tf); Google APIs stay on the direct path.
+    vpc_connector                 = local.trigger_node[each.key] == null ? local.hub_vpc_connector : null
+    vpc_connector_egress_settings = local.trigger_node[each.key] == null && local.hub_vpc_connector != null ? "PRIVATE_RANGES_ONLY" : null
   }
 
   # Storage and Firestore events come through Eventarc, with the delivery
@@ -578,6 +595,15 @@ resource "google_cloudfunctions2_function" "fn" {
     precondition {
       condition     = each.value.function != "on_raw_upload" || local.trigger_node[each.key] != null
       error_message = "Trigger ${each.key} runs on_raw_upload on a bucket that is no node's raw bucket."
+    }
+    # An engine named for TPU or GPU jobs must exist (accelerators.tf).
+    precondition {
+      condition     = var.tpu_backend == null || (var.tpu_backend == "gke" ? var.gke_enabled : var.vertex_enabled)
+      error_message = "tpu_backend = \"${coalesce(var.tpu_backend, "-")}\" names an engine that is not enabled (gke_enabled / vertex_enabled)."
+    }
+    precondition {
+      condition     = var.gpu_backend == null || (var.gpu_backend == "gke" ? var.gke_enabled : var.gpu_backend == "batch" ? var.batch_enabled : var.vertex_enabled)
+      error_message = "gpu_backend = \"${coalesce(var.gpu_backend, "-")}\" names an engine that is not enabled (gke_enabled / batch_enabled / vertex_enabled)."
     }
   }
 
@@ -648,8 +674,11 @@ resource "google_cloudfunctions2_function" "node_api" {
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
     service_account_email            = google_service_account.hub.email
-    # The audience it checks: its own URL, which Terraform cannot read back into it.
-    environment_variables = merge(var.settings_env, local.kek_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
+    # The audience it checks: its own URL, which Terraform cannot read back into it. With attested
+    # aggregation it relays the aggregator's attested key to members, through the hub's connector.
+    environment_variables         = merge(var.settings_env, local.kek_env, local.hub_aggregator_env, { FEDPIPE_NODE_API_URL = local.node_api_url })
+    vpc_connector                 = local.hub_vpc_connector
+    vpc_connector_egress_settings = local.hub_vpc_connector == null ? null : "PRIVATE_RANGES_ONLY"
   }
 
   lifecycle {
@@ -706,15 +735,23 @@ locals {
 
   # What a worker is told: its node, its signing key, the KEKs (it may use its
   # node's only once attested), and where the node API is (it reaches the hub
-  # through nothing else).
+  # through nothing else); with attested aggregation, the aggregator images its
+  # node trusts to seal updates to (aggregator.tf).
   worker_env = {
-    for node, _ in var.nodes : node => merge(var.settings_env, local.kek_env, {
-      FEDPIPE_NODE         = node
-      FEDPIPE_SIGNING_KEY  = "${google_kms_crypto_key.signing[node].id}/cryptoKeyVersions/1"
-      FEDPIPE_NODE_API_URL = local.node_api_url
-      # In Confidential Space: the node's pool provider, whose STS credentials use its KEK (workers/trainer/keys.py).
-      FEDPIPE_KEY_RELEASE_PROVIDER = contains(keys(var.key_release), node) ? google_iam_workload_identity_pool_provider.attested[node].name : ""
-    })
+    for node, _ in var.nodes : node => merge(
+      var.settings_env,
+      local.kek_env,
+      {
+        FEDPIPE_NODE         = node
+        FEDPIPE_SIGNING_KEY  = "${google_kms_crypto_key.signing[node].id}/cryptoKeyVersions/1"
+        FEDPIPE_NODE_API_URL = local.node_api_url
+        # In Confidential Space: the node's pool provider, whose STS credentials use its KEK and its signing key
+        # (workers/trainer/keys.py, signing_key.py).
+        FEDPIPE_KEY_RELEASE_PROVIDER = contains(keys(var.key_release), node) ? google_iam_workload_identity_pool_provider.attested[node].name : ""
+      },
+      # workers/trainer/update_seal.py: "sha256:...,sha256:...", the node's own choice.
+      var.attested_aggregation ? { FEDPIPE_AGGREGATOR_IMAGE_DIGESTS = join(",", local.aggregator_trusted_digests[node]) } : {},
+    )
   }
 }
 

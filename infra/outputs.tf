@@ -44,13 +44,15 @@ output "launcher_env" {
 }
 
 output "service_accounts" {
-  description = "Identities: the hub, each node's ingest and worker, event delivery, builds (README: Who can do what)."
+  description = "Identities: the hub, each node's ingest and worker, event delivery, builds, the attested aggregator (null unless attested_aggregation) (README: Who can do what)."
   value = {
     hub      = google_service_account.hub.email
     ingest   = { for node, sa in google_service_account.ingest : node => sa.email }
     workers  = { for node, sa in google_service_account.worker : node => sa.email }
     delivery = google_service_account.delivery.email
     build    = google_service_account.build.email
+    # The attested aggregator's (aggregator.tf), with attested_aggregation.
+    aggregator = var.attested_aggregation ? google_service_account.aggregator[0].email : null
   }
 }
 

@@ -183,7 +183,7 @@ def test_node_lost_mid_federation_round_completes_with_quorum(cloud, clients, sh
     assert [rd["participants"] for rd in rounds] == [["us"], ["us"]]
     assert rounds[0]["reason"] == "deadline passed with 1 of 2 nodes (quorum 1)"
     eu = wait_job(clients, eu_job.id, {"failed"}, timeout_s=30)
-    assert "no heartbeat" in eu.error
+    assert "no heartbeat" in eu.error or eu.error.startswith("the engine reports its run gone"), eu.error  # its lease, or the clock's poll
 
 
 def test_round_without_quorum_fails_the_federation_with_its_reason(cloud, clients, shares):

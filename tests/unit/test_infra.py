@@ -287,6 +287,11 @@ def test_each_node_signs_with_its_own_kms_key_that_only_its_worker_may_use():
     grant = re.search(r'^resource "google_kms_crypto_key_iam_member" "worker_signs_updates" \{(.*?)^\}', main, re.MULTILINE | re.DOTALL).group(1)
     assert "google_kms_crypto_key.signing[each.key].id" in grant and 'role          = "roles/cloudkms.signer"' in grant
     assert "google_service_account.worker[each.key].email" in grant
+    # With confidential workers the signer is the node's attested pool instead (attestation.tf; by value in
+    # test_infra_identities.py's test_update_signing_keys_are_released_only_on_attestation_with_confidential_workers).
+    assert "for_each      = var.confidential_workers ? {} : var.nodes" in grant
+    attested = re.search(r'^resource "google_kms_crypto_key_iam_member" "attested_signs_updates" \{(.*?)^\}', tf_text("attestation.tf"), re.MULTILINE | re.DOTALL).group(1)
+    assert "for_each      = var.confidential_workers ? var.key_release : {}" in attested
     # Both worker jobs hand the node's key version (and the node API's URL) to the worker under the names it reads.
     assert re.search(rf'{signing.ENV_VAR}\s+= "\$\{{google_kms_crypto_key\.signing\[node\]\.id\}}/cryptoKeyVersions/1"', main)
     assert re.search(r"FEDPIPE_NODE_API_URL = local\.node_api_url$", main, re.MULTILINE)
@@ -308,10 +313,11 @@ def test_worker_jobs_match_the_launcher():
     assert re.search(r'default\s*=\s*false', declared_variables()["gpu_worker_enabled"])
     assert re.search(r'default\s*=\s*"nvidia-l4"', declared_variables()["gpu_accelerator"])
     assert "node_selector {\n        accelerator = var.gpu_accelerator" in main
-    # The env names the launcher reads are the ones infra sets.
+    # The env names the launcher reads are the ones infra sets (all of the routing launcher's, by value:
+    # tests/unit/test_infra_launchers.py).
     for env_name in (cloud_run.ENV_JOB_NAME, cloud_run.ENV_NODE_REGIONS, "FEDPIPE_LAUNCHER"):
-        assert re.search(rf"^    {env_name}\s+= ", main, re.MULTILINE), env_name
-    assert 'FEDPIPE_LAUNCHER     = "cloud-run"' in main
+        assert re.search(rf"^      {env_name}\s+= ", main, re.MULTILINE), env_name
+    assert 'FEDPIPE_LAUNCHER     = local.accelerators_enabled ? "cloud" : "cloud-run"' in main
     assert 'role     = "roles/run.jobsExecutorWithOverrides"' in main
 
 
@@ -576,7 +582,7 @@ def test_node_api_url_is_cloud_runs_deterministic_url_on_both_sides(parsed):
     node_api = resources[("google_cloudfunctions2_function", "node_api")]
     assert node_api["name"] == "${local.node_api_name}"
     (service,) = node_api["service_config"]
-    assert service["environment_variables"] == "${merge(var.settings_env, local.kek_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
+    assert service["environment_variables"] == "${merge(var.settings_env, local.kek_env, local.hub_aggregator_env, {FEDPIPE_NODE_API_URL = local.node_api_url})}"
     # Every worker holds a long poll open: one instance serves many, internal callers only.
     assert (service["max_instance_request_concurrency"], service["available_cpu"], service["ingress_settings"]) == (80, "1", "ALLOW_INTERNAL_ONLY")
     # The workers (CPU and GPU jobs) get the same value from local.worker_env.
@@ -632,8 +638,9 @@ def test_functions_and_workers_get_fedpipe_node_keks_of_exactly_these_keys(parse
     # Every function (each trigger's and the node API), and both worker jobs through local.worker_env.
     (fn_service,) = resources[("google_cloudfunctions2_function", "fn")]["service_config"]
     assert fn_service["environment_variables"] == (
-        "${merge(var.settings_env, local.trigger_node[each.key] == null ? local.launcher_env : {}, local.kek_env, {FEDPIPE_TRIGGER = each.key})}"
+        "${merge(var.settings_env, local.trigger_node[each.key] == null ? local.hub_function_env : {}, local.kek_env, {FEDPIPE_TRIGGER = each.key})}"
     )
+    assert local["hub_function_env"] == "${merge(local.launcher_env, local.hub_aggregator_env)}"
     (api_service,) = resources[("google_cloudfunctions2_function", "node_api")]["service_config"]
     assert "local.kek_env" in api_service["environment_variables"]
     assert local["worker_env"].startswith("${{for node, _ in var.nodes : node => merge(var.settings_env, local.kek_env, {")

@@ -121,6 +121,7 @@ def test_pool_defaults_are_what_the_launchers_can_ask_for(variables):
 
 def test_default_ranges_do_not_overlap_and_zones_are_in_their_regions(variables):
     ranges = [ipaddress.ip_network(c) for c in variables["worker_subnet_cidrs"]["default"].values()]
+    ranges += [ipaddress.ip_network(c) for c in variables["aggregator_cidrs"]["default"].values()]  # the hub network's
     for node, cidrs in variables["gke_cidrs"]["default"].items():
         ranges += [ipaddress.ip_network(cidrs[k]) for k in ("nodes", "pods", "services", "control_plane")]
         assert ipaddress.ip_network(cidrs["control_plane"]).prefixlen == 28, node
@@ -134,12 +135,15 @@ def test_default_ranges_do_not_overlap_and_zones_are_in_their_regions(variables)
 
 
 def test_launchers_get_clusters_namespace_and_identities(tf):
+    # What the launchers read, by value, is tests/unit/test_infra_launchers.py's; here the wiring.
     outputs = {name: body for item in parse_files()["accelerators.tf"]["output"] for name, body in item.items()}
-    env = outputs["accelerator_launcher_env"]["value"]
-    for key in ("FEDPIPE_NODE_REGIONS", "FEDPIPE_WORKER_SERVICE_ACCOUNTS", "FEDPIPE_WORKER_ENV", "FEDPIPE_GKE_CLUSTERS",
-                "FEDPIPE_GKE_NAMESPACE", "FEDPIPE_GKE_SERVICE_ACCOUNT"):
+    assert outputs["accelerator_launcher_env"]["value"] == "${local.accelerators_enabled ? local.launcher_env : null}"
+    env = tf["locals"]["accelerator_launcher_env"]
+    for key in ("FEDPIPE_WORKER_SERVICE_ACCOUNTS", "FEDPIPE_WORKER_ENV", "FEDPIPE_GKE_CLUSTERS",
+                "FEDPIPE_GKE_NAMESPACE", "FEDPIPE_GKE_SERVICE_ACCOUNT", "FEDPIPE_TPU_BACKEND", "FEDPIPE_GPU_BACKEND"):
         assert key in env, key
-    assert env.startswith("${var.gke_enabled || var.vertex_enabled || var.batch_enabled ? merge(")
+    assert env.startswith("${local.accelerators_enabled ? merge(")
+    assert tf["locals"]["accelerators_enabled"] == "${var.gke_enabled || var.vertex_enabled || var.batch_enabled}"
     manifests = outputs["gke_manifests"]["value"]
     assert '"iam.gke.io/gcp-service-account" = google_service_account.worker[node].email' in manifests
     assert "name        = local.gke_ksa[node]" in manifests or "name = local.gke_ksa[node]" in manifests

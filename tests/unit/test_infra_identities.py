@@ -8,9 +8,11 @@ these tests unread.
 
 The deployment's switches are expanded too (`Deployment`): `confidential_workers`
 (confidential.tf) off and on, `key_release` (attestation.tf) empty and set for
-every node, and the accelerator backends `gke_enabled`, `vertex_enabled` and
-`batch_enabled` (accelerators.tf). The rules below hold for each combination, and
-what the switches add is pinned by value: with them off, none of it exists.
+every node, the accelerator backends `gke_enabled`, `vertex_enabled` and
+`batch_enabled` (accelerators.tf), and `attested_aggregation` (aggregator.tf). The
+rules below hold for each combination, and what the switches add is pinned by
+value: with them off, none of it exists. (`confidential_workers` also moves each
+node's update-signing key from its worker service account to its attested pool.)
 """
 
 from __future__ import annotations
@@ -51,14 +53,17 @@ class Deployment:
     gke_enabled: bool = False  # var.gke_enabled (accelerators.tf)
     vertex_enabled: bool = False  # var.vertex_enabled
     batch_enabled: bool = False  # var.batch_enabled
+    attested_aggregation: bool = False  # var.attested_aggregation (aggregator.tf; needs confidential_workers)
 
     def flag(self, name: str) -> bool:
-        assert name in ("confidential_workers", "gke_enabled", "vertex_enabled", "batch_enabled"), f"unknown switch var.{name}"
+        assert name in ("confidential_workers", "gke_enabled", "vertex_enabled", "batch_enabled", "attested_aggregation"), f"unknown switch var.{name}"
         return getattr(self, name)
 
 
 BASE = Deployment()
-EVERYTHING = Deployment(confidential_workers=True, key_release=KEY_RELEASE, gke_enabled=True, vertex_enabled=True, batch_enabled=True)
+EVERYTHING = Deployment(
+    confidential_workers=True, key_release=KEY_RELEASE, gke_enabled=True, vertex_enabled=True, batch_enabled=True, attested_aggregation=True,
+)
 DEPLOYMENTS = {
     "base": BASE,
     "confidential": Deployment(confidential_workers=True),
@@ -68,13 +73,14 @@ DEPLOYMENTS = {
     "vertex": Deployment(vertex_enabled=True),
     "batch": Deployment(batch_enabled=True),
     "vertex-batch": Deployment(vertex_enabled=True, batch_enabled=True),
+    "attested-aggregation": Deployment(confidential_workers=True, key_release=KEY_RELEASE, attested_aggregation=True),
     "everything": EVERYTHING,
 }
 each_deployment = pytest.mark.parametrize("deployment", list(DEPLOYMENTS.values()), ids=list(DEPLOYMENTS))
 
 
 class Grant(NamedTuple):
-    principal: str  # hub | ingest:<node> | worker:<node> | delivery | build | <service>-agent | attested:<node>
+    principal: str  # hub | ingest:<node> | worker:<node> | delivery | build | <service>-agent | attested:<node> | aggregator
     target: str  # project | bucket:<name> | topic:<name> | subscription:<trigger> | service:<fn> | key:... | subnet:... | ...
     role: str
     prefix: str | None = None  # object-name prefix of an IAM condition
@@ -119,13 +125,40 @@ ACCELERATOR_ADDITIONS = {
 }
 
 
+# What var.attested_aggregation adds (aggregator.tf), and all it adds: the aggregator's own identity, and
+# nothing for anyone else. (principal, target, role, object-name prefix.)
+AGGREGATOR_GRANTS = {
+    # Every node's updates, read only; global models and server state (federations/<fid>/global/...), read and created.
+    ("aggregator", f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectViewer", "updates/"),
+    ("aggregator", f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectViewer", "federations/"),
+    ("aggregator", f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectCreator", "federations/"),
+    # The hub's KEK (global models and server state are sealed under it); no node's.
+    ("aggregator", "key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter", None),
+    # Project-level only; neither reads data.
+    ("aggregator", "project", "roles/confidentialcomputing.workloadUser", None),
+    ("aggregator", "project", "roles/logging.logWriter", None),
+    # Its image, from fedpipe's image repository (code, no data).
+    ("aggregator", "repository:images", "roles/artifactregistry.reader", None),
+}
+
+
 def _switch_additions(deployment: Deployment) -> set[tuple[str, str, str]]:
-    """(principal, target, role) of every grant the deployment's confidential and accelerator switches add."""
+    """(principal, target, role) of every grant the deployment's confidential, accelerator and aggregation switches add."""
     added = _confidential_additions() if deployment.confidential_workers else set()
     for switch, grants_ in ACCELERATOR_ADDITIONS.items():
         if deployment.flag(switch):
             added |= grants_
+    if deployment.attested_aggregation:
+        added |= {(p, t, r) for p, t, r, _ in AGGREGATOR_GRANTS}
     return added
+
+
+def _signers(deployment: Deployment) -> set[tuple[str, str, str]]:
+    """(principal, key, role) of the update-signing grants: each node's worker service account, or, with
+    confidential workers, each node's attested pool (a node without a key-release policy: nobody)."""
+    if deployment.confidential_workers:
+        return {(f"attested:{n}", f"key:signing:{n}", "roles/cloudkms.signer") for n in deployment.key_release}
+    return {(f"worker:{n}", f"key:signing:{n}", "roles/cloudkms.signer") for n in NODES}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +188,19 @@ def _instances(for_each: str | None, tf: dict, deployment: Deployment = BASE) ->
         return [("", None)]
     if for_each == "${var.nodes}":
         return [(n, n) for n in NODES]
+    # main.tf's and attestation.tf's update-signing grants: the worker's without confidential workers, the pool's with.
+    if for_each == "${var.confidential_workers ? {} : var.nodes}":
+        return [] if deployment.confidential_workers else [(n, n) for n in NODES]
+    if for_each == "${var.confidential_workers ? var.key_release : {}}":
+        return list(deployment.key_release.items()) if deployment.confidential_workers else []
+    # aggregator.tf: the aggregator's objects in the hub bucket, each pinned to a prefix.
+    if for_each == "${local.aggregator_bucket_roles}":
+        text = locals_["aggregator_bucket_roles"]
+        m = re.fullmatch(r"\$\{var\.attested_aggregation \? \{(.*)\} : \{\}\}", text)
+        assert m, text
+        entries = re.findall(r'"([\w-]+)" = \{role = "([^"]+)", prefix = "([^"]+)"\}', m.group(1))
+        assert len(entries) == m.group(1).count("role ="), text
+        return [(key, {"role": role, "prefix": prefix}) for key, role, prefix in entries] if deployment.attested_aggregation else []
     if for_each in ("${local.ingest_bucket_roles}", "${local.worker_bucket_roles}"):
         text = locals_[for_each[len("${local."):-1]]
         return [item for node in NODES for item in _bucket_roles(text, node).items()]
@@ -227,6 +273,7 @@ def _principal(member: str) -> str:
         "serviceAccount:${google_project_service_identity.eventarc.email}": "eventarc-agent",
         "serviceAccount:${google_service_account.build.email}": "build",
         "serviceAccount:${google_service_account.gke_nodes[0].email}": "gke-nodes",
+        "serviceAccount:${google_service_account.aggregator[0].email}": "aggregator",
     }
     if member in fixed:
         return fixed[member]
@@ -330,6 +377,11 @@ def grants(tf: dict, deployment: Deployment = BASE) -> list[Grant]:
         if "condition" in body:
             (block,) = body["condition"]
             condition = block["expression"]
+            if "each.value.prefix" in condition:
+                # The aggregator's per-prefix bucket condition: read as the prefix itself, below.
+                assert (rtype, name) == ("google_storage_bucket_iam_member", "aggregator"), (rtype, name)
+                assert condition == 'resource.name.startsWith(\\"projects/_/buckets/${google_storage_bucket.hub.name}/objects/${each.value.prefix}\\")'
+                condition = None
         for dynamic in body.get("dynamic", []):  # only the workers' per-prefix bucket condition, handled below
             assert set(dynamic) == {"condition"} and (rtype, name) == ("google_storage_bucket_iam_member", "worker"), (rtype, name)
         for key, value in _instances(body.get("for_each"), tf, deployment):
@@ -338,9 +390,12 @@ def grants(tf: dict, deployment: Deployment = BASE) -> list[Grant]:
             prefix = None
             if isinstance(value, dict) and value.get("prefix") not in (None, "null"):
                 prefix_expr = value["prefix"]
-                assert prefix_expr == "local.worker_hub_update_prefix[node]", prefix_expr
-                template = re.fullmatch(r'\$\{\{for node, _ in var\.nodes : node => "([^"]*)"\}\}', tf["locals"]["worker_hub_update_prefix"])
-                prefix = template.group(1).replace("${node}", value["node"])
+                if (rtype, name) == ("google_storage_bucket_iam_member", "aggregator"):
+                    prefix = prefix_expr  # a literal of local.aggregator_bucket_roles
+                else:
+                    assert prefix_expr == "local.worker_hub_update_prefix[node]", prefix_expr
+                    template = re.fullmatch(r'\$\{\{for node, _ in var\.nodes : node => "([^"]*)"\}\}', tf["locals"]["worker_hub_update_prefix"])
+                    prefix = template.group(1).replace("${node}", value["node"])
             if role.startswith("${each.value.role}"):
                 role = value["role"]
             grant = Grant(_principal(resolved["member"]), _target(rtype, resolved, tf), role.strip('"'), prefix, condition)
@@ -358,6 +413,7 @@ def test_expansion_sees_every_identity(tf, deployment):
         assert {f"ingest:{node}", f"worker:{node}"} <= principals
     assert {"hub", "delivery", "build", "pubsub-agent", "gcs-agent"} <= principals
     assert {p for p in principals if p.startswith("attested:")} == {f"attested:{n}" for n in deployment.key_release}
+    assert ("aggregator" in principals) == deployment.attested_aggregation
 
 
 def test_each_raw_upload_function_runs_as_its_nodes_ingest_identity(tf):
@@ -432,7 +488,8 @@ def test_workers_get_their_shards_their_update_prefix_and_the_node_api_only(tf, 
             (processed, "roles/storage.objectCreator", None),
             (f"bucket:{RENDER['hub_bucket']}", "roles/storage.objectCreator", f"updates/{node}/"),
             ("service:node-api", "roles/run.invoker", None),
-            (f"key:signing:{node}", "roles/cloudkms.signer", None),
+            # Its node's update-signing key, as the service account, only without confidential workers (below).
+            *{(k, r, None) for p, k, r in _signers(deployment) if p == f"worker:{node}"},
             # On a confidential VM: attestation tokens, logs, the Batch agent (project-level only); on plain Batch VMs the last two.
             *{("project", role, None) for role in CONFIDENTIAL_WORKER_ROLES if deployment.confidential_workers},
             *{("project", role, None) for role in BATCH_WORKER_ROLES if deployment.batch_enabled},
@@ -508,9 +565,12 @@ def test_confidential_grants_exist_only_with_the_flag_and_are_exactly_these(tf):
     for key_release in ({}, KEY_RELEASE):
         off = grants(tf, Deployment(confidential_workers=False, key_release=key_release))
         on = grants(tf, Deployment(confidential_workers=True, key_release=key_release))
-        assert set(off) <= set(on), "the flag only adds grants"
+        # The flag adds what confidential VMs need, and moves each node's signer from its worker service
+        # account to its attested pool (to nobody, for a node without a key-release policy).
+        removed = {(g.principal, g.target, g.role) for g in set(off) - set(on)}
+        assert removed == {(f"worker:{n}", f"key:signing:{n}", "roles/cloudkms.signer") for n in NODES}
         added = {(g.principal, g.target, g.role) for g in set(on) - set(off)}
-        assert added == _confidential_additions()
+        assert added == _confidential_additions() | {(f"attested:{n}", f"key:signing:{n}", "roles/cloudkms.signer") for n in key_release}
         # Off (the default), none of them: not even under another target or condition.
         assert not {(g.principal, g.target, g.role) for g in off} & _confidential_additions()
         assert not {g.role for g in off} & ({r for _, _, r in _confidential_additions()} - {"roles/logging.logWriter"})
@@ -572,6 +632,8 @@ def _kek_grants(deployment: Deployment) -> set[tuple[str, str, str]]:
         ("hub", "key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter"),
         # A node's attested workers open its shards and seal its updates: through its pool only.
         *{(f"attested:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypterDecrypter") for n in deployment.key_release},
+        # The attested aggregator opens the previous global model and seals the new one: the hub's KEK, no node's.
+        *({("aggregator", "key:kek:hub", "roles/cloudkms.cryptoKeyEncrypterDecrypter")} if deployment.attested_aggregation else set()),
     }
 
 
@@ -597,9 +659,11 @@ def test_kek_grants_are_exactly_these_at_key_level(tf, deployment):
 def test_each_nodes_kek_is_released_only_to_its_own_attested_pool(tf, deployment):
     found = grants(tf, deployment)
     attested = [g for g in found if g.principal.startswith("attested:")]
-    # A pool gets encrypt/decrypt on its own node's KEK, and nothing else.
+    # A pool gets encrypt/decrypt on its own node's KEK, with confidential workers its own node's signing key,
+    # and nothing else.
     assert {(g.principal, g.target, g.role, g.condition) for g in attested} == {
-        (f"attested:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypterDecrypter", None) for n in deployment.key_release
+        *{(f"attested:{n}", f"key:kek:{n}", "roles/cloudkms.cryptoKeyEncrypterDecrypter", None) for n in deployment.key_release},
+        *{(p, k, r, None) for p, k, r in _signers(deployment) if p.startswith("attested:")},
     }
     for node in NODES:
         # Who may decrypt with a node's KEK: the hub (its updates) and its own pool (if released).
@@ -628,6 +692,67 @@ def test_each_pool_trusts_only_its_nodes_provider(tf):
     # Pool ids differ per node (a pool id is at most 32 characters: the variable's validation keeps node names short).
     ids = {pool["workload_identity_pool_id"].replace("${var.name_prefix}", "fedpipe").replace("${each.key}", n) for n in KEY_RELEASE}
     assert len(ids) == len(KEY_RELEASE) and all(len(i) <= 32 for i in ids)
+
+
+@each_deployment
+def test_update_signing_keys_are_released_only_on_attestation_with_confidential_workers(tf, deployment):
+    """workers/trainer/signing_key.py: in Confidential Space a worker signs with its node's pool's STS credentials."""
+    found = grants(tf, deployment)
+    signers = {(g.principal, g.target, g.role) for g in found if g.target.startswith("key:signing:")}
+    assert signers == _signers(deployment)
+    assert all(g.condition is None and g.prefix is None for g in found if g.target.startswith("key:signing:"))
+    # Each signing key has one signer at most, its own node's (worker or pool), and nobody may do more than sign.
+    for node in NODES:
+        holders = {p for p, k, _ in signers if k == f"key:signing:{node}"}
+        assert holders <= {f"worker:{node}", f"attested:{node}"} and len(holders) <= 1, (node, holders)
+    assert {g.role for g in found if g.target.startswith("key:signing:")} <= {"roles/cloudkms.signer"}
+    if deployment.confidential_workers:
+        # Not the worker service account, which Cloud Run jobs, GKE pods, Vertex AI and Batch jobs also run as.
+        assert not [g for g in found if g.principal.startswith("worker:") and g.target.startswith("key:signing:")]
+    # The pool whose principal set signs is the one whose provider the worker exchanges its token at
+    # (FEDPIPE_KEY_RELEASE_PROVIDER, main.tf local.worker_env), the same pool that holds the node's KEK.
+    attested = tf["resources"][("google_kms_crypto_key_iam_member", "attested_signs_updates")]
+    kek = tf["resources"][("google_kms_crypto_key_iam_member", "attested_uses_kek")]
+    assert attested["member"] == kek["member"]
+    assert attested["crypto_key_id"] == "${google_kms_crypto_key.signing[each.key].id}"
+    worker = tf["resources"][("google_kms_crypto_key_iam_member", "worker_signs_updates")]
+    assert worker["crypto_key_id"] == attested["crypto_key_id"] and worker["role"] == attested["role"] == "roles/cloudkms.signer"
+
+
+# ---------------------------------------------------------------- attested aggregation (aggregator.tf)
+
+
+def test_the_aggregator_identity_gets_exactly_its_grants_and_only_with_the_flag(tf):
+    for others in (Deployment(confidential_workers=True, key_release=KEY_RELEASE), EVERYTHING):
+        on = grants(tf, Deployment(**{**others.__dict__, "attested_aggregation": True}))
+        off = grants(tf, Deployment(**{**others.__dict__, "attested_aggregation": False}))
+        assert set(off) <= set(on), "the flag only adds grants"
+        added = {(g.principal, g.target, g.role, g.prefix) for g in set(on) - set(off)}
+        assert added == AGGREGATOR_GRANTS
+        assert all(g.condition is None for g in set(on) - set(off))
+    assert not [g for g in grants(tf, BASE) if g.principal == "aggregator"]
+
+
+def test_the_aggregator_reads_updates_and_writes_only_global_models(tf):
+    from shared.federation import global_model_object, server_state_object
+
+    on = grants(tf, EVERYTHING)
+    hub_bucket = f"bucket:{RENDER['hub_bucket']}"
+    mine = [g for g in on if g.principal == "aggregator" and g.target.startswith("bucket:")]
+    assert {g.target for g in mine} == {hub_bucket}, "no node bucket, no other bucket"
+    creates = {g.prefix for g in mine if g.role == "roles/storage.objectCreator"}
+    reads = {g.prefix for g in mine if g.role == "roles/storage.objectViewer"}
+    assert (creates, reads) == ({"federations/"}, {"updates/", "federations/"})
+    assert not [g for g in mine if g.prefix is None], "every bucket grant is pinned to a prefix"
+    assert not [g for g in mine if g.role not in ("roles/storage.objectViewer", "roles/storage.objectCreator")], "nothing that overwrites or deletes"
+    # The prefixes are shared.federation's: what the aggregator writes lies under its create prefix, every
+    # node's update under its read prefix, and a federation request (requests/<fid>.json) under neither.
+    for name in (global_model_object("f-1", 3), server_state_object("f-1", 3)):
+        assert name.startswith("federations/") and "/global/" in name
+    assert update_object("f-1", 3, "us", 1, False).startswith("updates/")
+    assert not any("requests/f-1.json".startswith(p) for p in reads | creates)
+    # The updates it reads carry their nodes' names: it may read them all (it aggregates them), and write none.
+    assert not any(update_object("f-1", 3, "us", 1, False).startswith(p) for p in creates)
 
 
 # ---------------------------------------------------------------- accelerator backends (accelerators.tf)
