@@ -119,7 +119,7 @@ def parse(text: str) -> Accelerator:
             raise ValueError(f"a TPU is tpu:<version>:<topology>, version one of {', '.join(sorted(TPU_VERSIONS))}, e.g. tpu:v5e:2x4")
         version, topology = TPU_VERSIONS[rest[0]], rest[1]
         if not _TOPOLOGY.match(topology) or topology.count("x") + 1 != version.dims:
-            raise ValueError(f"a {rest[0]} topology has {version.dims} dimensions, e.g. {'x'.join(['2'] * version.dims)}")
+            raise ValueError(f"a {rest[0]} topology has {version.dims} dimensions, each 1 to 999, e.g. {'x'.join(['2'] * version.dims)}")
         chips = math.prod(int(d) for d in topology.split("x"))
         if chips > version.max_chips:
             raise ValueError(f"a {rest[0]} slice has at most {version.max_chips} chips, not {chips}")
