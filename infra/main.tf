@@ -257,6 +257,20 @@ resource "google_storage_bucket" "node" {
     }
   }
 
+  # A job's training checkpoints (workers/trainer/checkpoints.py) matter only while it may resume.
+  dynamic "lifecycle_rule" {
+    for_each = each.value.kind == "processed" ? [var.checkpoint_retention_days] : []
+    content {
+      condition {
+        age            = lifecycle_rule.value
+        matches_prefix = ["checkpoints/"]
+      }
+      action {
+        type = "Delete"
+      }
+    }
+  }
+
   # Creating a CMEK bucket fails unless the GCS agent can already use the key.
   depends_on = [google_kms_crypto_key_iam_member.gcs_uses_data_key]
 }

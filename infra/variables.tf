@@ -150,6 +150,16 @@ variable "quarantine_retention_days" {
   default     = 30
 }
 
+variable "checkpoint_retention_days" {
+  description = "Days before a job's training checkpoints (checkpoints/ in each processed bucket) are deleted: longer than any job runs."
+  type        = number
+  default     = 14
+  validation {
+    condition     = var.checkpoint_retention_days >= 1 && var.checkpoint_retention_days <= 365
+    error_message = "checkpoint_retention_days must be 1 to 365."
+  }
+}
+
 variable "noncurrent_retention_days" {
   description = "Days an overwritten or deleted object version is kept (every data bucket is versioned)."
   type        = number

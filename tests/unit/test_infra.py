@@ -698,3 +698,14 @@ def test_worker_dockerfile():
     # Only what the worker imports goes into the image (no functions/, tests/, emulators/).
     copied = {line.split()[1] for line in instructions if line.startswith("COPY ")}
     assert copied == {"pyproject.toml", "fedpipe/", "shared/", "workers/"}
+
+
+def test_checkpoints_in_processed_buckets_expire_and_nothing_else_does_by_age(parsed):
+    bucket = _all_resources(parsed)[("google_storage_bucket", "node")]
+    rules = {rule["for_each"]: rule["content"][0] for rule in (d["lifecycle_rule"] for d in bucket["dynamic"] if "lifecycle_rule" in d)}
+    checkpoints = rules['${each.value.kind == "processed" ? [var.checkpoint_retention_days] : []}']
+    assert checkpoints["condition"][0] == {"age": "${lifecycle_rule.value}", "matches_prefix": ["checkpoints/"]}
+    assert checkpoints["action"][0] == {"type": "Delete"}
+    assert len(rules) == 2  # this one and the quarantine's
+    assert re.search(r"default\s*=\s*14", declared_variables()["checkpoint_retention_days"])
+    assert "checkpoints/" in Path(__file__).parents[2].joinpath("workers", "trainer", "checkpoints.py").read_text()
