@@ -30,8 +30,8 @@ from datetime import timedelta
 from google.cloud import batch_v1
 
 from shared.jobs import Job
-from shared.launchers import LaunchError, LaunchRefused, RunState
-from shared.launchers.batch_runs import batch_state, create_batch_job, create_job_request, stop_batch_job, task_spec
+from shared.launchers import LaunchError, LaunchRefused
+from shared.launchers.batch_runs import BatchRuns, create_job_request, task_spec
 from shared.launchers.confidential_space import DEFAULT_MAX_RUN, ConfidentialConfig, NodeTarget
 from shared.launchers.naming import job_env, require_digest, resource_name
 
@@ -75,7 +75,7 @@ def build_batch_job_request(
     return create_job_request(parent, job_id, job, batch_v1.TaskGroup(task_spec=task, task_count=1, parallelism=1), allocation)
 
 
-class ConfidentialBatchLauncher:
+class ConfidentialBatchLauncher(BatchRuns):
     """Implements `shared.launchers.Launcher` with one Batch job per attempt on confidential VMs."""
 
     def __init__(self, config: ConfidentialConfig, client: batch_v1.BatchServiceClient | None = None) -> None:
@@ -85,13 +85,6 @@ class ConfidentialBatchLauncher:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConfidentialBatchLauncher:
         return cls(ConfidentialConfig.from_env(env))
-
-    @property
-    def client(self) -> batch_v1.BatchServiceClient:
-        # Created on first launch: building a launcher must not need credentials.
-        if self._client is None:
-            self._client = batch_v1.BatchServiceClient()
-        return self._client
 
     def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
         if job.spec.accelerator.kind != "cpu" or job.spec.hosts > 1:
@@ -110,13 +103,3 @@ class ConfidentialBatchLauncher:
             )
         except ValueError as exc:
             raise LaunchError(f"job {job.id}: {exc}") from exc
-
-    def launch(self, job: Job) -> str:
-        """Create the Batch job and return its name; does not wait for it to run."""
-        return create_batch_job(self.client, self.request_for(job), job.id)
-
-    def state(self, execution: str) -> RunState:
-        return batch_state(self.client, execution)
-
-    def stop(self, execution: str) -> None:
-        stop_batch_job(self.client, execution)

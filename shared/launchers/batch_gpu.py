@@ -26,8 +26,8 @@ from google.cloud import batch_v1
 
 from shared.accelerators import gpu_machine_type, gpu_shapes
 from shared.jobs import Job
-from shared.launchers import LaunchRefused, RunState
-from shared.launchers.batch_runs import batch_state, create_batch_job, create_job_request, stop_batch_job, task_spec
+from shared.launchers import LaunchRefused
+from shared.launchers.batch_runs import BatchRuns, create_job_request, task_spec
 from shared.launchers.fleet import Fleet
 from shared.launchers.host_env import COMMAND
 from shared.launchers.naming import resource_name
@@ -85,7 +85,7 @@ def build_batch_job_request(
     return create_job_request(parent, job_id, job, group, allocation)
 
 
-class BatchLauncher:
+class BatchLauncher(BatchRuns):
     """Implements `shared.launchers.Launcher` with one Batch job per attempt on ordinary VMs."""
 
     def __init__(self, fleet: Fleet, client: batch_v1.BatchServiceClient | None = None) -> None:
@@ -96,13 +96,6 @@ class BatchLauncher:
     def from_env(cls, env: Mapping[str, str] | None = None) -> BatchLauncher:
         return cls(Fleet.from_env(os.environ if env is None else env))
 
-    @property
-    def client(self) -> batch_v1.BatchServiceClient:
-        # Created on first use: building a launcher must not need credentials.
-        if self._client is None:
-            self._client = batch_v1.BatchServiceClient()
-        return self._client
-
     def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
         fleet, node = self.fleet, job.spec.dataset.node
         region = fleet.region(job)
@@ -112,13 +105,3 @@ class BatchLauncher:
             subnetwork=f"projects/{fleet.project}/regions/{region}/subnetworks/{fleet.infra_prefix}-workers-{node}",
             max_run=fleet.max_run, name_prefix=f"{fleet.infra_prefix}-batch",
         )
-
-    def launch(self, job: Job) -> str:
-        """Create the Batch job and return its name; does not wait for it to run."""
-        return create_batch_job(self.client, self.request_for(job), job.id)
-
-    def state(self, execution: str) -> RunState:
-        return batch_state(self.client, execution)
-
-    def stop(self, execution: str) -> None:
-        stop_batch_job(self.client, execution)

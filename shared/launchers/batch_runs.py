@@ -82,3 +82,29 @@ def batch_state(client: batch_v1.BatchServiceClient, handle: str) -> RunState:
 def stop_batch_job(client: batch_v1.BatchServiceClient, handle: str) -> None:
     """Delete the job: Batch stops its tasks and VMs. The operation is not waited on."""
     gcp.stop(lambda: client.delete_job(name=handle), handle)
+
+
+class BatchRuns:
+    """What both Batch launchers share: a client made on first use (building a launcher must not need
+    credentials), and one Batch job per attempt, launched, read and stopped. Subclasses build the request."""
+
+    _client: batch_v1.BatchServiceClient | None
+
+    def request_for(self, job: Job) -> batch_v1.CreateJobRequest:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> batch_v1.BatchServiceClient:
+        if self._client is None:
+            self._client = batch_v1.BatchServiceClient()
+        return self._client
+
+    def launch(self, job: Job) -> str:
+        """Create the Batch job and return its name; does not wait for it to run."""
+        return create_batch_job(self.client, self.request_for(job), job.id)
+
+    def state(self, execution: str) -> RunState:
+        return batch_state(self.client, execution)
+
+    def stop(self, execution: str) -> None:
+        stop_batch_job(self.client, execution)
