@@ -45,7 +45,7 @@ from tink import aead, cleartext_keyset_handle
 
 from shared import signing
 from shared.attestation import AttestationClaims, NodePolicy, Reason, Refused, verify_token
-from shared.audit import AuditEvent, Auditor, FirestoreAuditStore
+from shared.audit import AuditEvent, Auditor, BackgroundSink, FirestoreAuditStore
 from shared.key_release import PolicyProgram
 
 aead.register()
@@ -263,7 +263,7 @@ if __name__ == "__main__":
     if cfg.audit_to_firestore:
         from google.cloud import firestore
 
-        store = FirestoreAuditStore(firestore.Client(project=cfg.project))
+        store = BackgroundSink(FirestoreAuditStore(firestore.Client(project=cfg.project)))
     serve(KeyBroker(cfg, Auditor(store)), cfg.port)
     log.warning("%s", STAND_IN)
     log.info("key broker on :%d for nodes %s; tokens from %s", cfg.port, ", ".join(p.node for p in cfg.policies), cfg.issuer)

@@ -35,7 +35,8 @@ def test_a_job_opens_its_shards_through_released_keys_and_each_release_is_audite
     job = wait_job(clients, job_of_dataset(clients, "attested"), {"completed", "failed"})
 
     assert job.status == "completed", job.error
-    released = [r for r in FirestoreAuditStore(clients.db).recent(node="us", limit=200) if r.event is AuditEvent.KEY_RELEASED]
+    released = wait_for(  # the broker stores its records off the request path, as Cloud Audit Logs are written
+        lambda: [r for r in FirestoreAuditStore(clients.db).recent(node="us", limit=200) if r.event is AuditEvent.KEY_RELEASED], 10, "released keys' audit records")
     assert released and {r.operation for r in released} >= {"decrypt"}
     assert {r.image_digest for r in released} == {cloud.endpoints.worker_digest}
 

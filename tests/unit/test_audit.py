@@ -112,3 +112,51 @@ def test_fedpipe_audit_table_shows_reasons_and_key_ids(records, monkeypatch):
     assert len(rows) == 2
     assert "key_refused" in rows[0] and "wrong_image" in rows[0] and "sha256:222222222222…" in rows[0]
     assert "key_released" in rows[1] and "42" in rows[1]
+
+
+class SlowStore:
+    """A store that fails on one record and holds the writer until released."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.records: list[AuditRecord] = []
+        self.release = threading.Event()
+
+    def add(self, record: AuditRecord) -> None:
+        self.release.wait(5)
+        if record.node == "broken":
+            raise RuntimeError("firestore blinked")
+        self.records.append(record)
+
+
+def test_the_background_sink_stores_in_order_off_the_callers_path_and_survives_a_failure(caplog):
+    import time
+
+    from shared.audit import BackgroundSink
+
+    store = SlowStore()
+    audit = Auditor(BackgroundSink(store), stream=io.StringIO())
+    started = time.monotonic()
+    for node in ("us", "broken", "eu"):
+        audit(AuditEvent.KEY_RELEASED, node=node, operation="decrypt")
+    assert time.monotonic() - started < 1 and store.records == []  # the caller did not wait for the store
+    store.release.set()
+    deadline = time.monotonic() + 5
+    while len(store.records) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.node for r in store.records] == ["us", "eu"]
+    assert "audit record key_released not stored" in caplog.text
+
+
+def test_a_full_background_sink_keeps_the_log_line_and_says_the_record_was_not_stored(caplog):
+    from shared.audit import BackgroundSink
+
+    store = SlowStore()  # never released within the test: the writer holds one record, the queue one more
+    stream = io.StringIO()
+    audit = Auditor(BackgroundSink(store, max_pending=1), stream=stream)
+    for _ in range(4):
+        audit(AuditEvent.KEY_REFUSED, node="us", operation="decrypt", reason="wrong_image")
+    assert len(stream.getvalue().splitlines()) == 4  # every event is in the log
+    assert "not stored: 1 records already wait for the store" in caplog.text
+    store.release.set()
