@@ -22,6 +22,7 @@ from shared import signing, weights
 from shared.config import Settings
 from shared.envelope import Envelope
 from shared.federation import update_object
+from shared.io_pool import IO
 from shared.jobs import Job
 from workers.trainer.data import load_dataset
 from workers.trainer.node_client import FederationView, NodeClient
@@ -101,14 +102,15 @@ def train_round(job, view: FederationView, r: int, global_params, trainer, split
     blob = hub.blob(update_object(ref.id, r, ref.node, job.attempt, evaluate_only))
     examples = len(split.y_train)
     blob.metadata = {"examples": str(examples), "metrics": json.dumps(metrics)}
+    # Sealed under the node's key for the hub, or to the attested aggregator (the signature covers what is inside).
+    # Sealing and signing each take an attested release of a key: they go out together.
+    sealing = IO.submit(seal_upload, view, hub.client.project, envelope, payload, hub.name, blob.name, refetch=lambda: api.federation(ref.id))
     if signer is not None:  # the hub admits only updates signed with this node's registered key
         claims = signing.update_claims(
             federation=ref.id, round=r, node=ref.node, attempt=job.attempt, examples=examples, metrics=metrics, payload=payload
         )
         blob.metadata |= signing.signature_metadata(signer, claims)
-    # Sealed under the node's key for the hub, or to the attested aggregator (the signature covers what is inside).
-    sealed = seal_upload(view, hub.client.project, envelope, payload, hub.name, blob.name, refetch=lambda: api.federation(ref.id))
-    blob.upload_from_string(sealed, content_type="application/octet-stream")
+    blob.upload_from_string(sealing.result(), content_type="application/octet-stream")
     reply = api.report_update(ref.id, r, blob.name, blob.generation)
     what = "evaluation" if evaluate_only else "update"
     if reply.counted:
