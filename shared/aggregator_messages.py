@@ -36,6 +36,7 @@ class AdmitRefusal(BaseModel):
 
 class AdmitReply(BaseModel):
     refusal: AdmitRefusal | None = None
+    gone: bool = False  # deleted or replaced since it was reported: nothing to admit (a replacement is reported itself)
 
 
 class AggregateRequest(BaseModel):

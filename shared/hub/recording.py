@@ -16,7 +16,7 @@ from datetime import datetime
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 
-from shared.aggregator_messages import AdmitRequest
+from shared.aggregator_messages import AdmitReply, AdmitRequest
 from shared.envelope import EnvelopeError, Purpose
 from shared.federation import RoundStatus
 from shared.fedstore import Federation, RefusalReason, RefusedUpdate, Round, Update
@@ -77,8 +77,8 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
     # Every round's critical path: the reads go out together, and a small upload whose size
     # fits the model (as this instance knows it) downloads alongside them (unless only the aggregator may open it).
     known = MODELS.get(fid)
-    eager = (isinstance(claims, Claims) and not (known is not None and known.config is not None and known.config.confidential_aggregation) and obj.size <= EAGER_DOWNLOAD_BYTES and known is not None
-             and admission.size_refusal(known, r, node, obj.size) is None)
+    eager = (isinstance(claims, Claims) and obj.size <= EAGER_DOWNLOAD_BYTES and known is not None and known.config is not None
+             and not known.config.confidential_aggregation and admission.size_refusal(known, r, node, obj.size) is None)
     view, public_key, *downloaded = parallel(
         lambda: hub.store.update_view(fid, r, node), lambda: hub.public_key(node), *([download] if eager else [])
     )
@@ -110,8 +110,11 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
         return refuse(refusal)
     attested = fed.config.confidential_aggregation and rd.kind == "train"
     if attested:  # sealed to the attested aggregator: only it can open and check the weights
-        if refusal := admitted_by_aggregator(hub, fed, rd, node, obj, attempt, public_key):
-            return refuse(refusal)
+        verdict = admitted_by_aggregator(hub, fed, rd, node, obj, attempt, public_key)
+        if verdict.gone:
+            return UpdateOutcome(UpdateKind.IGNORED, detail="the update is gone")
+        if verdict.refusal:
+            return refuse(Refusal(verdict.refusal.reason, verdict.refusal.message))
     else:
         if data is None and (data := download()) is None:
             return UpdateOutcome(UpdateKind.IGNORED, detail="the update is gone")
@@ -146,12 +149,11 @@ def record_update(hub: Hub, obj: RawObject, fid: str, r: int, node: str, attempt
 
 def admitted_by_aggregator(
     hub: Hub, fed: Federation, rd: Round, node: str, obj: RawObject, attempt: int, public_key: str | None
-) -> Refusal | None:
+) -> AdmitReply:
     """The attested aggregator's verdict on an update sealed to it: the same checks, made where the weights can be read."""
     if hub.aggregator is None:
         raise AggregatorUnavailable("this federation needs the attested aggregator, and FEDPIPE_AGGREGATOR_URL is not set")
-    reply = hub.aggregator.admit(AdmitRequest(
+    return hub.aggregator.admit(AdmitRequest(
         federation=fed, round=rd, node=node, object=f"gs://{obj.bucket}/{obj.name}", generation=obj.generation, attempt=attempt,
         metadata=obj.metadata, public_key=public_key,
     ))
-    return Refusal(reply.refusal.reason, reply.refusal.message) if reply.refusal else None

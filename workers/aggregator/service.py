@@ -68,7 +68,7 @@ class AggregatorService:
         except EnvelopeError:
             return AdmitReply(refusal=AdmitRefusal(reason=RefusalReason.NOT_SEALED, message="the update is not sealed to this aggregator"))
         except (NotFound, PreconditionFailed):
-            raise Rejected("the update is gone, or was replaced since it was reported") from None
+            return AdmitReply(gone=True)
         refusal = (
             admission.signature_refusal(fed.config, fed.id, rd.round, node, request.attempt, claims, data, request.metadata, request.public_key)
             or admission.content_refusal(fed, rd, node, claims, data)
