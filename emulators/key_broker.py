@@ -133,6 +133,7 @@ class KeyBroker:
         if missing := sorted(set(self.programs) - set(config.keysets)):
             raise ValueError(f"nodes {missing} have a key-release policy but no keyset")
         self.keys = {node: KeysetFile(path) for node, path in config.keysets.items()}
+        self.signers = {node: signing.LocalKeySigner.from_file(path) for node, path in config.signing_keys.items()}
 
     def has_node(self, node: str) -> bool:
         return node in self.programs
@@ -157,10 +158,10 @@ class KeyBroker:
         if operation == "attest":
             return b""
         if operation == "sign":
-            if node not in self.config.signing_keys:
+            if node not in self.signers:
                 self._record(Reason.WRONG_KEY, node, operation, claims)
                 raise Refused(Reason.WRONG_KEY, claims)
-            signature = signing.LocalKeySigner.from_file(self.config.signing_keys[node]).sign(data)
+            signature = self.signers[node].sign(data)
             self.audit(AuditEvent.KEY_RELEASED, node=node, operation=operation, key_id=None, **_workload(claims))
             return signature
         kek = self.keys[node]
