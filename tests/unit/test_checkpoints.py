@@ -29,7 +29,13 @@ class FakeBlob:
             raise gcs_errors.ServiceUnavailable("storage is down")
         self.bucket.objects[self.name] = bytes(data)
 
-    def download_as_bytes(self) -> bytes:
+    @property
+    def size(self) -> int:
+        return len(self.bucket.objects[self.name])
+
+    generation = 1
+
+    def download_as_bytes(self, if_generation_match: int | None = None) -> bytes:
         if self.name not in self.bucket.objects:
             raise gcs_errors.NotFound(self.name)
         return self.bucket.objects[self.name]
@@ -47,6 +53,9 @@ class FakeBucket:
 
     def blob(self, name: str) -> FakeBlob:
         return FakeBlob(self, name)
+
+    def get_blob(self, name: str) -> FakeBlob | None:
+        return FakeBlob(self, name) if name in self.objects else None
 
     def list_blobs(self, prefix: str) -> list[FakeBlob]:
         return [FakeBlob(self, n) for n in sorted(self.objects) if n.startswith(prefix)]
@@ -223,3 +232,12 @@ def test_a_failed_write_is_a_warning_and_training_goes_on(trainer, store, caplog
 def test_policy_numbers_are_bounded(bad: dict) -> None:
     with pytest.raises(ValueError, match="keep"):
         CheckpointPolicy(**bad)
+
+
+def test_a_checkpoint_bigger_than_this_model_can_write_is_skipped_before_it_is_downloaded(trainer, store, caplog) -> None:
+    fp = _fingerprint(trainer)
+    template = trainer.start(trainer.init_params())
+    store.bucket.objects["checkpoints/job-1/5"] = b"\0" * (checkpoints.max_checkpoint_bytes(template) + 1)
+    with caplog.at_level(logging.WARNING, logger="fedpipe.worker.checkpoints"):
+        assert checkpoints.latest(store, template, fp) is None
+    assert "larger than this model's checkpoint can be" in caplog.text

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.envelope import Envelope, EnvelopeError, Purpose
+from shared.envelope import SEAL_OVERHEAD_MAX, Envelope, EnvelopeError, Purpose
 from shared.weights import WeightsMismatch, check_spec, read_metadata, spec_of
 from workers.trainer.training import Trainer, TrainState
 
@@ -110,9 +110,15 @@ class CheckpointStore:
         sealed = self.envelope.seal(payload, self.bucket.name, self.name(step), Purpose.CHECKPOINT)
         self.bucket.blob(self.name(step)).upload_from_string(sealed, content_type="application/octet-stream")
 
-    def read(self, step: int) -> bytes:
-        """The opened checkpoint; EnvelopeError when it is not one sealed by this node for this name."""
-        sealed = self.bucket.blob(self.name(step)).download_as_bytes()
+    def read(self, step: int, max_bytes: int) -> bytes:
+        """The opened checkpoint; EnvelopeError when it is not one sealed by this node for this name, CheckpointMismatch
+        when it is bigger than this model's can be (checked before it is downloaded)."""
+        blob = self.bucket.get_blob(self.name(step))
+        if blob is None:
+            raise gcs_errors.NotFound(self.name(step))
+        if blob.size > max_bytes:
+            raise CheckpointMismatch(f"larger than this model's checkpoint can be ({max_bytes} bytes)")
+        sealed = blob.download_as_bytes(if_generation_match=blob.generation)
         return self.envelope.open(sealed, self.bucket.name, self.name(step), Purpose.CHECKPOINT)
 
     def prune(self, keep: int) -> None:
@@ -124,14 +130,26 @@ class CheckpointStore:
                 pass  # pruned by an earlier attempt's writer at the same time
 
 
+MAX_METADATA_BYTES = 4 * 2**20  # a checkpoint's header: its fingerprint, counters and every epoch's metrics (about 100 bytes each)
+
+
+def max_checkpoint_bytes(template: TrainState) -> int:
+    """The most a sealed checkpoint of `template`'s shapes can take: its tensors, its header, the seal."""
+    tensors = sum(getattr(leaf, "nbytes", None) or np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves((template.params, template.opt_state)))
+    return tensors + MAX_METADATA_BYTES + SEAL_OVERHEAD_MAX
+
+
 def latest(store: CheckpointStore, template: TrainState, fingerprint: str) -> bytes | None:
     """The newest checkpoint that opens and fits `template` (its opened bytes, for `decode`), or None."""
+    max_bytes = max_checkpoint_bytes(template)
     for step in store.steps():
         try:
-            payload = store.read(step)
+            payload = store.read(step, max_bytes)
             decode(payload, template, fingerprint)
-        except gcs_errors.NotFound:
-            continue  # pruned since it was listed
+        except (gcs_errors.NotFound, gcs_errors.PreconditionFailed):
+            continue  # pruned or replaced since it was listed
+        except (gcs_errors.GoogleAPIError, requests.RequestException) as exc:  # resuming is best effort: a fresh start is correct
+            log.warning("checkpoint %s skipped: storage error (%s)", store.name(step), type(exc).__name__)
         except EnvelopeError:
             log.warning("checkpoint %s skipped: it does not open with this node's key for this name (another's, altered, or not sealed)",
                         store.name(step))
