@@ -87,7 +87,7 @@ def aggregate(hub: ModelKeeper, fed: Federation, r: int, participants: dict[str,
 
 def read_sealed(hub: ModelKeeper, uri: str, purpose: Purpose, generation: int | None = None, owner: str = HUB) -> bytes:
     """An object the hub keeps (or a node sent), opened under its owner's key."""
-    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    bucket, name = gcs_uri.split(uri)
     return hub.envelope(owner).open(gcs_uri.read(hub.gcs, uri, generation), bucket, name, purpose)
 
 

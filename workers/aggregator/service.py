@@ -102,7 +102,7 @@ class AggregatorService:
             raise Rejected(f"round {r} of {fid} was aggregated from other participants")
 
     def _check_path(self, uri: str, fid: str, r: int, node: str) -> None:
-        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        bucket, name = gcs_uri.split(uri)
         match = UPDATE_PATH.match(name)
         if bucket != self.host.settings.hub_bucket or match is None or match["kind"] != "safetensors" or (
             match["node"], match["fid"], match["round"]
@@ -110,7 +110,7 @@ class AggregatorService:
             raise Rejected(f"{uri} is not {node}'s training update for round {r} of {fid}")
 
     def _open(self, uri: str, generation: int) -> bytes:
-        bucket, name = uri.removeprefix("gs://").split("/", 1)
+        bucket, name = gcs_uri.split(uri)
         return self.key.open(gcs_uri.read(self.host.gcs, uri, generation), bucket, name, Purpose.UPDATE)
 
     def _open_update(self, update: Update) -> bytes:

@@ -42,7 +42,7 @@ def read_split(
     The held-out split is a seeded permutation, so every attempt of a job sees the same split.
     """
     def read(uri: str) -> bytes:
-        bucket, name = uri.removeprefix("gs://").split("/", 1)
+        bucket, name = gcs_uri.split(uri)
         return envelope.open(gcs_uri.read(gcs, uri), bucket, name, Purpose.SHARD)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
