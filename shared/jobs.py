@@ -215,9 +215,13 @@ def may_wait_queued(job: Job, now: datetime) -> bool:
     return job.status is JobStatus.SCHEDULED and claimed is not None and now - claimed <= MAX_QUEUED
 
 
+def last_sign(job: Job) -> datetime:
+    """When the job's current attempt last showed life: its heartbeat, else its last change."""
+    return job.heartbeat_at or job.updated_at
+
+
 def is_lease_expired(job: Job, now: datetime) -> bool:
     """A scheduled or running job whose worker has been silent longer than its lease."""
     if job.status not in (JobStatus.SCHEDULED, JobStatus.RUNNING):
         return False
-    last_sign = job.heartbeat_at or job.updated_at
-    return (now - last_sign).total_seconds() > job.spec.lease_seconds
+    return (now - last_sign(job)).total_seconds() > job.spec.lease_seconds

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from google.auth.exceptions import GoogleAuthError
+
 from shared.jobs import JobStatus
 from shared.jobstore import JobStore
 from shared.launchers import Launcher, LaunchError, LaunchRefused
@@ -26,7 +28,7 @@ def launch_pending_job(store: JobStore, launcher: Launcher, job_id: str, now: da
     except LaunchRefused as exc:
         after = store.refuse(job.id, job.attempt, now, str(exc))
         return f"attempt {job.attempt} refused ({exc}); job now {after.status if after else 'unchanged'}"
-    except LaunchError as exc:
+    except (LaunchError, GoogleAuthError) as exc:  # an engine's client without credentials: this attempt failed to launch
         after = store.fail_launch(job.id, job.attempt, now, f"launch failed: {exc}")
         return f"launch of attempt {job.attempt} failed ({exc}); job now {after.status if after else 'unchanged'}"
     if store.set_execution(job.id, job.attempt, execution) is None:
@@ -55,7 +57,7 @@ def stop_run(launcher: Launcher, execution: str) -> Stopped:
         return Stopped(execution, "unsupported", f"{type(launcher).__name__} cannot stop runs")
     try:
         stop(execution)
-    except (LaunchError, ValueError, OSError) as exc:
+    except (LaunchError, ValueError, OSError, GoogleAuthError) as exc:
         return Stopped(execution, "failed", str(exc))
     return Stopped(execution, "stopped")
 

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from google.auth.exceptions import GoogleAuthError
+
 from shared.hub import SweepOutcome, sweep_deadlines
 from shared.ingest import Services
-from shared.jobs import Job, JobStatus, is_lease_expired
+from shared.jobs import Job, JobStatus, is_lease_expired, last_sign
 from shared.jobstore import JobStore
 from shared.launch import Stopped, stop_run
 from shared.launchers import Launcher, LaunchError, RunState
@@ -64,10 +66,6 @@ class Followed:
     stopped: list[Stopped]
 
 
-def last_sign(job: Job) -> datetime:
-    return job.heartbeat_at or job.updated_at
-
-
 def read_state(launcher: Launcher, execution: str) -> tuple[RunState | None, str]:
     """(state, "") or (None, why it is unknown): a launcher without `state`, or one that fails, must not stop the clock."""
     state = getattr(launcher, "state", None)
@@ -75,7 +73,7 @@ def read_state(launcher: Launcher, execution: str) -> tuple[RunState | None, str
         return None, f"{type(launcher).__name__} cannot read run states"
     try:
         return RunState(state(execution)), ""
-    except (LaunchError, ValueError, OSError) as exc:
+    except (LaunchError, ValueError, OSError, GoogleAuthError) as exc:  # no credentials must not stop the clock either
         return None, str(exc)
 
 
@@ -97,8 +95,9 @@ def follow(store: JobStore, launcher: Launcher | None, now: datetime, max_polls:
     jobs = store.active()
     watched = sorted((j for j in jobs if j.execution), key=last_sign)[:max_polls] if launcher is not None else []
     polled = [poll(store, launcher, job, now) for job in watched]
+    moved = {p.job_id for p in polled if p.action != "none"}  # lost or renewed just now: nothing left to reap
     reaped = []
-    for job in (j for j in jobs if is_lease_expired(j, now)):
+    for job in (j for j in jobs if j.id not in moved and is_lease_expired(j, now)):
         written = store.reap(job, now)  # None when polling just moved it, renewed it, or its worker spoke
         if written is not None:
             reaped.append(Reaped(written, job.attempt, job.execution))
